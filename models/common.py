@@ -1,0 +1,151 @@
+"""Shared pieces of every architecture: the two model interfaces, embeddings,
+positional encodings, masks and the generic decoder-state reordering.
+
+Token ids are the same in every task: ``PAD=0, BOS=1, EOS=2, UNK=3`` for
+translation vocabularies. Language-model vocabularies have no padding (batches
+are contiguous text), so language models take no ``pad_id``.
+
+Interfaces
+----------
+Every encoder-decoder (``Seq2Seq``) implements::
+
+    forward(src (B,S), src_lengths (B,), tgt_in (B,T)) -> logits (B,T,V)
+    encode(src, src_lengths) -> state dict
+    decode_step(prev (B,), state, step) -> (logits (B,V), state)
+
+``state`` is a flat ``dict[str, Tensor]`` whose tensors all have the batch
+as dimension 0, so one beam search can reorder any model's cache with
+:func:`reorder_state`. ``decode_step`` at ``step=t`` receives ``tgt_in[:, t]``
+and must return exactly ``forward(...)[:, t]``.
+
+Every language model (``LanguageModel``) implements ``forward(tokens (B,T))
+-> logits (B,T,V)`` as ``head(blocks(embed(tokens)))`` where ``mixing_blocks()``
+returns the ordered position-mixing blocks, each ``(B,T,D) -> (B,T,D)``.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+
+
+class Seq2Seq(nn.Module):
+    """Base class of every encoder-decoder; see the module docstring."""
+
+    form = "seq2seq"
+
+    def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def decode_step(self, prev: torch.Tensor, state: dict[str, torch.Tensor], step: int):
+        raise NotImplementedError
+
+    def encoder_blocks(self) -> list[nn.Module]:
+        """Ordered position-mixing blocks of the encoder."""
+        raise NotImplementedError
+
+    def decoder_blocks(self) -> list[nn.Module]:
+        """Ordered position-mixing blocks of the decoder."""
+        raise NotImplementedError
+
+
+class LanguageModel(nn.Module):
+    """Base class of every language model; ``forward = head(blocks(embed(x)))``."""
+
+    form = "lm"
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mixing_blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,T) -> logits (B,T,V)."""
+        x = self.embed(tokens)
+        for block in self.mixing_blocks():
+            x = block(x)
+        return self.head(x)
+
+
+def reorder_state(state: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Select rows ``index`` (dim 0) of every tensor in a decoder state."""
+    return {k: v.index_select(0, index) for k, v in state.items()}
+
+
+def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths -> (B, max_len) bool, True at padding positions."""
+    return torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]
+
+
+def sinusoidal_table(n_positions: int, d_model: int) -> torch.Tensor:
+    """(n_positions, d_model) table of Vaswani et al. (2017), section 3.5."""
+    pos = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(n_positions, d_model)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div[: d_model // 2])
+    return table
+
+
+class SinusoidalPositions(nn.Module):
+    """Adds fixed sinusoidal position encodings; grows its table on demand."""
+
+    def __init__(self, d_model: int, init_size: int = 1024):
+        super().__init__()
+        self.d_model = d_model
+        self.register_buffer("table", sinusoidal_table(init_size, d_model), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x (B,T,D) -> x + PE[offset : offset+T]."""
+        end = offset + x.size(1)
+        if end > self.table.size(0):
+            self.table = sinusoidal_table(max(end, 2 * self.table.size(0)), self.d_model).to(x.device)
+        return x + self.table[offset:end].to(x.dtype)
+
+
+class LearnedPositions(nn.Module):
+    """Learned absolute position embeddings with a hard maximum length."""
+
+    def __init__(self, max_positions: int, d_model: int):
+        super().__init__()
+        self.max_positions = max_positions
+        self.weight = nn.Parameter(torch.empty(max_positions, d_model))
+        nn.init.normal_(self.weight, std=0.1)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x (B,T,D) -> x + P[offset : offset+T]."""
+        end = offset + x.size(1)
+        if end > self.max_positions:
+            raise ValueError(
+                f"sequence of {end} positions exceeds max_positions={self.max_positions}; "
+                "raise the model's max_positions or filter long sentences (task.max_len)"
+            )
+        return x + self.weight[offset:end]
+
+
+def check_divisible(d_model: int, n_heads: int) -> None:
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; choose n_heads dividing d_model")
+
+
+def accepted_kwargs(cls) -> list[str]:
+    """Names of the keyword-only hyperparameters of a model constructor."""
+    sig = inspect.signature(cls.__init__)
+    return [n for n, p in sig.parameters.items() if p.kind == p.KEYWORD_ONLY]
+
+
+def causal_conv_pad(x: torch.Tensor, left: int) -> torch.Tensor:
+    """Left-pad (B,C,T) by ``left`` zeros along time."""
+    return F.pad(x, (left, 0))

@@ -1,0 +1,137 @@
+"""Architecture tests: every registered model, both forms, on its tiny preset."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import models
+from models.common import BOS, EOS, PAD, reorder_state
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+ARCHS = sorted(models.MODELS)
+V = 23
+
+
+def preset(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+
+
+def build(arch: str, family: str, vocab: int = V, **over):
+    task = SimpleNamespace(family=family, src_vocab_size=vocab, tgt_vocab_size=vocab, vocab_size=vocab)
+    torch.manual_seed(0)
+    return models.build({**preset(f"{arch}_tiny"), **over}, task).eval()
+
+
+def batch(B=3, S=7, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, V, (B, S), generator=g)
+    lengths = torch.tensor([S, S - 2, S - 4][:B])
+    for b, n in enumerate(lengths):
+        src[b, n:] = PAD
+    tgt = torch.randint(4, V, (B, T), generator=g)
+    tgt[:, 0] = BOS
+    return src, lengths, tgt
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(KeyError, match="valid models: bytenet, convs2s, gru, lstm, transformer"):
+        models.build({"name": "lstmm"}, SimpleNamespace(family="lm", vocab_size=5))
+
+
+def test_unknown_hyperparameter_fails_loudly():
+    with pytest.raises(TypeError, match="d_modle"):
+        build("transformer", "lm", d_modle=4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("family", ["translation", "lm"])
+def test_forward_backward(arch, family):
+    model = build(arch, family).train()
+    src, lengths, tgt = batch()
+    logits = model(src, lengths, tgt) if family == "translation" else model(tgt)
+    assert logits.shape == (3, 6, V)
+    logits.float().logsumexp(-1).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("family", ["translation", "lm"])
+def test_causality(arch, family):
+    model = build(arch, family)
+    src, lengths, tgt = batch()
+    run = (lambda t: model(src, lengths, t)) if family == "translation" else model
+    base = run(tgt)
+    for t in range(1, tgt.size(1)):
+        changed = tgt.clone()
+        changed[:, t] = (changed[:, t] + 1 - 4) % (V - 4) + 4
+        out = run(changed)
+        torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-5, rtol=0)
+        assert not torch.allclose(out[:, t:], base[:, t:]), "changing token t changed nothing after it"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_invariance(arch):
+    model = build(arch, "translation")
+    src, lengths, tgt = batch()
+    padded = torch.cat([src, torch.full((3, 5), PAD)], dim=1)
+    torch.testing.assert_close(model(padded, lengths, tgt), model(src, lengths, tgt), atol=1e-5, rtol=0)
+    # each sentence alone, with no padding at all, gives the same output as in the batch
+    full = model(src, lengths, tgt)
+    for b in range(3):
+        n = int(lengths[b])
+        alone = model(src[b : b + 1, :n], lengths[b : b + 1], tgt[b : b + 1])
+        torch.testing.assert_close(alone[0], full[b], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_incremental_decoding_equals_forward(arch):
+    model = build(arch, "translation")
+    src, lengths, tgt = batch(T=9)
+    full = model(src, lengths, tgt)
+    state = model.encode(src, lengths)
+    # reorder through a permutation and back, as beam search does, to exercise reorder_state
+    perm = torch.tensor([2, 0, 1])
+    state = reorder_state(reorder_state(state, perm), torch.argsort(perm))
+    for t in range(tgt.size(1)):
+        logits, state = model.decode_step(tgt[:, t], state, t)
+        torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lm_forward_is_composition_of_mixing_blocks(arch):
+    model = build(arch, "lm")
+    _, _, tokens = batch()
+    x = model.embed(tokens)
+    blocks = model.mixing_blocks()
+    assert len(blocks) >= 1
+    for block in blocks:
+        y = block(x)
+        assert y.shape == x.shape
+        x = y
+    torch.testing.assert_close(model.head(x), model(tokens))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_model_overfits_copy_batch(arch):
+    torch.manual_seed(0)
+    model = build(arch, "translation", dropout=0.0).train()
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, V, (8, 6), generator=g)
+    lengths = torch.full((8,), 6)
+    tgt_in = torch.cat([torch.full((8, 1), BOS), src], dim=1)
+    tgt_out = torch.cat([src, torch.full((8, 1), EOS)], dim=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(src, lengths, tgt_in).flatten(0, 1), tgt_out.flatten())
+        loss.backward()
+        opt.step()
+    model.eval()
+    assert loss.item() < 0.05
+    assert torch.equal(model(src, lengths, tgt_in).argmax(-1), tgt_out)
