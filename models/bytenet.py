@@ -1,5 +1,190 @@
-"""Placeholder: replaced by the real implementation."""
-from .common import LanguageModel, Seq2Seq
+"""ByteNet (Kalchbrenner et al., 2016, "Neural Machine Translation in Linear Time", arXiv:1610.10099).
+
+Residual blocks of Figure 3 (left, the ReLU block used for translation), each
+``LayerNorm -> ReLU -> 1x1 conv (D -> D/2) -> LayerNorm -> ReLU -> dilated conv k
+-> LayerNorm -> ReLU -> 1x1 conv (D/2 -> D)`` plus the residual, so ``d_model`` is
+the paper's 2d channels and the bottleneck its d hidden units. Dilations cycle
+through ``dilations`` (1,2,4,8,16 in the paper). The source network uses non-causal
+'same' convolutions with padding positions zeroed before every dilated conv; the
+target network uses masked (causal) convolutions and is stacked on the source
+network by dynamic unfolding: its input at position t is the target embedding
+concatenated with the source representation at t (zero for t >= |s|), projected
+back to ``d_model``. The paper bounds the target length by a|s|+b (a=1.2, b=0 for
+En->De characters); ``unfold_a``/``unfold_b`` record that bound for decoding
+(:meth:`ByteNet.max_target_length`) and change nothing in training. No positional
+encodings: convolutions see relative position. A final LayerNorm precedes the
+output projection, as the residual stream is never normalised otherwise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import LanguageModel, Seq2Seq, causal_conv_pad, padding_mask
+
+
+class ResidualBlock(nn.Module):
+    """Bottleneck residual block (Figure 3, left), causal or not; (B,T,D) -> (B,T,D)."""
+
+    def __init__(self, d_model: int, kernel_size: int, dilation: int, dropout: float, causal: bool):
+        super().__init__()
+        half = d_model // 2
+        self.norm1, self.reduce = nn.LayerNorm(d_model), nn.Linear(d_model, half)  # 1x1 conv
+        self.norm2 = nn.LayerNorm(half)
+        self.conv = nn.Conv1d(half, half, kernel_size, dilation=dilation, padding=0 if causal else "same")
+        self.norm3, self.expand = nn.LayerNorm(half), nn.Linear(half, d_model)  # 1x1 conv
+        self.drop = nn.Dropout(dropout)
+        self.left = (kernel_size - 1) * dilation if causal else 0  # past inputs the masked conv reads
+        self.keep = None  # optional (B,T,1) 0/1 mask of real source positions, set by the encoder for one call
+
+    def conv_input(self, x):
+        """x (B,T,D) -> input of the dilated conv (B,D/2,T), padding positions zeroed."""
+        h = F.relu(self.norm2(self.reduce(F.relu(self.norm1(x)))))  # (B,T,D/2)
+        if self.keep is not None:
+            h = h * self.keep
+        return h.transpose(1, 2)
+
+    def finish(self, x, h):
+        """Residual x (B,T,D) plus the branch from the conv output h (B,D/2,T)."""
+        return x + self.drop(self.expand(F.relu(self.norm3(h.transpose(1, 2)))))
+
+    def forward(self, x):
+        h = self.conv_input(x)
+        return self.finish(x, self.conv(causal_conv_pad(h, self.left) if self.left else h))
+
+    def step(self, x, buf):
+        """One new position x (B,1,D) with buf (B,D/2,left) of past conv inputs -> (y, new buf)."""
+        h = torch.cat([buf, self.conv_input(x)], dim=2)  # (B,D/2,left+1)
+        return self.finish(x, self.conv(h)), h[:, :, 1:]
+
+
+def make_blocks(n_layers, d_model, kernel_size, dilations, dropout, causal) -> nn.ModuleList:
+    return nn.ModuleList(ResidualBlock(d_model, kernel_size, dilations[i % len(dilations)], dropout, causal)
+                         for i in range(n_layers))
+
+
+class Embedding(nn.Module):
+    """Token embedding scaled by sqrt(d_model), then dropout; no positions."""
+
+    def __init__(self, vocab: int, d_model: int, dropout: float, pad_id: int | None):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model, padding_idx=pad_id)
+        nn.init.normal_(self.tok.weight, std=d_model**-0.5)
+        if pad_id is not None:
+            nn.init.zeros_(self.tok.weight[pad_id])
+        self.drop, self.scale = nn.Dropout(dropout), math.sqrt(d_model)
+
+    def forward(self, tokens):
+        return self.drop(self.tok(tokens) * self.scale)  # (B,T,D)
+
+
 class ByteNet(Seq2Seq):
-    def __init__(self, *a, **k): raise NotImplementedError
-ByteNetLM = ByteNet
+    """ByteNet encoder-decoder: target network stacked on the source network by dynamic unfolding."""
+
+    def __init__(self, src_vocab: int, tgt_vocab: int, pad_id: int, *, d_model: int = 512, n_layers: int = 15,
+                 kernel_size: int = 3, dilations: list[int] = (1, 2, 4, 8, 16), dropout: float = 0.1,
+                 share_embeddings: bool = True, tie_output: bool = True, unfold_a: float = 1.2,
+                 unfold_b: float = 0.0):
+        super().__init__()
+        args = (n_layers, d_model, kernel_size, list(dilations), dropout)
+        self.pad_id, self.unfold_a, self.unfold_b = pad_id, unfold_a, unfold_b
+        self.src_embed = Embedding(src_vocab, d_model, dropout, pad_id)
+        share = share_embeddings and src_vocab == tgt_vocab
+        self.tgt_embed = self.src_embed if share else Embedding(tgt_vocab, d_model, dropout, pad_id)
+        self.encoder = make_blocks(*args, causal=False)
+        self.enc_norm = nn.LayerNorm(d_model)
+        self.unfold = nn.Linear(2 * d_model, d_model)  # [target embedding; source column] -> decoder input
+        self.decoder = make_blocks(*args, causal=True)
+        self.dec_norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(d_model, tgt_vocab, bias=False)
+        if tie_output:
+            self.proj.weight = self.tgt_embed.tok.weight
+        else:
+            nn.init.normal_(self.proj.weight, std=d_model**-0.5)
+
+    def encoder_blocks(self):
+        return list(self.encoder)
+
+    def decoder_blocks(self):
+        return list(self.decoder)
+
+    def max_target_length(self, src_lengths: torch.Tensor) -> torch.Tensor:
+        """Dynamic-unfolding bound a|s|+b on the target length, (B,) -> (B,)."""
+        return torch.ceil(self.unfold_a * src_lengths + self.unfold_b).long()
+
+    def run_encoder(self, src, src_lengths):
+        """src (B,S) -> source representation (B,S,D), zero at padding positions."""
+        keep = (~padding_mask(src_lengths, src.size(1)))[..., None].to(self.enc_norm.weight.dtype)  # (B,S,1)
+        x = self.src_embed(src) * keep
+        for block in self.encoder:
+            block.keep = keep
+            x = block(x)
+            block.keep = None
+        return self.enc_norm(x) * keep
+
+    def decoder_input(self, tgt, source):
+        """tgt (B,T) tokens and their source columns (B,T,D) -> decoder input (B,T,D)."""
+        return self.unfold(torch.cat([self.tgt_embed(tgt), source], dim=-1))
+
+    def forward(self, src, src_lengths, tgt_in):
+        """src (B,S), src_lengths (B,), tgt_in (B,T) -> logits (B,T,V)."""
+        memory = self.run_encoder(src, src_lengths)  # (B,S,D)
+        S, T = memory.size(1), tgt_in.size(1)
+        source = memory[:, :T] if S >= T else F.pad(memory, (0, 0, 0, T - S))  # (B,T,D), zero past |s|
+        y = self.decoder_input(tgt_in, source)
+        for block in self.decoder:
+            y = block(y)
+        return self.proj(self.dec_norm(y))
+
+    def encode(self, src, src_lengths):
+        memory = self.run_encoder(src, src_lengths)
+        state = {"memory": memory}
+        for i, block in enumerate(self.decoder):
+            state[f"buf{i}"] = memory.new_zeros(memory.size(0), block.conv.in_channels, block.left)
+        return state
+
+    def decode_step(self, prev, state, step):
+        """prev (B,) tokens at position ``step`` -> logits (B,V) for that position."""
+        memory = state["memory"]
+        if step < memory.size(1):
+            source = memory[:, step : step + 1]  # (B,1,D)
+        else:
+            source = memory.new_zeros(memory.size(0), 1, memory.size(2))
+        y = self.decoder_input(prev[:, None], source)
+        state = dict(state)
+        for i, block in enumerate(self.decoder):
+            y, state[f"buf{i}"] = block.step(y, state[f"buf{i}"])
+        return self.proj(self.dec_norm(y))[:, 0], state
+
+
+class ByteNetLM(LanguageModel):
+    """The target network alone: embedding, masked dilated residual blocks, output projection.
+
+    Takes the translation form's hyperparameters; ``share_embeddings`` and the
+    unfolding bound have no effect here.
+    """
+
+    def __init__(self, vocab: int, *, d_model: int = 512, n_layers: int = 15, kernel_size: int = 3,
+                 dilations: list[int] = (1, 2, 4, 8, 16), dropout: float = 0.1, share_embeddings: bool = True,
+                 tie_output: bool = True, unfold_a: float = 1.2, unfold_b: float = 0.0):
+        super().__init__()
+        self.tok_embed = Embedding(vocab, d_model, dropout, None)
+        self.blocks = make_blocks(n_layers, d_model, kernel_size, list(dilations), dropout, causal=True)
+        self.norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(d_model, vocab, bias=False)
+        if tie_output:
+            self.proj.weight = self.tok_embed.tok.weight
+        else:
+            nn.init.normal_(self.proj.weight, std=d_model**-0.5)
+
+    def embed(self, tokens):
+        return self.tok_embed(tokens)
+
+    def head(self, x):
+        return self.proj(self.norm(x))
+
+    def mixing_blocks(self):
+        return list(self.blocks)

@@ -1,5 +1,241 @@
-"""Placeholder: replaced by the real implementation."""
-from .common import LanguageModel, Seq2Seq
-class LSTMSeq2Seq(Seq2Seq):
-    def __init__(self, *a, **k): raise NotImplementedError
-LSTMLM = GRUSeq2Seq = GRULM = LSTMSeq2Seq
+"""Recurrent encoder-decoders with attention and recurrent language models, LSTM or GRU.
+
+Luong et al. (2015, "Effective Approaches to Attention-based Neural Machine
+Translation", arXiv:1508.04025): stacked RNN encoder and decoder, "general"
+attention on the top decoder state, attentional vector tanh(W_c [c; h]) and
+optional input feeding. ``attention="bahdanau"`` selects the additive score of
+Bahdanau et al. (2015, arXiv:1409.0473), queried with the previous decoder state
+and its context fed into the first decoder layer. ``residual_from`` and a first
+bidirectional layer give the GNMT encoder of Wu et al. (2016, arXiv:1609.08144).
+
+Every layer is its own one-layer ``nn.LSTM``/``nn.GRU`` (one cuDNN call per
+layer) so residual connections, per-layer dropout and the position-mixing blocks
+fall out naturally. A bidirectional layer has ``d_model // 2`` units per
+direction, so every layer outputs ``d_model`` features. The encoder runs on a
+packed sequence: padding never enters the recurrence.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .common import LanguageModel, Seq2Seq, padding_mask
+
+
+class RecurrentLayer(nn.Module):
+    """Input dropout, one recurrent layer, optional residual; ``forward`` is (B,T,D_in) -> (B,T,H)."""
+
+    def __init__(self, cell: type[nn.RNNBase], d_in: int, d_out: int, dropout: float,
+                 bidirectional: bool = False, residual: bool = False):
+        super().__init__()
+        if residual and d_in != d_out:
+            raise ValueError(f"a residual layer needs equal input and output sizes, got {d_in} and {d_out}")
+        dirs = 2 if bidirectional else 1
+        self.rnn = cell(d_in, d_out // dirs, batch_first=True, bidirectional=bidirectional)
+        self.drop, self.residual = nn.Dropout(dropout), residual
+
+    def run(self, x, state: tuple[torch.Tensor, ...] | None = None):
+        """x (B,T,D_in) or packed; state: (h,) or (h, c), each (B,H) -> (y (B,T,H) or packed, final state)."""
+        packed = isinstance(x, PackedSequence)
+        inp = x.data if packed else x
+        hx = None if state is None else tuple(s[None].contiguous() for s in state)  # each (1,B,H)
+        if hx is not None and not isinstance(self.rnn, nn.LSTM):
+            hx = hx[0]
+        dropped = self.drop(inp)
+        y, hn = self.rnn(x._replace(data=dropped) if packed else dropped, hx)
+        hn = hn if isinstance(hn, tuple) else (hn,)
+        final = tuple(h.transpose(0, 1).reshape(h.size(1), -1) for h in hn)  # (dirs,B,H/dirs) -> (B,H)
+        if self.residual:
+            y = y._replace(data=y.data + inp) if packed else y + inp
+        return y, final
+
+    def forward(self, x):
+        return self.run(x)[0]
+
+
+class Attention(nn.Module):
+    """Luong "general" score q^T W k, or Bahdanau's additive score v^T tanh(W_q q + W_k k)."""
+
+    def __init__(self, d_model: int, kind: str):
+        super().__init__()
+        if kind not in ("luong", "bahdanau"):
+            raise ValueError(f"unknown attention {kind!r}; expected 'luong' or 'bahdanau'")
+        self.kind = kind
+        self.wk = nn.Linear(d_model, d_model, bias=kind == "bahdanau")
+        if kind == "bahdanau":
+            self.wq, self.v = nn.Linear(d_model, d_model, bias=False), nn.Linear(d_model, 1, bias=False)
+
+    def keys(self, memory: torch.Tensor) -> torch.Tensor:
+        """Projected memory (B,S,D), computed once per source."""
+        return self.wk(memory)
+
+    def forward(self, q, keys, memory, pad_mask):
+        """q (B,T,D) against keys/memory (B,S,D), pad_mask (B,S) True at padding -> context (B,T,D)."""
+        if self.kind == "luong":
+            scores = q @ keys.transpose(1, 2)  # (B,T,S)
+        else:
+            scores = self.v(torch.tanh(self.wq(q)[:, :, None] + keys[:, None]))[..., 0]  # (B,T,S)
+        weights = scores.masked_fill(pad_mask[:, None, :], float("-inf")).softmax(-1)
+        return weights @ memory
+
+
+class RNNSeq2Seq(Seq2Seq):
+    """Stacked RNN encoder-decoder with attention; subclasses set ``cell``."""
+
+    cell: type[nn.RNNBase]
+
+    def __init__(self, src_vocab: int, tgt_vocab: int, pad_id: int, *, d_model: int = 512, n_layers: int = 2,
+                 n_decoder_layers: int | None = None, dropout: float = 0.2, bidirectional: bool = True,
+                 n_bidirectional_layers: int | None = None, attention: str = "luong", input_feed: bool = False,
+                 residual_from: int | None = None, share_embeddings: bool = True, tie_output: bool = True):
+        """``n_bidirectional_layers``: how many leading encoder layers are bidirectional (None: all);
+        ``residual_from``: 1-based layer from which layers add their input to their output (None: none)."""
+        super().__init__()
+        n_bi = (n_layers if n_bidirectional_layers is None else n_bidirectional_layers) if bidirectional else 0
+        if n_bi and d_model % 2:
+            raise ValueError(f"bidirectional layers split d_model={d_model} between directions; use an even d_model")
+        if residual_from is not None and residual_from < 2:
+            raise ValueError(f"residual_from={residual_from}: the first layer cannot be residual; use >= 2 or None")
+        res = lambda i: residual_from is not None and i + 1 >= residual_from  # noqa: E731
+        n_dec = n_decoder_layers or n_layers
+        self.pad_id, self.input_feed, self.attention = pad_id, input_feed, attention
+        self.state_names = ("h", "c") if self.cell is nn.LSTM else ("h",)
+        self.src_embed = nn.Embedding(src_vocab, d_model, padding_idx=pad_id)
+        share = share_embeddings and src_vocab == tgt_vocab
+        self.tgt_embed = self.src_embed if share else nn.Embedding(tgt_vocab, d_model, padding_idx=pad_id)
+        self.encoder = nn.ModuleList(RecurrentLayer(self.cell, d_model, d_model, dropout, i < n_bi, res(i))
+                                     for i in range(n_layers))
+        # first decoder input: embedding [+ Bahdanau context] [+ previous attentional vector]
+        d_in = d_model * (1 + (attention == "bahdanau") + input_feed)
+        self.decoder = nn.ModuleList(RecurrentLayer(self.cell, d_in if i == 0 else d_model, d_model, dropout,
+                                                    residual=res(i)) for i in range(n_dec))
+        self.bridge = nn.ModuleList(nn.Linear(d_model, d_model) for _ in self.state_names)
+        # decoder layer i starts from encoder layer i's final state (the top one when the decoder is deeper)
+        self.bridge_from = [min(i, n_layers - 1) for i in range(n_dec)]
+        self.attn = Attention(d_model, attention)
+        self.combine = nn.Linear(2 * d_model, d_model, bias=False)  # W_c of Luong et al., eq. 5
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(d_model, tgt_vocab, bias=False)
+        if tie_output:
+            self.proj.weight = self.tgt_embed.weight
+
+    def encoder_blocks(self):
+        return list(self.encoder)
+
+    def decoder_blocks(self):
+        return list(self.decoder)
+
+    def encode(self, src, src_lengths):
+        """src (B,S), src_lengths (B,) -> decoder state (every tensor batch-first)."""
+        x = pack_padded_sequence(self.src_embed(src), src_lengths.cpu(), batch_first=True, enforce_sorted=False)
+        finals = []
+        for layer in self.encoder:
+            x, final = layer.run(x)
+            finals.append(final)
+        memory, _ = pad_packed_sequence(x, batch_first=True, total_length=src.size(1))  # (B,S,D)
+        state = {"memory": memory, "keys": self.attn.keys(memory), "pad_mask": padding_mask(src_lengths, src.size(1))}
+        for k, (name, bridge) in enumerate(zip(self.state_names, self.bridge)):
+            enc = torch.stack([finals[j][k] for j in self.bridge_from], dim=1)  # (B,L_dec,D)
+            state[name] = torch.tanh(bridge(enc))
+        if self.input_feed:
+            state["feed"] = memory.new_zeros(memory.size(0), memory.size(2))
+        return state
+
+    def attend(self, q, state):
+        return self.attn(q, state["keys"], state["memory"], state["pad_mask"])
+
+    def attentional(self, context, h):
+        """tanh(W_c [c; h]) (B,T,D), the attentional vector fed to the output layer."""
+        return torch.tanh(self.combine(torch.cat([context, h], dim=-1)))
+
+    def step(self, emb, state):
+        """One decoder step: emb (B,D) -> (attentional vector (B,D), new state)."""
+        parts = [emb]
+        if self.attention == "bahdanau":  # context queried with the previous top state
+            context = self.attend(state["h"][:, -1:], state)  # (B,1,D)
+            parts.append(context[:, 0])
+        if self.input_feed:
+            parts.append(state["feed"])
+        x = torch.cat(parts, dim=-1)[:, None]  # (B,1,D_in)
+        finals = []
+        for i, layer in enumerate(self.decoder):
+            x, final = layer.run(x, tuple(state[n][:, i] for n in self.state_names))
+            finals.append(final)
+        if self.attention == "luong":
+            context = self.attend(x, state)
+        out = self.attentional(context, x)[:, 0]  # (B,D)
+        state = {**state, **{n: torch.stack(s, dim=1) for n, s in zip(self.state_names, zip(*finals))}}
+        if self.input_feed:
+            state["feed"] = out
+        return out, state
+
+    def forward(self, src, src_lengths, tgt_in):
+        """src (B,S), src_lengths (B,), tgt_in (B,T) -> logits (B,T,V)."""
+        state = self.encode(src, src_lengths)
+        y = self.tgt_embed(tgt_in)  # (B,T,D)
+        if self.attention == "luong" and not self.input_feed:
+            # fast path: the decoder RNN does not depend on attention, so run it over all of
+            # tgt_in at once (one cuDNN call per layer) and attend afterwards
+            for i, layer in enumerate(self.decoder):
+                y, _ = layer.run(y, tuple(state[n][:, i] for n in self.state_names))
+            out = self.attentional(self.attend(y, state), y)
+        else:
+            outs = []
+            for t in range(y.size(1)):
+                o, state = self.step(y[:, t], state)
+                outs.append(o)
+            out = torch.stack(outs, dim=1)  # (B,T,D)
+        return self.proj(self.drop(out))
+
+    def decode_step(self, prev, state, step):
+        """prev (B,) tokens at position ``step`` -> logits (B,V) for that position."""
+        out, state = self.step(self.tgt_embed(prev), state)
+        return self.proj(self.drop(out)), state
+
+
+class RNNLM(LanguageModel):
+    """Stacked RNN language model; takes the encoder-decoder's hyperparameters and ignores encoder-only ones."""
+
+    cell: type[nn.RNNBase]
+
+    def __init__(self, vocab: int, *, d_model: int = 512, n_layers: int = 2, n_decoder_layers: int | None = None,
+                 dropout: float = 0.2, bidirectional: bool = True, n_bidirectional_layers: int | None = None,
+                 attention: str = "luong", input_feed: bool = False, residual_from: int | None = None,
+                 share_embeddings: bool = True, tie_output: bool = True):
+        super().__init__()
+        if residual_from is not None and residual_from < 2:
+            raise ValueError(f"residual_from={residual_from}: the first layer cannot be residual; use >= 2 or None")
+        self.tok_embed = nn.Embedding(vocab, d_model)
+        self.blocks = nn.ModuleList(
+            RecurrentLayer(self.cell, d_model, d_model, dropout, residual=residual_from is not None
+                           and i + 1 >= residual_from) for i in range(n_decoder_layers or n_layers))
+        self.drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(d_model, vocab, bias=False)
+        if tie_output:
+            self.proj.weight = self.tok_embed.weight
+
+    def embed(self, tokens):
+        return self.tok_embed(tokens)  # (B,T,D); dropout is applied at each block's input
+
+    def head(self, x):
+        return self.proj(self.drop(x))
+
+    def mixing_blocks(self):
+        return list(self.blocks)
+
+
+class LSTMSeq2Seq(RNNSeq2Seq):
+    cell = nn.LSTM
+
+
+class GRUSeq2Seq(RNNSeq2Seq):
+    cell = nn.GRU
+
+
+class LSTMLM(RNNLM):
+    cell = nn.LSTM
+
+
+class GRULM(RNNLM):
+    cell = nn.GRU

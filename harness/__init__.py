@@ -1,0 +1,1 @@
+"""Training, decoding, evaluation, timing and the results record."""

@@ -1,0 +1,59 @@
+"""Checkpoints: everything needed to resume a run exactly, loaded with ``weights_only=True``."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from .io import save_torch
+
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is unreadable or does not belong to this model/run."""
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(path: Path, *, model, optimizer, scheduler, progress: dict, identity: dict) -> None:
+    """Atomically write model/optimizer/scheduler/RNG state and the loop position."""
+    save_torch(path, {
+        "format": FORMAT, "identity": identity, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(), "progress": progress,
+    })
+
+
+def load(path: Path, identity: dict) -> dict:
+    """Read a checkpoint and check it was made for the same model and vocabulary.
+
+    Raises:
+        CheckpointError: truncated/corrupt file, unsafe pickle, or a different model.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or unsafe files
+        raise CheckpointError(f"cannot load checkpoint {path}: {type(err).__name__}: {str(err)[:300]}. "
+                              "Delete it to start over, or point at another checkpoint.") from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a seqbench checkpoint (format {FORMAT})")
+    if ckpt["identity"] != identity:
+        diff = {k: (ckpt["identity"].get(k), v) for k, v in identity.items() if ckpt["identity"].get(k) != v}
+        raise CheckpointError(f"checkpoint {path} was made for another model or data: (saved, now) = {diff}. "
+                              "Use a fresh output directory for a different model, task or vocabulary.")
+    return ckpt

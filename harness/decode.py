@@ -1,0 +1,103 @@
+"""Greedy and batched beam search over the common incremental-decoding interface.
+
+Works for every ``Seq2Seq`` model: it only calls ``encode``, ``decode_step``
+and reorders the decoder state with ``reorder_state``, so each prefix is
+computed once (cached), never recomputed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from models.common import BOS, EOS, reorder_state
+
+
+def max_lengths(src_lengths: torch.Tensor, a: float, b: int) -> list[int]:
+    """Per-sentence output limit ``a * |src| + b`` (at least 1)."""
+    return [max(1, int(a * n + b)) for n in src_lengths.tolist()]
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT length penalty ((5 + |Y|) / 6) ** alpha (Wu et al. 2016), as in Vaswani et al."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+@torch.no_grad()
+def greedy(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: list[int]) -> list[list[int]]:
+    """Arg-max decoding. Returns token ids per sentence, without BOS/EOS."""
+    state = model.encode(src, src_lengths)
+    out: list[list[int]] = [[] for _ in range(src.size(0))]
+    active = list(range(src.size(0)))
+    prev = torch.full((src.size(0),), BOS, dtype=torch.long, device=src.device)
+    for t in range(max(max_len)):
+        logits, state = model.decode_step(prev, state, t)
+        tok = logits.argmax(-1)
+        keep = []
+        for row, (s, k) in enumerate(zip(active, tok.tolist())):
+            if k == EOS:
+                continue
+            out[s].append(k)
+            if t + 1 < max_len[s]:
+                keep.append(row)
+        if not keep:
+            break
+        idx = torch.tensor(keep, device=src.device)
+        state, prev, active = reorder_state(state, idx), tok[idx], [active[r] for r in keep]
+    return out
+
+
+@torch.no_grad()
+def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: list[int], beam: int = 4,
+                lenpen: float = 0.6) -> list[list[int]]:
+    """Batched beam search; a sentence ends once it has ``beam`` finished hypotheses.
+
+    An EOS is accepted only from the top ``beam`` candidates (as in fairseq), so
+    ``beam=1`` is exactly greedy decoding. Returns the best hypothesis per sentence
+    by length-normalised log-probability, without BOS/EOS.
+    """
+    K, dev = beam, src.device
+    n = src.size(0)
+    state = reorder_state(model.encode(src, src_lengths), torch.arange(n, device=dev).repeat_interleave(K))
+    sents = list(range(n))  # original index of each active sentence
+    scores = torch.zeros(n, K, device=dev)
+    scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    hist = torch.empty(n * K, 0, dtype=torch.long, device=dev)
+    prev = torch.full((n * K,), BOS, dtype=torch.long, device=dev)
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(n)]
+    for t in range(max(max_len)):
+        logits, state = model.decode_step(prev, state, t)
+        lp = F.log_softmax(logits.float(), dim=-1)
+        V = lp.size(-1)
+        cand = (scores.unsqueeze(-1) + lp.view(len(sents), K, V)).view(len(sents), K * V)
+        top_s, top_i = cand.topk(2 * K, dim=-1)
+        rows, toks, new_scores, keep_sents = [], [], [], []
+        for i, (s, ss, ii) in enumerate(zip(sents, top_s.tolist(), top_i.tolist())):
+            chosen = []
+            for j, (sc, flat) in enumerate(zip(ss, ii)):
+                b, k = divmod(flat, V)
+                if sc == float("-inf"):
+                    break
+                if k == EOS:
+                    if j < K and len(finished[s]) < K:
+                        finished[s].append((sc / length_penalty(t + 1, lenpen), hist[i * K + b].tolist()))
+                elif len(chosen) < K:
+                    chosen.append((i * K + b, k, sc))
+            if len(finished[s]) >= K:
+                continue
+            if t + 1 >= max_len[s] or not chosen:  # out of length: the live beams end here
+                for row, k, sc in chosen:
+                    finished[s].append((sc / length_penalty(t + 1, lenpen), hist[row].tolist() + [k]))
+                continue
+            while len(chosen) < K:  # fewer live candidates than beams (tiny vocabularies)
+                chosen.append((chosen[0][0], chosen[0][1], float("-inf")))
+            keep_sents.append(s)
+            for row, k, sc in chosen:
+                rows.append(row), toks.append(k), new_scores.append(sc)
+        if not keep_sents:
+            break
+        idx = torch.tensor(rows, device=dev)
+        prev = torch.tensor(toks, device=dev)
+        state, hist = reorder_state(state, idx), torch.cat([hist[idx], prev[:, None]], dim=1)
+        scores = torch.tensor(new_scores, device=dev).view(len(keep_sents), K)
+        sents = keep_sents
+    return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]

@@ -1,0 +1,93 @@
+"""The result record: one JSON file per job, the single source of truth for reports.
+
+Schema (version 1), top-level keys:
+  schema_version, status ('ok' | 'failed' | 'interrupted' | 'running'), error,
+  job {name, sweep, output_dir, started, finished, slurm_job_id, hostname},
+  config (resolved Hydra config), seed, environment {git_commit, git_dirty, python,
+  packages, device, device_name, threads, deterministic},
+  model {name, preset, form, parameters, paper}, task (task.describe()),
+  metrics {valid/test: bleu, chrf, signatures, perplexity, nll, ...},
+  costs {train_seconds, steps, epochs, tokens, train_tokens_per_second,
+         decode_sentences_per_second, peak_memory_bytes, flops_per_token, train_flops},
+  curves {train: [...], valid: [...]}, resumed_from_step, skipped_steps.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from .io import write_json
+
+SCHEMA_VERSION = 1
+RECORD_NAME = "record.json"
+PACKAGES = ("torch", "hydra-core", "sacrebleu", "sentencepiece", "numpy", "wandb", "submitit")
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def git_info() -> dict:
+    root = Path(__file__).resolve().parents[1]
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"git_commit": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain", "-uno"))}
+
+
+def package_versions() -> dict:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def environment(device: torch.device) -> dict:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {**git_info(), "python": sys.version.split()[0], "packages": package_versions(), "device": device.type,
+            "device_name": name, "device_count": torch.cuda.device_count() if device.type == "cuda" else 1,
+            "threads": torch.get_num_threads(), "hostname": socket.gethostname(),
+            "deterministic": device.type == "cpu" or torch.are_deterministic_algorithms_enabled()}
+
+
+def peak_memory_bytes(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_allocated"}
+    import resource
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_kind": "process_max_rss"}
+
+
+def scrub(obj):
+    """Drop values whose key names a secret, and any value equal to a secret in the environment."""
+    secrets = {v for k, v in os.environ.items() if any(m in k.upper() for m in SECRET_MARKERS) and len(v) >= 8}
+    def walk(x, key=""):
+        if isinstance(x, dict):
+            return {k: ("<redacted>" if any(m in str(k).upper() for m in SECRET_MARKERS) and isinstance(v, str)
+                        else walk(v, k)) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if isinstance(x, str):
+            for s in secrets:
+                x = x.replace(s, "<redacted>")
+        return x
+    return walk(obj)
+
+
+def write(path: Path, record: dict) -> None:
+    """Atomically write a record (secrets scrubbed)."""
+    write_json(path, scrub({"schema_version": SCHEMA_VERSION, **record}))

@@ -1,0 +1,261 @@
+"""The training loop: plain PyTorch, one model on one task, under a step/epoch/time budget.
+
+Everything that decides the next step (model, optimizer, scheduler, RNG state,
+epoch and batch position, the logs) is in the checkpoint, so a run stopped at
+step k and resumed logs exactly what an uninterrupted run logs.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import checkpoint
+from .evaluate import evaluate_translation, mean_nll, sync
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on a signal; the last checkpoint holds the position to resume from."""
+
+
+@dataclass
+class TrainConfig:
+    max_tokens: int = 4096
+    max_steps: int | None = None
+    max_epochs: float | None = None
+    max_seconds: float | None = None
+    lr: float = 7e-4
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | constant | cosine
+    warmup_steps: int = 4000
+    min_lr_ratio: float = 0.0  # cosine floor
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    clip_norm: float = 0.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    eval_every: int = 1000
+    valid_bleu: bool = True  # greedy BLEU on valid at each evaluation (translation)
+    log_every: int = 100
+    on_nonfinite: str = "fail"  # fail | skip
+    resume: bool = True
+    progress: bool = True
+    threads: int | None = None
+
+    def __post_init__(self):
+        if not (self.max_steps or self.max_epochs or self.max_seconds):
+            raise ValueError("no training budget: set trainer.max_steps, trainer.max_epochs or trainer.max_seconds")
+        if self.schedule not in ("inverse_sqrt", "constant", "cosine"):
+            raise ValueError(f"trainer.schedule={self.schedule!r}; valid: inverse_sqrt, constant, cosine")
+        if self.schedule == "cosine" and not self.max_steps:
+            raise ValueError("trainer.schedule=cosine needs trainer.max_steps")
+        if self.on_nonfinite not in ("fail", "skip"):
+            raise ValueError(f"trainer.on_nonfinite={self.on_nonfinite!r}; valid: fail, skip")
+        self.betas = tuple(self.betas)
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based).
+
+    ``inverse_sqrt`` is the schedule of Vaswani et al. (eq. 3) written with its
+    peak: linear warm-up to ``lr`` over ``warmup_steps``, then ``lr * sqrt(warmup / step)``.
+    """
+    s, w = step + 1, max(1, cfg.warmup_steps)
+    if cfg.schedule == "inverse_sqrt":
+        return min(s / w, math.sqrt(w / s))
+    warm = min(1.0, s / w)
+    if cfg.schedule == "constant":
+        return warm
+    progress = min(1.0, max(0.0, (s - w) / max(1, cfg.max_steps - w)))
+    return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A context factory for mixed precision: bf16 on capable GPUs under 'auto', fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return precision, contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return precision, lambda: torch.autocast(device.type, dtype=dtype)
+
+
+@dataclass
+class Progress:
+    """Where the loop is; saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+    best_valid_nll: float = float("inf")
+    skipped_steps: list[int] = field(default_factory=list)
+    log: list[dict] = field(default_factory=list)  # training loss curve
+    evals: list[dict] = field(default_factory=list)  # validation curve
+
+
+class Trainer:
+    """Trains ``model`` on ``task``; writes ``last.pt`` / ``best.pt`` under ``out_dir``."""
+
+    def __init__(self, model, task, cfg: TrainConfig, out_dir: Path, device: torch.device, *, seed: int,
+                 identity: dict, tracker=None, decoding: dict | None = None, should_stop=lambda: False):
+        self.model, self.task, self.cfg, self.device = model.to(device), task, cfg, device
+        self.out_dir, self.seed, self.identity = Path(out_dir), seed, identity
+        self.tracker, self.decoding, self.should_stop = tracker, dict(decoding or {}), should_stop
+        self.precision, self.autocast = autocast_for(device, cfg.precision)
+        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                    weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.p = Progress()
+        self.resumed_from: int | None = None
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self, name: str) -> None:
+        checkpoint.save(self.out_dir / name, model=self.model, optimizer=self.opt, scheduler=self.sched,
+                        progress=self.p.__dict__, identity=self.identity)
+
+    def maybe_resume(self) -> None:
+        path = self.out_dir / "last.pt"
+        if not (self.cfg.resume and path.is_file()):
+            return
+        ckpt = checkpoint.load(path, self.identity)
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        self.p = Progress(**ckpt["progress"])
+        self.resumed_from = self.p.step
+
+    # -- budget ------------------------------------------------------------------------------
+    def budget_left(self, n_batches: int) -> bool:
+        c, p = self.cfg, self.p
+        if c.max_steps is not None and p.step >= c.max_steps:
+            return False
+        if c.max_epochs is not None and p.epoch + p.batch_in_epoch / max(1, n_batches) >= c.max_epochs:
+            return False
+        return c.max_seconds is None or p.train_seconds < c.max_seconds
+
+    # -- one step ----------------------------------------------------------------------------
+    def train_step(self, batch) -> torch.Tensor:
+        """Forward, backward and update on one batch; returns the summed token loss (detached)."""
+        with self.autocast():
+            logits = self.forward(**batch.inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(), ignore_index=batch.ignore_index,
+                               label_smoothing=self.cfg.label_smoothing, reduction="sum")
+        self.scaler.scale(loss / batch.n_tokens).backward()
+        if self.cfg.clip_norm > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
+        finite = bool(torch.isfinite(loss)) if self.cfg.on_nonfinite == "skip" else True
+        if finite:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.p.skipped_steps.append(self.p.step + 1)
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        return loss.detach()
+
+    # -- evaluation during training ----------------------------------------------------------
+    def validate(self) -> dict:
+        nll, _ = mean_nll(self.model, self.task, "valid", self.device, self.cfg.max_tokens, self.autocast)
+        row = {"step": self.p.step, "train_seconds": round(self.p.train_seconds, 3), "tokens": self.p.tokens,
+               "valid_nll": nll, "valid_ppl": math.exp(min(nll, 50))}
+        if self.task.family == "translation" and self.cfg.valid_bleu:
+            scores, _ = evaluate_translation(self.model, self.task, "valid", self.device,
+                                             {**self.decoding, "beam": 1})
+            row["valid_bleu_greedy"] = scores["bleu"]
+        self.model.train()
+        return row
+
+    def evaluate_and_save(self) -> None:
+        row = self.validate()
+        self.p.evals.append(row)
+        if self.tracker:
+            self.tracker.log({k: v for k, v in row.items() if k != "step"}, step=self.p.step)
+        if row["valid_nll"] < self.p.best_valid_nll:
+            self.p.best_valid_nll = row["valid_nll"]
+            self.save("best.pt")
+        self.save("last.pt")
+
+    def log(self, window_loss: float, window_tokens: int, window_seconds: float, bar) -> None:
+        row = {"step": self.p.step, "epoch": self.p.epoch, "loss": window_loss / max(window_tokens, 1),
+               "lr": self.sched.get_last_lr()[0], "tokens_per_second": window_tokens / max(window_seconds, 1e-9),
+               "train_seconds": round(self.p.train_seconds, 3)}
+        self.p.log.append(row)
+        if self.tracker:
+            self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.p.step)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}",
+                        eta=self.eta())
+
+    def eta(self) -> str:
+        c, p = self.cfg, self.p
+        left = []
+        if c.max_seconds:
+            left.append(c.max_seconds - p.train_seconds)
+        if c.max_steps and p.step:
+            left.append((c.max_steps - p.step) * p.train_seconds / p.step)
+        return f"{max(0, min(left)) / 60:.1f}min" if left else "?"
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> Progress:
+        """Train until the budget is spent; returns the final progress (logs included)."""
+        torch.manual_seed(self.seed)
+        self.maybe_resume()
+        self.model.train()
+        cfg, p = self.cfg, self.p
+        bar = tqdm(total=cfg.max_steps, initial=p.step, disable=not cfg.progress, dynamic_ncols=True,
+                   desc="train", mininterval=2.0)
+        window = [torch.zeros((), device=self.device), 0, 0.0]  # loss sum, tokens, seconds
+        try:
+            while True:
+                batches = self.task.batches("train", cfg.max_tokens, epoch=p.epoch, shuffle=True, seed=self.seed)
+                while p.batch_in_epoch < len(batches) and self.budget_left(len(batches)):
+                    if self.should_stop():
+                        raise Interrupted(f"stop requested at step {p.step}")
+                    batch = batches[p.batch_in_epoch].to(self.device)
+                    start = time.perf_counter()
+                    loss = self.train_step(batch)
+                    p.step, p.batch_in_epoch, p.tokens = p.step + 1, p.batch_in_epoch + 1, p.tokens + batch.n_tokens
+                    window[0] += loss
+                    window[1] += batch.n_tokens
+                    if p.step % cfg.log_every == 0 or not self.budget_left(len(batches)):
+                        sync(self.device)
+                    elapsed = time.perf_counter() - start
+                    p.train_seconds += elapsed
+                    window[2] += elapsed
+                    bar.update(1)
+                    if p.step % cfg.log_every == 0:
+                        total = window[0].item()
+                        if not math.isfinite(total) and cfg.on_nonfinite == "fail":
+                            raise NonFiniteLoss(f"training loss is {total} at step {p.step} (window ending here); "
+                                                "lower trainer.lr, set trainer.clip_norm, or trainer.on_nonfinite=skip")
+                        self.log(total, window[1], window[2], bar)
+                        window = [torch.zeros((), device=self.device), 0, 0.0]
+                    if p.step % cfg.eval_every == 0:
+                        self.evaluate_and_save()
+                if not self.budget_left(len(batches)):
+                    break
+                p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+        except (KeyboardInterrupt, Interrupted):
+            self.save("last.pt")
+            raise
+        finally:
+            bar.close()
+        if not p.evals or p.evals[-1]["step"] != p.step:
+            self.evaluate_and_save()
+        return p

@@ -1,0 +1,194 @@
+"""Translation tasks: Multi30k, WMT14 En-De, any parallel text files, and synthetic copy/reverse.
+
+Text is split into subwords by sentencepiece (BPE or unigram; one joint or two
+separate vocabularies), trained once on the training split and cached under
+the cache folder keyed by its settings and the training data's checksum.
+Hypotheses are detokenized back to plain text and scored against the raw
+references, so BLEU is comparable with published sacreBLEU numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from models.common import BOS, EOS, PAD, UNK
+
+from .batching import Batch, token_budget_batches, translation_batch
+from .data import DataError, read_lines, resolve, sha256
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class Corpus:
+    """Raw parallel text per split."""
+
+    src: dict[str, list[str]]
+    tgt: dict[str, list[str]]
+
+
+class Subwords:
+    """A trained sentencepiece model (one side or joint), with our fixed special ids."""
+
+    def __init__(self, model_file: Path):
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, lines: list[str]) -> list[np.ndarray]:
+        return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(lines)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode([i for i in ids if i not in (PAD, BOS, EOS)])
+
+    @classmethod
+    def train(cls, lines: list[str], cache_dir: Path, key: dict) -> Subwords:
+        """Train (or load from the cache) a sentencepiece model on ``lines``."""
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        model_file = cache_dir / "spm" / f"{digest}.model"
+        if model_file.is_file():
+            return cls(model_file)
+        try:
+            model_file.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=model_file.parent) as tmp:
+                text = Path(tmp) / "train.txt"
+                text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+                spm.SentencePieceTrainer.train(
+                    input=str(text), model_prefix=str(Path(tmp) / "m"), vocab_size=key["vocab_size"],
+                    model_type=key["model_type"], character_coverage=1.0, pad_id=PAD, bos_id=BOS, eos_id=EOS,
+                    unk_id=UNK, input_sentence_size=2_000_000, shuffle_input_sentence=True,
+                    num_threads=os.cpu_count() or 1, minloglevel=2,
+                )
+                (model_file.parent / f"{digest}.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+                os.replace(Path(tmp) / "m.model", model_file)
+        except PermissionError as err:
+            raise DataError(
+                f"cannot write the tokenizer cache under {cache_dir}: {err}. Point data.cache_dir at a writable "
+                "folder (or make the data root writable)."
+            ) from err
+        return cls(model_file)
+
+
+class TranslationTask:
+    """Parallel text, subword-encoded, served as token-budget batches."""
+
+    family = "translation"
+
+    def __init__(self, name: str, corpus: Corpus, src_tok, tgt_tok, src_lang: str, tgt_lang: str,
+                 max_len: int = 256):
+        self.name, self.src_lang, self.tgt_lang, self.max_len = name, src_lang, tgt_lang, max_len
+        self.corpus, self.src_tok, self.tgt_tok = corpus, src_tok, tgt_tok
+        self.src_ids = {s: src_tok.encode(corpus.src[s]) for s in SPLITS}
+        self.tgt_ids = {s: tgt_tok.encode(corpus.tgt[s]) for s in SPLITS}
+        lens = [(len(a), len(b)) for a, b in zip(self.src_ids["train"], self.tgt_ids["train"])]
+        # training pairs longer than max_len (or empty) are dropped, as fairseq does
+        self.train_keep = np.array([i for i, (a, b) in enumerate(lens) if 0 < a <= max_len and 0 < b <= max_len])
+        if len(self.train_keep) == 0:
+            raise DataError(f"task {name}: no training pair has 1..{max_len} tokens on both sides")
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self.src_tok.vocab_size
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self.tgt_tok.vocab_size
+
+    def describe(self) -> dict:
+        return {"name": self.name, "family": self.family, "pair": f"{self.src_lang}-{self.tgt_lang}",
+                "sizes": {s: len(self.corpus.src[s]) for s in SPLITS}, "train_pairs_used": len(self.train_keep),
+                "src_vocab": self.src_vocab_size, "tgt_vocab": self.tgt_vocab_size, "max_len": self.max_len}
+
+    def examples(self, split: str) -> np.ndarray:
+        return self.train_keep if split == "train" else np.arange(len(self.src_ids[split]))
+
+    def batches(self, split: str, max_tokens: int, epoch: int = 0, shuffle: bool = False, seed: int = 0) -> list[Batch]:
+        idx = self.examples(split)
+        src = [self.src_ids[split][i] for i in idx]
+        tgt = [self.tgt_ids[split][i] for i in idx]
+        src_lens, tgt_lens = np.array([len(s) for s in src]), np.array([len(t) for t in tgt])
+        groups = token_budget_batches(src_lens, tgt_lens, max_tokens, shuffle, seed, epoch)
+        return [translation_batch([src[j] for j in g], [tgt[j] for j in g], [int(idx[j]) for j in g])
+                for g in groups]
+
+    def sources(self, split: str) -> list[np.ndarray]:
+        return self.src_ids[split]
+
+    def references(self, split: str) -> list[str]:
+        return self.corpus.tgt[split]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tgt_tok.decode(ids)
+
+
+def load_parallel(root: Path, files: dict[str, tuple[str, str]], download: bool) -> Corpus:
+    """Read split -> (src file, tgt file) under ``root``; checks alignment and emptiness."""
+    src, tgt = {}, {}
+    for split, (fs, ft) in files.items():
+        a, b = read_lines(resolve(root, fs, download)), read_lines(resolve(root, ft, download))
+        if len(a) != len(b):
+            raise DataError(f"parallel files differ in length: {root / fs} has {len(a)} lines, "
+                            f"{root / ft} has {len(b)}; they must be line-aligned")
+        if not a:
+            raise DataError(f"{root / fs} is empty; split '{split}' needs at least one sentence pair")
+        src[split], tgt[split] = a, b
+    return Corpus(src, tgt)
+
+
+def build_translation(name: str, corpus: Corpus, files: list[Path], cache_dir: Path, src_lang: str, tgt_lang: str,
+                      vocab_size: int, model_type: str = "bpe", joint_vocab: bool = True, max_len: int = 256):
+    """Train/load the subword models for a corpus and build the task."""
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"task.model_type={model_type!r}; valid: bpe, unigram")
+    base = {"model_type": model_type, "vocab_size": vocab_size, "data": [sha256(f) for f in files]}
+    if joint_vocab:
+        tok = Subwords.train(corpus.src["train"] + corpus.tgt["train"], cache_dir, {**base, "side": "joint"})
+        src_tok = tgt_tok = tok
+    else:
+        src_tok = Subwords.train(corpus.src["train"], cache_dir, {**base, "side": src_lang})
+        tgt_tok = Subwords.train(corpus.tgt["train"], cache_dir, {**base, "side": tgt_lang})
+    return TranslationTask(name, corpus, src_tok, tgt_tok, src_lang, tgt_lang, max_len)
+
+
+def multi30k(root: Path, cache_dir: Path, *, src_lang: str = "en", tgt_lang: str = "de", vocab_size: int = 8000,
+             model_type: str = "bpe", joint_vocab: bool = True, max_len: int = 256, download: bool = True):
+    """Multi30k task 1 (Elliott et al. 2016); test = test_2016_flickr."""
+    if {src_lang, tgt_lang} != {"en", "de"}:
+        raise ValueError(f"multi30k has en and de; got src_lang={src_lang!r}, tgt_lang={tgt_lang!r}")
+    stems = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
+    files = {s: (f"multi30k/{stem}.{src_lang}", f"multi30k/{stem}.{tgt_lang}") for s, stem in stems.items()}
+    corpus = load_parallel(root, files, download)
+    paths = [root / f for f in files["train"]]
+    return build_translation("multi30k", corpus, paths, cache_dir, src_lang, tgt_lang, vocab_size, model_type,
+                             joint_vocab, max_len)
+
+
+def wmt14_en_de(root: Path, cache_dir: Path, *, src_lang: str = "en", tgt_lang: str = "de", vocab_size: int = 37000,
+                model_type: str = "bpe", joint_vocab: bool = True, max_len: int = 256, download: bool = True):
+    """WMT14 En-De: your training files, newstest2013 valid, newstest2014 (full, 3003) test."""
+    stems = {"train": "train", "valid": "newstest2013", "test": "newstest2014"}
+    files = {s: (f"wmt14-en-de/{stem}.{src_lang}", f"wmt14-en-de/{stem}.{tgt_lang}") for s, stem in stems.items()}
+    corpus = load_parallel(root, files, download)
+    paths = [root / f for f in files["train"]]
+    return build_translation("wmt14_en_de", corpus, paths, cache_dir, src_lang, tgt_lang, vocab_size, model_type,
+                             joint_vocab, max_len)
+
+
+def parallel_files(root: Path, cache_dir: Path, *, path: str, src_lang: str = "src", tgt_lang: str = "tgt",
+                   vocab_size: int = 8000, model_type: str = "bpe", joint_vocab: bool = True, max_len: int = 256,
+                   download: bool = False):
+    """Any folder with {train,valid,test}.{src_lang,tgt_lang} (relative to the data root or absolute)."""
+    folder = (root / path).resolve()
+    files = {s: (f"{s}.{src_lang}", f"{s}.{tgt_lang}") for s in SPLITS}
+    corpus = load_parallel(folder, files, download=False)
+    return build_translation(f"parallel_files:{path}", corpus, [folder / f for f in files["train"]], cache_dir,
+                             src_lang, tgt_lang, vocab_size, model_type, joint_vocab, max_len)

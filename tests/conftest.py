@@ -1,0 +1,36 @@
+"""Shared fixtures: the real Hydra config, shrunk for CPU tests; the data root."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The data root the tests read: $SEQBENCH_DATA_ROOT, else ../shared/data."""
+    root = Path(os.environ.get("SEQBENCH_DATA_ROOT") or DEFAULT_DATA)
+    if not (root / "multi30k" / "train.en").is_file():
+        pytest.fail(f"test data not found under {root}; set SEQBENCH_DATA_ROOT to the folder holding multi30k/, "
+                    "wikitext-2/ and ptb/")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def make_cfg(data_root, cache_dir):
+    """Compose the real config with overrides, on CPU, offline, with a session tokenizer cache."""
+    def make(*overrides: str):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose("config", overrides=["device=cpu", f"data.root={data_root}", f"data.cache_dir={cache_dir}",
+                                                "data.download=false", *overrides])
+    return make

@@ -1,0 +1,97 @@
+"""The training loop and the job: exact resume, records, end-to-end runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from harness import job
+from harness.train import TrainConfig, lr_factor
+from tests.conftest import ROOT
+from tests.test_models import ARCHS
+
+
+def losses(rec):
+    return [(r["step"], r["loss"]) for r in rec["curves"]["train"]]
+
+
+def test_resumed_run_logs_the_same_losses(make_cfg, tmp_path):
+    common = ["model=transformer_tiny", "task=copy", "task.n_train=300", "task.n_valid=8", "task.n_test=8",
+              "trainer=smoke", "trainer.max_tokens=256", "trainer.eval_every=3", "eval.splits=[test]"]
+    full = job.run(make_cfg(*common, "trainer.max_steps=8"), tmp_path / "full")
+    # stop after 5 steps (a different budget), then resume the same folder to 8
+    part = job.run(make_cfg(*common, "trainer.max_steps=5"), tmp_path / "split")
+    assert len(losses(part)) == 5
+    resumed = job.run(make_cfg(*common, "trainer.max_steps=8"), tmp_path / "split")
+    assert resumed["resumed_from_step"] == 5
+    assert losses(resumed) == losses(full)
+    assert resumed["metrics"]["test"]["bleu"] == full["metrics"]["test"]["bleu"]
+
+
+def test_record_is_complete_and_written_atomically(make_cfg, tmp_path):
+    rec = job.run(make_cfg("model=transformer_tiny", "task=copy", "task.n_train=200", "task.n_valid=8",
+                           "task.n_test=8", "trainer=smoke"), tmp_path)
+    on_disk = json.loads((tmp_path / "record.json").read_text())
+    assert on_disk["status"] == "ok" and on_disk["schema_version"] == 1
+    for key in ("config", "environment", "model", "task", "metrics", "costs", "curves", "job"):
+        assert key in on_disk, key
+    assert on_disk["environment"]["packages"]["torch"] == torch.__version__.split("+")[0] or \
+        on_disk["environment"]["packages"]["torch"].startswith(torch.__version__.split("+")[0])
+    assert on_disk["costs"]["train_flops"] > 0 and on_disk["costs"]["train_tokens_per_second"] > 0
+    assert on_disk["model"]["parameters"] > 0
+    assert {"bleu", "chrf", "bleu_signature", "sentences_per_second"} <= set(on_disk["metrics"]["test"])
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert rec["status"] == "ok"
+
+
+def test_failed_job_writes_a_failed_record(make_cfg, tmp_path):
+    cfg = make_cfg("model=transformer_tiny", "model.n_heads=3", "task=copy", "task.n_train=50", "trainer=smoke")
+    rec = job.run(cfg, tmp_path, raise_errors=False)
+    assert rec["status"] == "failed" and "not divisible by n_heads=3" in rec["error"]
+    assert json.loads((tmp_path / "record.json").read_text())["status"] == "failed"
+
+
+def test_nan_loss_fails_the_job_with_the_step(make_cfg, tmp_path):
+    cfg = make_cfg("model=transformer_tiny", "task=copy", "task.n_train=100", "trainer=smoke", "trainer.lr=1e30",
+                   "trainer.warmup_steps=1")
+    rec = job.run(cfg, tmp_path, raise_errors=False)
+    assert rec["status"] == "failed" and "NonFiniteLoss" in rec["error"] and "at step" in rec["error"]
+
+
+def test_no_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="no training budget"):
+        TrainConfig(max_seconds=None)
+
+
+def test_inverse_sqrt_schedule_matches_the_paper():
+    """lr = d^-0.5 * min(s^-0.5, s * w^-1.5) (Vaswani et al. eq. 3), written with its peak."""
+    d, w = 512, 4000
+    cfg = TrainConfig(lr=d**-0.5 * w**-0.5, warmup_steps=w, max_steps=10)
+    for s in (1, 100, 3999, 4000, 4001, 20000):
+        assert abs(cfg.lr * lr_factor(cfg, s - 1) - d**-0.5 * min(s**-0.5, s * w**-1.5)) < 1e-12
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("task", ["copy", "ptb"])
+def test_every_model_runs_end_to_end(make_cfg, tmp_path, arch, task):
+    extra = ["task.n_train=100", "task.n_valid=8", "task.n_test=8"] if task == "copy" else ["task.bptt=16"]
+    rec = job.run(make_cfg(f"model={arch}_tiny", f"task={task}", "trainer=smoke", "trainer.max_steps=2", *extra),
+                  tmp_path)
+    assert rec["status"] == "ok"
+    metric = "bleu" if task == "copy" else "perplexity"
+    assert rec["metrics"]["test"][metric] >= 0
+
+
+def test_run_py_command_line(tmp_path, data_root):
+    env = {**os.environ, "SEQBENCH_DATA_ROOT": str(data_root)}
+    out = subprocess.run(
+        [sys.executable, "run.py", "model=lstm_tiny", "task=copy", "task.n_train=100", "task.n_valid=4",
+         "task.n_test=4", "trainer=smoke", "device=cpu", f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[seqbench] lstm-tiny_copy_s1: ok | test BLEU" in out.stdout
+    assert json.loads((tmp_path / "record.json").read_text())["status"] == "ok"
