@@ -7,12 +7,15 @@ optional input feeding. ``attention="bahdanau"`` selects the additive score of
 Bahdanau et al. (2015, arXiv:1409.0473), queried with the previous decoder state
 and its context fed into the first decoder layer. ``residual_from`` and a first
 bidirectional layer give the GNMT encoder of Wu et al. (2016, arXiv:1609.08144).
+The GRU is that of Cho et al. (2014, arXiv:1406.1078).
 
 Every layer is its own one-layer ``nn.LSTM``/``nn.GRU`` (one cuDNN call per
 layer) so residual connections, per-layer dropout and the position-mixing blocks
 fall out naturally. A bidirectional layer has ``d_model // 2`` units per
 direction, so every layer outputs ``d_model`` features. The encoder runs on a
-packed sequence: padding never enters the recurrence.
+packed sequence: padding never enters the recurrence. Parameters keep PyTorch's
+default initialization (N(0,1) embeddings; Luong's uniform(-0.1,0.1) learns the
+tied output layer too slowly for the tiny copy test).
 """
 from __future__ import annotations
 
@@ -80,6 +83,13 @@ class Attention(nn.Module):
         return weights @ memory
 
 
+def residual_layers(n_layers: int, residual_from: int | None) -> list[bool]:
+    """Which of ``n_layers`` layers are residual: the 1-based ``residual_from``-th and above."""
+    if residual_from is not None and residual_from < 2:
+        raise ValueError(f"residual_from={residual_from}: the first layer cannot be residual; use >= 2 or None")
+    return [residual_from is not None and i + 1 >= residual_from for i in range(n_layers)]
+
+
 class RNNSeq2Seq(Seq2Seq):
     """Stacked RNN encoder-decoder with attention; subclasses set ``cell``."""
 
@@ -95,21 +105,19 @@ class RNNSeq2Seq(Seq2Seq):
         n_bi = (n_layers if n_bidirectional_layers is None else n_bidirectional_layers) if bidirectional else 0
         if n_bi and d_model % 2:
             raise ValueError(f"bidirectional layers split d_model={d_model} between directions; use an even d_model")
-        if residual_from is not None and residual_from < 2:
-            raise ValueError(f"residual_from={residual_from}: the first layer cannot be residual; use >= 2 or None")
-        res = lambda i: residual_from is not None and i + 1 >= residual_from  # noqa: E731
         n_dec = n_decoder_layers or n_layers
+        enc_res, dec_res = residual_layers(n_layers, residual_from), residual_layers(n_dec, residual_from)
         self.pad_id, self.input_feed, self.attention = pad_id, input_feed, attention
         self.state_names = ("h", "c") if self.cell is nn.LSTM else ("h",)
         self.src_embed = nn.Embedding(src_vocab, d_model, padding_idx=pad_id)
         share = share_embeddings and src_vocab == tgt_vocab
         self.tgt_embed = self.src_embed if share else nn.Embedding(tgt_vocab, d_model, padding_idx=pad_id)
-        self.encoder = nn.ModuleList(RecurrentLayer(self.cell, d_model, d_model, dropout, i < n_bi, res(i))
+        self.encoder = nn.ModuleList(RecurrentLayer(self.cell, d_model, d_model, dropout, i < n_bi, enc_res[i])
                                      for i in range(n_layers))
         # first decoder input: embedding [+ Bahdanau context] [+ previous attentional vector]
         d_in = d_model * (1 + (attention == "bahdanau") + input_feed)
         self.decoder = nn.ModuleList(RecurrentLayer(self.cell, d_in if i == 0 else d_model, d_model, dropout,
-                                                    residual=res(i)) for i in range(n_dec))
+                                                    residual=dec_res[i]) for i in range(n_dec))
         self.bridge = nn.ModuleList(nn.Linear(d_model, d_model) for _ in self.state_names)
         # decoder layer i starts from encoder layer i's final state (the top one when the decoder is deeper)
         self.bridge_from = [min(i, n_layers - 1) for i in range(n_dec)]
@@ -204,12 +212,9 @@ class RNNLM(LanguageModel):
                  attention: str = "luong", input_feed: bool = False, residual_from: int | None = None,
                  share_embeddings: bool = True, tie_output: bool = True):
         super().__init__()
-        if residual_from is not None and residual_from < 2:
-            raise ValueError(f"residual_from={residual_from}: the first layer cannot be residual; use >= 2 or None")
         self.tok_embed = nn.Embedding(vocab, d_model)
-        self.blocks = nn.ModuleList(
-            RecurrentLayer(self.cell, d_model, d_model, dropout, residual=residual_from is not None
-                           and i + 1 >= residual_from) for i in range(n_decoder_layers or n_layers))
+        self.blocks = nn.ModuleList(RecurrentLayer(self.cell, d_model, d_model, dropout, residual=res)
+                                    for res in residual_layers(n_decoder_layers or n_layers, residual_from))
         self.drop = nn.Dropout(dropout)
         self.proj = nn.Linear(d_model, vocab, bias=False)
         if tie_output:

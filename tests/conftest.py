@@ -5,10 +5,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
+
+# tiny models gain nothing from intra-op threads, and lose a lot when cores are shared
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
