@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LanguageModel, Seq2Seq, causal_conv_pad, padding_mask
+from .common import Dropout, LanguageModel, Seq2Seq, causal_conv_pad, padding_mask
 
 
 class ResidualBlock(nn.Module):
@@ -36,7 +36,7 @@ class ResidualBlock(nn.Module):
         self.norm2 = nn.LayerNorm(half)
         self.conv = nn.Conv1d(half, half, kernel_size, dilation=dilation, padding=0 if causal else "same")
         self.norm3, self.expand = nn.LayerNorm(half), nn.Linear(half, d_model)  # 1x1 conv
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.left = (kernel_size - 1) * dilation if causal else 0  # past inputs the masked conv reads
         self.keep = None  # optional (B,T,1) 0/1 mask of real source positions, set by the encoder for one call
 
@@ -75,7 +75,7 @@ class Embedding(nn.Module):
         nn.init.normal_(self.tok.weight, std=d_model**-0.5)
         if pad_id is not None:
             nn.init.zeros_(self.tok.weight[pad_id])
-        self.drop, self.scale = nn.Dropout(dropout), math.sqrt(d_model)
+        self.drop, self.scale = Dropout(dropout), math.sqrt(d_model)
 
     def forward(self, tokens):
         return self.drop(self.tok(tokens) * self.scale)  # (B,T,D)

@@ -149,3 +149,33 @@ def accepted_kwargs(cls) -> list[str]:
 def causal_conv_pad(x: torch.Tensor, left: int) -> torch.Tensor:
     """Left-pad (B,C,T) by ``left`` zeros along time."""
     return F.pad(x, (left, 0))
+
+
+class Dropout(nn.Module):
+    """Inverted dropout; on CPU it draws its mask from 16-bit slices of 64-bit random words.
+
+    ``torch.nn.Dropout`` on CPU spends most of its time in the (single-threaded)
+    random generator, up to a third of a small model's training step; drawing four
+    16-bit uniforms per 64-bit random word is ~3x faster. The keep probability is
+    exact to 1/65536. On GPUs it is ``F.dropout``.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, True)
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+        bits = words.view(torch.int16)[:n].view_as(x)
+        threshold = round(self.p * 65536) - 32768
+        return x * (bits >= threshold) * (65536 / (65536 - round(self.p * 65536)))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LanguageModel, LearnedPositions, Seq2Seq, padding_mask
+from .common import Dropout, LanguageModel, LearnedPositions, Seq2Seq, padding_mask
 
 SQRT_HALF = math.sqrt(0.5)
 
@@ -72,7 +72,7 @@ class Embedding(nn.Module):
 
     def __init__(self, tok: nn.Embedding, max_positions: int | None, dropout: float):
         super().__init__()
-        self.tok, self.drop = tok, nn.Dropout(dropout)
+        self.tok, self.drop = tok, Dropout(dropout)
         self.pos = LearnedPositions(max_positions, tok.embedding_dim) if max_positions else None
 
     def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -106,7 +106,7 @@ class EncoderLayer(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel_size: int, dropout: float, wn: bool):
         super().__init__()
         self.proj = linear(c_in, c_out, 0.0, wn) if c_in != c_out else None
-        self.conv, self.drop = GLUConv(c_in, c_out, kernel_size, dropout, False, wn), nn.Dropout(dropout)
+        self.conv, self.drop = GLUConv(c_in, c_out, kernel_size, dropout, False, wn), Dropout(dropout)
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
         """x (B,S,C_in); pad (B,S) True at padding, zeroed so the convolution sees plain zero padding."""
@@ -148,7 +148,7 @@ class DecoderLayer(nn.Module):
                  d_model: int | None = None):
         super().__init__()
         self.proj = linear(c_in, c_out, 0.0, wn) if c_in != c_out else None
-        self.conv, self.drop = GLUConv(c_in, c_out, kernel_size, dropout, True, wn), nn.Dropout(dropout)
+        self.conv, self.drop = GLUConv(c_in, c_out, kernel_size, dropout, True, wn), Dropout(dropout)
         self.attn = Attention(c_out, d_model, wn) if d_model else None
 
     def block(self, x, h, g, memory):
@@ -174,7 +174,7 @@ class OutputHead(nn.Module):
     def __init__(self, channels: int, d_out: int, vocab: int, dropout: float, wn: bool,
                  tied: nn.Embedding | None):
         super().__init__()
-        self.fc, self.drop = linear(channels, d_out, 0.0, wn), nn.Dropout(dropout)
+        self.fc, self.drop = linear(channels, d_out, 0.0, wn), Dropout(dropout)
         if tied is None:
             self.proj = linear(d_out, vocab, dropout, wn)
         else:

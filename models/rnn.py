@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .common import LanguageModel, Seq2Seq, padding_mask
+from .common import Dropout, LanguageModel, Seq2Seq, padding_mask
 
 
 class RecurrentLayer(nn.Module):
@@ -36,7 +36,7 @@ class RecurrentLayer(nn.Module):
             raise ValueError(f"a residual layer needs equal input and output sizes, got {d_in} and {d_out}")
         dirs = 2 if bidirectional else 1
         self.rnn = cell(d_in, d_out // dirs, batch_first=True, bidirectional=bidirectional)
-        self.drop, self.residual = nn.Dropout(dropout), residual
+        self.drop, self.residual = Dropout(dropout), residual
 
     def run(self, x, state: tuple[torch.Tensor, ...] | None = None):
         """x (B,T,D_in) or packed; state: (h,) or (h, c), each (B,H) -> (y (B,T,H) or packed, final state)."""
@@ -123,7 +123,7 @@ class RNNSeq2Seq(Seq2Seq):
         self.bridge_from = [min(i, n_layers - 1) for i in range(n_dec)]
         self.attn = Attention(d_model, attention)
         self.combine = nn.Linear(2 * d_model, d_model, bias=False)  # W_c of Luong et al., eq. 5
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.proj = nn.Linear(d_model, tgt_vocab, bias=False)
         if tie_output:
             self.proj.weight = self.tgt_embed.weight
@@ -215,7 +215,7 @@ class RNNLM(LanguageModel):
         self.tok_embed = nn.Embedding(vocab, d_model)
         self.blocks = nn.ModuleList(RecurrentLayer(self.cell, d_model, d_model, dropout, residual=res)
                                     for res in residual_layers(n_decoder_layers or n_layers, residual_from))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.proj = nn.Linear(d_model, vocab, bias=False)
         if tie_output:
             self.proj.weight = self.tok_embed.weight

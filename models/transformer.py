@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LanguageModel, Seq2Seq, SinusoidalPositions, check_divisible, padding_mask
+from .common import Dropout, LanguageModel, Seq2Seq, SinusoidalPositions, check_divisible, padding_mask
 
 
 class MultiHeadAttention(nn.Module):
@@ -58,9 +58,11 @@ class MultiHeadAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """Position-wise FFN (section 3.3); ``dropout`` acts on the hidden ReLU (0 in the paper)."""
+
     def __init__(self, d_model: int, d_ff: int, dropout: float):
         super().__init__()
-        self.fc1, self.fc2, self.drop = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model), nn.Dropout(dropout)
+        self.fc1, self.fc2, self.drop = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model), Dropout(dropout)
 
     def forward(self, x):
         return self.fc2(self.drop(F.relu(self.fc1(x))))
@@ -71,7 +73,7 @@ class Residual(nn.Module):
 
     def __init__(self, d_model: int, dropout: float, pre_norm: bool):
         super().__init__()
-        self.norm, self.drop, self.pre_norm = nn.LayerNorm(d_model), nn.Dropout(dropout), pre_norm
+        self.norm, self.drop, self.pre_norm = nn.LayerNorm(d_model), Dropout(dropout), pre_norm
 
     def forward(self, x, fn):
         if self.pre_norm:
@@ -80,9 +82,10 @@ class Residual(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, pre_norm):
+    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm):
         super().__init__()
-        self.attn, self.ff = MultiHeadAttention(d_model, n_heads, attn_dropout), FeedForward(d_model, d_ff, dropout)
+        self.attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
+        self.ff = FeedForward(d_model, d_ff, act_dropout)
         self.r1, self.r2 = Residual(d_model, dropout, pre_norm), Residual(d_model, dropout, pre_norm)
         self.mask = None  # optional (B,1,1,S) key mask, set by the encoder for one call
 
@@ -94,11 +97,11 @@ class EncoderLayer(nn.Module):
 class CausalLayer(nn.Module):
     """Decoder layer; with ``cross=False`` it is the language-model block."""
 
-    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, pre_norm, cross=True):
+    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm, cross=True):
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, cross=True) if cross else None
-        self.ff = FeedForward(d_model, d_ff, dropout)
+        self.ff = FeedForward(d_model, d_ff, act_dropout)
         self.r = nn.ModuleList(Residual(d_model, dropout, pre_norm) for _ in range(3 if cross else 2))
 
     def cross(self, y, k, v, mask):
@@ -121,7 +124,7 @@ class Embedding(nn.Module):
         nn.init.normal_(self.tok.weight, std=d_model**-0.5)
         if pad_id is not None:
             nn.init.zeros_(self.tok.weight[pad_id])
-        self.pos, self.drop, self.scale = SinusoidalPositions(d_model), nn.Dropout(dropout), math.sqrt(d_model)
+        self.pos, self.drop, self.scale = SinusoidalPositions(d_model), Dropout(dropout), math.sqrt(d_model)
 
     def forward(self, tokens, offset: int = 0):
         return self.drop(self.pos(self.tok(tokens) * self.scale, offset))  # (B,T,D)
@@ -139,10 +142,10 @@ class TransformerSeq2Seq(Seq2Seq):
 
     def __init__(self, src_vocab: int, tgt_vocab: int, pad_id: int, *, d_model: int = 512, n_layers: int = 6,
                  n_decoder_layers: int | None = None, n_heads: int = 8, d_ff: int = 2048, dropout: float = 0.1,
-                 attn_dropout: float = 0.0, pre_norm: bool = False, share_embeddings: bool = True,
-                 tie_output: bool = True):
+                 attn_dropout: float = 0.0, act_dropout: float = 0.0, pre_norm: bool = False,
+                 share_embeddings: bool = True, tie_output: bool = True):
         super().__init__()
-        args = (d_model, n_heads, d_ff, dropout, attn_dropout, pre_norm)
+        args = (d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm)
         self.pad_id = pad_id
         self.src_embed = Embedding(src_vocab, d_model, dropout, pad_id)
         share = share_embeddings and src_vocab == tgt_vocab
@@ -210,9 +213,10 @@ class TransformerLM(LanguageModel):
 
     def __init__(self, vocab: int, *, d_model: int = 512, n_layers: int = 6, n_decoder_layers: int | None = None,
                  n_heads: int = 8, d_ff: int = 2048, dropout: float = 0.1, attn_dropout: float = 0.0,
-                 pre_norm: bool = False, share_embeddings: bool = True, tie_output: bool = True):
+                 act_dropout: float = 0.0, pre_norm: bool = False, share_embeddings: bool = True,
+                 tie_output: bool = True):
         super().__init__()
-        args = (d_model, n_heads, d_ff, dropout, attn_dropout, pre_norm)
+        args = (d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm)
         self.tok_embed = Embedding(vocab, d_model, dropout, None)
         self.blocks = nn.ModuleList(CausalLayer(*args, cross=False) for _ in range(n_decoder_layers or n_layers))
         self.norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
