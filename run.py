@@ -1,8 +1,11 @@
 """seqbench entry point: ``python run.py model=<m> task=<t>`` trains and evaluates one model.
 
 Sweeps: ``python run.py -m model=transformer,lstm task=multi30k seed=1,2,3``.
+With no arguments, ``python run.py`` runs the main job: the ``quick`` sweep and its report.
 """
 from __future__ import annotations
+
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -23,4 +26,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 1:
+        sys.argv += ["--multirun", "experiment=quick"]
     main()

@@ -55,11 +55,28 @@ def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float =
     return hyps, time.perf_counter() - start
 
 
+LENGTH_BUCKETS = (10, 20, 30, 40, 60)  # upper bounds, in source subwords
+
+
+def bleu_by_length(hyps: list[str], refs: list[str], src_lengths: list[int]) -> list[dict]:
+    """Corpus BLEU per source-length bucket (for the quality-by-length plot)."""
+    rows, low = [], 0
+    for high in (*LENGTH_BUCKETS, None):
+        idx = [i for i, n in enumerate(src_lengths) if n > low and (high is None or n <= high)]
+        if idx:
+            score = BLEU().corpus_score([hyps[i] for i in idx], [[refs[i] for i in idx]]).score
+            rows.append({"bucket": f"{low + 1}-{high}" if high else f">{low}", "low": low + 1, "n": len(idx),
+                         "bleu": score})
+        low = high or low
+    return rows
+
+
 def evaluate_translation(model, task, split: str, device, decoding: dict) -> dict:
     """Decode ``split`` and score against the raw references."""
     hyps, seconds = translate(model, task, split, device, **decoding)
     refs = task.references(split)[: len(hyps)]
     out = score_translations(hyps, refs)
+    out["by_length"] = bleu_by_length(hyps, refs, [len(s) for s in task.sources(split)[: len(hyps)]])
     out.update(sentences=len(hyps), decode_seconds=seconds, sentences_per_second=len(hyps) / max(seconds, 1e-9),
                exact_match=sum(h == r for h, r in zip(hyps, refs)) / max(1, len(hyps)),
                samples=[{"ref": r, "hyp": h} for h, r in list(zip(hyps, refs))[:5]])

@@ -56,8 +56,18 @@ def package_versions() -> dict:
     return out
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()} ({os.cpu_count()} cores)"
     return {**git_info(), "python": sys.version.split()[0], "packages": package_versions(), "device": device.type,
             "device_name": name, "device_count": torch.cuda.device_count() if device.type == "cuda" else 1,
             "threads": torch.get_num_threads(), "hostname": socket.gethostname(),

@@ -7,6 +7,7 @@ step k and resumed logs exactly what an uninterrupted run logs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from tqdm import tqdm
 
 from . import checkpoint
 from .evaluate import evaluate_translation, mean_nll, sync
+
+log = logging.getLogger("seqbench.train")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -185,6 +188,7 @@ class Trainer:
     def evaluate_and_save(self) -> None:
         row = self.validate()
         self.p.evals.append(row)
+        log.info("eval %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if self.tracker:
             self.tracker.log({k: v for k, v in row.items() if k != "step"}, step=self.p.step)
         if row["valid_nll"] < self.p.best_valid_nll:
@@ -197,6 +201,8 @@ class Trainer:
                "lr": self.sched.get_last_lr()[0], "tokens_per_second": window_tokens / max(window_seconds, 1e-9),
                "train_seconds": round(self.p.train_seconds, 3)}
         self.p.log.append(row)
+        log.info("step %d epoch %d loss %.4f lr %.3g tok/s %.0f", row["step"], row["epoch"], row["loss"], row["lr"],
+                 row["tokens_per_second"])
         if self.tracker:
             self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.p.step)
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}",

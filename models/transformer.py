@@ -87,10 +87,10 @@ class EncoderLayer(nn.Module):
         self.attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
         self.ff = FeedForward(d_model, d_ff, act_dropout)
         self.r1, self.r2 = Residual(d_model, dropout, pre_norm), Residual(d_model, dropout, pre_norm)
-        self.mask = None  # optional (B,1,1,S) key mask, set by the encoder for one call
 
-    def forward(self, x):
-        x = self.r1(x, lambda y: self.attn(y, mask=self.mask))
+    def forward(self, x, mask=None):
+        """x (B,S,D); mask (B,1,1,S), True where a key may be attended (None: all)."""
+        x = self.r1(x, lambda y: self.attn(y, mask=mask))
         return self.r2(x, self.ff)
 
 
@@ -171,9 +171,7 @@ class TransformerSeq2Seq(Seq2Seq):
         mask = ~padding_mask(src_lengths, src.size(1))[:, None, None, :]  # (B,1,1,S) True = attend
         x = self.src_embed(src)
         for layer in self.encoder:
-            layer.mask = mask
-            x = layer(x)
-            layer.mask = None
+            x = layer(x, mask)
         return self.enc_norm(x), mask
 
     def forward(self, src, src_lengths, tgt_in):

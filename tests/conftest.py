@@ -17,8 +17,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    """The data root the tests read: $SEQBENCH_DATA_ROOT, else ../shared/data."""
-    root = Path(os.environ.get("SEQBENCH_DATA_ROOT") or DEFAULT_DATA)
+    """The data root the tests read: $SEQBENCH_DATA_ROOT, else ../shared/data, else ./data."""
+    root = Path(os.environ.get("SEQBENCH_DATA_ROOT") or (DEFAULT_DATA if DEFAULT_DATA.is_dir() else ROOT / "data"))
     if not (root / "multi30k" / "train.en").is_file():
         pytest.fail(f"test data not found under {root}; set SEQBENCH_DATA_ROOT to the folder holding multi30k/, "
                     "wikitext-2/ and ptb/")

@@ -135,3 +135,21 @@ def test_tiny_model_overfits_copy_batch(arch):
     model.eval()
     assert loss.item() < 0.05
     assert torch.equal(model(src, lengths, tgt_in).argmax(-1), tgt_out)
+
+
+@pytest.mark.parametrize("name, paper_millions", [("transformer_base", 65), ("transformer_big", 213)])
+def test_paper_presets_match_the_papers_parameter_counts(name, paper_millions):
+    """Vaswani et al. Table 3 with the shared 37k BPE vocabulary: base ~65M, big ~213M (within 4%)."""
+    task = SimpleNamespace(family="translation", src_vocab_size=37000, tgt_vocab_size=37000)
+    with torch.device("meta"):
+        n = models.count_parameters(models.build(preset(name), task))
+    assert abs(n / 1e6 - paper_millions) / paper_millions < 0.04, n
+
+
+def test_small_presets_have_roughly_equal_parameter_counts():
+    """The CPU comparison presets stay within 15% of the small Transformer (8k shared vocabulary)."""
+    task = SimpleNamespace(family="translation", src_vocab_size=8000, tgt_vocab_size=8000)
+    with torch.device("meta"):
+        counts = {a: models.count_parameters(models.build(preset(a), task)) for a in ARCHS}
+    for arch, n in counts.items():
+        assert abs(n / counts["transformer"] - 1) < 0.15, counts

@@ -1,0 +1,48 @@
+"""The comparison report: result records in, ``report.md`` / ``report.html`` / plots / tidy tables out.
+
+    python -m reports results/quick --out results/quick/report
+    reports.build(["results/quick"], "results/quick/report")   # -> Path to report.html
+
+Reads only the records (``load``), so a report can be rebuilt at any time from any set of sweeps.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Iterable
+
+from . import tables
+from .load import Records, load
+from .render import write_html, write_markdown
+from .sections import all_sections
+
+__all__ = ["build", "load"]
+TITLE = "seqbench comparison report"
+
+
+def build(record_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
+    """Build the report of every ``record.json`` under ``record_dirs`` into ``out_dir``; returns report.html."""
+    record_dirs = [Path(d) for d in ([record_dirs] if isinstance(record_dirs, (str, Path)) else record_dirs)]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = load(record_dirs)
+    if len(records.runs):
+        write_tables(records, out)
+    sections = all_sections(records, record_dirs, out / "plots")
+    write_markdown(out / "report.md", TITLE, sections)
+    write_html(out / "report.html", TITLE, sections)
+    return out / "report.html"
+
+
+def write_tables(records: Records, out: Path) -> None:
+    """The tidy tables as CSV (and Parquet when pyarrow is installed)."""
+    frames = {"runs": records.runs, "curves": records.curves, "summary": tables.summary(records.runs)}
+    for name, frame in frames.items():
+        frame.to_csv(out / f"{name}.csv", index=False)
+    if importlib.util.find_spec("pyarrow") is not None:
+        runs = records.runs
+        try:
+            runs.to_parquet(out / "runs.parquet", index=False)
+        except (TypeError, ValueError, ImportError):  # a column of mixed types: store it as text
+            runs.astype({c: "string" for c in runs.columns if runs[c].dtype == object}).to_parquet(
+                out / "runs.parquet", index=False)

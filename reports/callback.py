@@ -1,0 +1,33 @@
+"""Hydra callback: build the sweep's report when a multirun ends.
+
+Wire it in ``conf/config.yaml``::
+
+    hydra:
+      callbacks:
+        report:
+          _target_: reports.callback.BuildReport
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("seqbench.reports")
+
+
+class BuildReport(Callback):
+    """Writes ``<sweep dir>/report/`` from the sweep's records and prints its path."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from . import build  # pandas/seaborn load only when the sweep ends
+
+        sweep = Path(config.hydra.sweep.dir)
+        try:
+            path = build([sweep], sweep / "report")
+        except Exception:  # the records are safe; a report bug must not fail the finished sweep
+            log.exception("report failed; rebuild it with: python -m reports %s --out %s", sweep, sweep / "report")
+            return
+        print(f"[seqbench] report: {path}")

@@ -1,0 +1,103 @@
+"""The report's sections, in order: each turns the tidy tables into notes, tables and plots."""
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from . import plots, reference, tables
+from .load import Records
+from .render import Note, Section, Table
+
+log = logging.getLogger("seqbench.reports")
+
+
+def all_sections(records: Records, dirs: list[Path], plot_dir: Path) -> list[Section]:
+    if records.runs.empty:
+        return [overview(records, dirs)]
+    runs = records.runs
+    return [overview(records, dirs), fairness(runs), *results(runs), table2(runs), table1(records),
+            Section("Plots", plots.make_all(records, plot_dir)), failures(runs), appendix(runs)]
+
+
+def overview(records: Records, dirs: list[Path]) -> Section:
+    runs = records.runs
+    if runs.empty:
+        return Section("Overview", [Note(f"No result records (record.json) found under: "
+                                         f"{', '.join(map(str, dirs))}.", "warning")])
+    status = runs["status"].fillna("?").value_counts().sort_index()
+    tasks = ", ".join(sorted(runs["task"].dropna().astype(str).unique())) or "?"
+    return Section("Overview", [
+        Note(f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in status.items())}) on tasks: {tasks}.", "text"),
+        Note(f"Records read from: {', '.join(map(str, dirs))}. Built {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
+             "Quality is mean ± sample standard deviation over seeds (n runs); costs are means.", "note")])
+
+
+def fairness(runs: pd.DataFrame) -> Section:
+    blocks = [Note(m, "warning") for msgs in tables.fairness_warnings(runs).values() for m in msgs]
+    for note in blocks:
+        log.warning(note.text)
+    differ = tables.differing_settings(runs)
+    checked = ", ".join(label for _, label in tables.SETTINGS) + ", task.* (task settings and tokenization)"
+    if differ.empty:
+        blocks.append(Note(f"Within each task, all finished runs share these settings: {checked}.", "text"))
+    else:
+        blocks.append(Table(differ, f"Settings that differ between the finished runs of one task (checked: {checked})"))
+    return Section("Fair comparison", blocks)
+
+
+def results(runs: pd.DataFrame) -> list[Section]:
+    """A heading, then one section per task: its fairness warnings above its summary table."""
+    summ = tables.summary(runs)
+    warnings = tables.fairness_warnings(runs)
+    sections = [Section("Results per task and architecture", [] if len(summ) else [Note("no finished runs")])]
+    for task in sorted(summ["task"].unique()):
+        sections.append(Section(f"Task {task}", [*(Note(m, "warning") for m in warnings.get(task, [])),
+                                                 Table(tables.summary_display(summ, task))], level=3))
+    return sections
+
+
+def table2(runs: pd.DataFrame) -> Section:
+    measured = tables.table2_display(tables.summary(runs))
+    return Section("Table 2: BLEU and training cost", [
+        Table(measured, "Measured here (test BLEU mean ± std over seeds; training FLOPs counted by the harness)")
+        if len(measured) else Note("no finished translation runs", "note"),
+        Table(tables.reference_display(reference.table2()),
+              f"Reference values, not measured here: {reference.CITATION}", kind="reference"),
+        Note(f"Reference rows are quoted from the paper for task {reference.TASK} at the paper's scale; "
+             "compare them with measured rows only for that task and budget.", "note")])
+
+
+def table1(records: Records) -> Section:
+    paths = records.path_length
+    if paths.empty:
+        return Section("Table 1: maximum path length", [Note("no path-length records", "note")])
+    frame = paths.assign(n=pd.to_numeric(paths["n"], errors="coerce").astype("Int64"))
+    pivot = frame.pivot_table(index=["arch", "layer_type"], columns="n", values="max_path_length",
+                              aggfunc="mean").reset_index()
+    pivot.columns = [str(c) if c in ("arch", "layer_type") else f"n={c}" for c in pivot.columns]
+    return Section("Table 1: maximum path length", [
+        Table(pivot.rename(columns={"arch": "architecture", "layer_type": "layer type"}).map(_round),
+              "Maximum path length (steps) between positions, measured per architecture, by sequence length n")])
+
+
+def failures(runs: pd.DataFrame) -> Section:
+    bad = tables.failures(runs)
+    if bad.empty:
+        return Section("Failed and unfinished jobs", [Note("none: every job finished with status ok", "text")])
+    return Section("Failed and unfinished jobs", [Table(bad, f"{len(bad)} jobs did not finish with status ok")])
+
+
+def appendix(runs: pd.DataFrame) -> Section:
+    return Section("Appendix: runs, signatures and versions", [
+        Table(tables.appendix(runs), "Every run and its record"),
+        Table(tables.signatures(runs), "sacrebleu signatures"),
+        Table(tables.package_versions(runs), "Package versions")])
+
+
+def _round(v):
+    if isinstance(v, float) and v == v:
+        return int(v) if v.is_integer() else round(v, 2)
+    return v

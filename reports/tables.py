@@ -1,0 +1,176 @@
+"""Tables from the tidy runs table: per-task summaries, Table 2, fairness checks, failures, appendix.
+
+Functions return DataFrames. ``summary`` keeps numbers (it is also written as CSV); the ``*_display``
+functions turn numbers into the strings the report shows.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+from .load import BUDGET_KEYS
+
+# rows of one summary group: same task, architecture, device and budget; seeds are pooled
+GROUP = ["task", "family", "arch", "model", "preset", "device_name", "budget"]
+QUALITY = {"translation": [("test_bleu", "test BLEU"), ("test_chrf", "test chrF")],
+           "lm": [("test_ppl", "test perplexity")]}
+COSTS = [("parameters", "parameters", "{:,.0f}"), ("train_flops", "train FLOPs", "{:.2e}"),
+         ("train_seconds", "train s", "{:.1f}"), ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
+         ("decode_sentences_per_second", "decode sentences/s", "{:,.1f}"),
+         ("peak_memory_mib", "peak memory MiB", "{:,.0f}")]
+# settings that must match for a fair comparison: (runs column, label)
+SETTINGS = [*[(k, f"trainer.{k}") for k in BUDGET_KEYS], ("preset", "model preset"), ("precision", "precision"),
+            ("device_name", "device"), ("torch", "torch version")]
+
+
+def ok(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs["status"] == "ok"].copy() if len(runs) else runs
+
+
+def budget(row) -> str:
+    """The training budget of one run, e.g. ``max_seconds=2700, max_tokens=4096``."""
+    parts = [f"{k}={_plain(row.get(k))}" for k in BUDGET_KEYS if not _missing(row.get(k))]
+    return ", ".join(parts) or "none"
+
+
+def with_groups(runs: pd.DataFrame) -> pd.DataFrame:
+    runs = runs.copy()
+    runs["budget"] = runs.apply(budget, axis=1) if len(runs) else []
+    runs["peak_memory_mib"] = pd.to_numeric(runs.get("peak_memory_bytes"), errors="coerce") / 2**20
+    for c in GROUP:
+        runs[c] = runs[c].fillna("?").astype(str) if c in runs else "?"
+    return runs
+
+
+def summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per task x architecture (x device x budget): quality mean and sample std over seeds, mean costs."""
+    metrics = [c for f in QUALITY.values() for c, _ in f]
+    agg = {"n": ("job", "size"), "seeds": ("seed", lambda s: ", ".join(str(_plain(v)) for v in sorted(s.dropna())))}
+    for c in metrics:
+        agg[f"{c}_mean"], agg[f"{c}_std"] = (c, "mean"), (c, "std")
+    for c, _, _ in COSTS:
+        agg[c] = (c, "mean")
+    done = with_groups(ok(runs))
+    if done.empty:
+        return pd.DataFrame(columns=[*GROUP, *agg])
+    numbers = metrics + [c for c, _, _ in COSTS]
+    done[numbers] = done[numbers].apply(pd.to_numeric, errors="coerce")
+    return done.groupby(GROUP, sort=True, dropna=False).agg(**agg).reset_index()
+
+
+def summary_display(summ: pd.DataFrame, task: str) -> pd.DataFrame:
+    """One task's summary as strings: quality as ``mean ± std`` with n, then the costs."""
+    rows = summ[summ["task"] == task]
+    family = rows["family"].iloc[0] if len(rows) else "?"
+    out = pd.DataFrame({"architecture": rows["arch"], "device": rows["device_name"], "budget": rows["budget"],
+                        "n": rows["n"], "seeds": rows["seeds"]})
+    for c, label in QUALITY.get(family, QUALITY["translation"] + QUALITY["lm"]):
+        out[label] = [pm(m, s) for m, s in zip(rows[f"{c}_mean"], rows[f"{c}_std"])]
+    for c, label, fmt in COSTS:
+        out[label] = rows[c].map(lambda v, fmt=fmt: num(v, fmt))
+    return out.reset_index(drop=True)
+
+
+def table2_display(summ: pd.DataFrame) -> pd.DataFrame:
+    """Measured rows of the Table 2 layout: BLEU and training cost in FLOPs, per translation task."""
+    rows = summ[summ["family"] == "translation"]
+    return pd.DataFrame({"task": rows["task"], "architecture": rows["arch"], "device": rows["device_name"],
+                         "n": rows["n"], "test BLEU": [pm(m, s) for m, s in zip(rows["test_bleu_mean"],
+                                                                                   rows["test_bleu_std"])],
+                         "training cost (FLOPs)": rows["train_flops"].map(lambda v: num(v, "{:.2e}"))}
+                        ).reset_index(drop=True)
+
+
+def reference_display(ref: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame({"model (reference)": ref["model"], "EN-DE BLEU": ref["bleu"].map(lambda v: num(v, "{:g}")),
+                         "training cost (FLOPs)": ref["train_flops"].map(lambda v: num(v, "{:.1e}"))})
+
+
+def differing_settings(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per task, each setting whose value differs between the task's finished runs, with run counts."""
+    rows = []
+    for task, group in with_groups(ok(runs)).groupby("task", sort=True):
+        settings = group[[c for c, _ in SETTINGS]].rename(columns=dict(SETTINGS))
+        settings = settings.join(pd.DataFrame([{f"task.{k}": v for k, v in json.loads(s or "{}").items()}
+                                               for s in group["task_settings"]], index=group.index))
+        for label in settings.columns:
+            values = settings[label].map(_plain).map(str).value_counts()
+            if len(values) > 1:
+                rows.append({"task": task, "setting": label,
+                             "values (runs)": "; ".join(f"{v} ({n})" for v, n in values.sort_index().items())})
+    return pd.DataFrame(rows, columns=["task", "setting", "values (runs)"])
+
+
+def fairness_warnings(runs: pd.DataFrame) -> dict[str, list[str]]:
+    """Per task, the warnings for runs on different devices or budgets that share one table."""
+    out = {}
+    for task, group in with_groups(ok(runs)).groupby("task", sort=True):
+        msgs = []
+        for col, what in (("device_name", "devices"), ("budget", "training budgets")):
+            values = sorted(group[col].unique())
+            if len(values) > 1:
+                msgs.append(f"WARNING: task {task}: runs on different {what} are compared side by side "
+                            f"({' | '.join(values)}); their costs and quality are not directly comparable.")
+        if msgs:
+            out[task] = msgs
+    return out
+
+
+def failures(runs: pd.DataFrame) -> pd.DataFrame:
+    bad = runs[runs["status"] != "ok"] if len(runs) else runs
+    return pd.DataFrame({"job": bad.get("job"), "status": bad.get("status"), "error": bad.get("error"),
+                         "record": bad.get("record")}).fillna("").reset_index(drop=True)
+
+
+def appendix(runs: pd.DataFrame) -> pd.DataFrame:
+    """Every run, so every number traces to its record."""
+    commit = [("" if _missing(c) else str(c)[:12]) + (" (dirty)" if d is True else "")
+              for c, d in zip(runs["git_commit"], runs["git_dirty"])] if len(runs) else []
+    return pd.DataFrame({"job": runs.get("job"), "status": runs.get("status"), "task": runs.get("task"),
+                         "seed": runs.get("seed"), "device": runs.get("device_name"), "git commit": commit,
+                         "record": runs.get("record")}).map(_plain).fillna("").reset_index(drop=True)
+
+
+def signatures(runs: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for col, metric in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF")):
+        for sig, n in runs[col].dropna().value_counts().sort_index().items() if col in runs else []:
+            rows.append({"metric": metric, "sacrebleu signature": sig, "runs": n})
+    return pd.DataFrame(rows, columns=["metric", "sacrebleu signature", "runs"])
+
+
+def package_versions(runs: pd.DataFrame) -> pd.DataFrame:
+    rows = {}
+    for text in runs.get("packages", pd.Series(dtype=object)).dropna():
+        for pkg, version in json.loads(text).items():
+            rows.setdefault(pkg, {}).setdefault(str(version), 0)
+            rows[pkg][str(version)] += 1
+    for py in runs.get("python", pd.Series(dtype=object)).dropna():
+        rows.setdefault("python", {}).setdefault(str(py), 0)
+        rows["python"][str(py)] += 1
+    return pd.DataFrame([{"package": p, "versions (runs)": "; ".join(f"{v} ({n})" for v, n in sorted(vs.items()))}
+                         for p, vs in sorted(rows.items())], columns=["package", "versions (runs)"])
+
+
+def pm(mean, std, fmt: str = "{:.2f}") -> str:
+    """``mean ± std``; a single seed has no spread (``± –``)."""
+    if _missing(mean):
+        return "–"
+    return f"{fmt.format(mean)} ± {'–' if _missing(std) else fmt.format(std)}"
+
+
+def num(value, fmt: str) -> str:
+    return "–" if _missing(value) else fmt.format(value)
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _plain(v):
+    """Whole floats as ints (``4.0`` -> ``4``): pandas turns int columns with gaps into floats."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return None if _missing(v) else v

@@ -1,0 +1,307 @@
+"""The comparison report: tables against hand-computed values, plots, guards, escaping, a real browser."""
+from __future__ import annotations
+
+import html
+import json
+import math
+import re
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+from omegaconf import OmegaConf
+
+import reports
+from reports import plots, reference
+from reports.__main__ import main as cli
+from reports.callback import BuildReport
+
+CPU, H100 = ("cpu", "x86_64"), ("cuda", "NVIDIA H100 80GB HBM3")
+XSS_NAME = "<script>alert(1)</script>"
+XSS_ERROR = "ValueError: bad input <img src=x onerror=\"document.title='pwned'\">"
+PLOTS = ("learning_curves", "pareto", "quality_vs_parameters", "throughput", "quality_by_length")
+TITLE = "seqbench comparison report"
+
+
+def record(model, task, seed, *, status="ok", scores=None, costs=None, device=CPU, budget=None, name=None,
+           error=None, by_length=None, path_length=None) -> dict:
+    """A result record shaped like harness.job writes it (schema 1), with only what a report reads."""
+    family = "lm" if task == "wikitext2" else "translation"
+    trainer = {"max_tokens": 4096, "max_steps": None, "max_epochs": None, "max_seconds": 60, "precision": "auto",
+               **(budget or {})}
+    task_cfg = {"name": task, "bptt": 128} if family == "lm" else {"name": task, "vocab_size": 8000,
+                                                                    "model_type": "bpe"}
+    rec = {"schema_version": 1, "status": status, "error": error, "seed": seed,
+           "config": {"model": {"name": model, "preset": "tiny"}, "task": task_cfg, "trainer": trainer, "seed": seed},
+           "job": {"name": name or f"{model}-tiny_{task}_s{seed}", "sweep": "fixture"},
+           "environment": {"git_commit": "0123456789abcdef0123", "git_dirty": False, "python": "3.11.7",
+                           "packages": {"torch": "2.13.0", "sacrebleu": "2.6.0"}, "device": device[0],
+                           "device_name": device[1]},
+           "model": {"name": model, "preset": "tiny", "form": "seq2seq",
+                     "parameters": 1000 if model == "lstm" else 2000},
+           "task": {"name": task, "family": family, **({"vocab": 1000} if family == "lm" else
+                                                        {"src_vocab": 8000, "tgt_vocab": 8000})}}
+    if status != "ok":
+        return rec
+    if family == "translation":
+        bleu, chrf = scores
+        test = {"bleu": bleu, "chrf": chrf,
+                "bleu_signature": "nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.6.0",
+                "chrf_signature": "nrefs:1|case:mixed|eff:yes|nc:6|nw:0|space:no|version:2.6.0"}
+        if by_length:
+            test["by_length"] = [{"bucket": b, "bleu": v} for b, v in by_length]
+        curve = [{"step": 10 * k, "train_seconds": 20.0 * k, "valid_bleu_greedy": bleu * k / 3} for k in (1, 2, 3)]
+    else:
+        test = {"perplexity": scores[0], "nll": math.log(scores[0])}
+        curve = [{"step": 10 * k, "train_seconds": 20.0 * k, "valid_ppl": scores[0] * (4 - k)} for k in (1, 2, 3)]
+    seconds, flops, tps = costs or (60.0, 1e12, 1000.0)
+    rec.update(metrics={"test": test, "valid": dict(test)}, curves={"train": [], "valid": curve},
+               costs={"train_seconds": seconds, "steps": 30, "tokens": 60000, "train_flops": flops,
+                      "flops_per_token": flops / 60000, "train_tokens_per_second": tps,
+                      "decode_sentences_per_second": 50.0, "peak_memory_bytes": 512 * 2**20,
+                      "peak_memory_kind": "process_max_rss"})
+    if path_length:
+        rec["path_length"] = path_length
+    return rec
+
+
+def fixture_records() -> list[dict]:
+    """2 architectures x 3 seeds on multi30k (+1 run on another device), an LM task with two budgets,
+    a failed job named like a script, an interrupted job."""
+    buckets = lambda b: [("1-10", b + 2), ("11-20", b), ("21+", b - 3)]
+    recs = [record("transformer", "multi30k", s, scores=sc, costs=co, by_length=buckets(sc[0]))
+            for s, sc, co in [(1, (20.0, 50.0), (60.0, 1.0e12, 1000.0)), (2, (22.0, 52.0), (62.0, 1.2e12, 1100.0)),
+                              (3, (24.0, 57.0), (64.0, 1.4e12, 1200.0))]]
+    recs += [record("lstm", "multi30k", s, scores=sc, by_length=buckets(sc[0]))
+             for s, sc in [(1, (10.0, 40.0)), (2, (11.0, 41.0)), (3, (15.0, 45.0))]]
+    recs.append(record("transformer", "multi30k", 4, scores=(30.0, 60.0), device=H100, costs=(10.0, 1e12, 9000.0)))
+    recs += [record("transformer", "wikitext2", 1, scores=(100.0,), budget={"max_seconds": None, "max_steps": 100}),
+             record("transformer", "wikitext2", 2, scores=(110.0,), budget={"max_seconds": None, "max_steps": 100}),
+             record("lstm", "wikitext2", 1, scores=(150.0,), budget={"max_seconds": None, "max_steps": 200})]
+    recs.append(record("gru", "multi30k", 1, status="failed", name=XSS_NAME, error=XSS_ERROR))
+    recs.append(record("bytenet", "multi30k", 1, status="interrupted", error="Interrupted: SIGTERM at step 50"))
+    return recs
+
+
+def write_records(root, recs):
+    for i, rec in enumerate(recs):
+        path = root / f"{i}_{rec['config']['model']['name']}" / "record.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps(rec), encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = write_records(tmp_path_factory.mktemp("records"), fixture_records())
+    out = tmp_path_factory.mktemp("report")
+    path = reports.build([root], out)
+    return path, out
+
+
+def summary_row(out, task, arch, device="x86_64"):
+    summ = pd.read_csv(out / "summary.csv")
+    row = summ[(summ["task"] == task) & (summ["arch"] == arch) & (summ["device_name"] == device)]
+    assert len(row) == 1, summ[["task", "arch", "device_name"]]
+    return row.iloc[0]
+
+
+def test_summary_matches_hand_computed_means_and_stds(built):
+    _, out = built
+    t = summary_row(out, "multi30k", "transformer-tiny")
+    assert t["n"] == 3 and t["seeds"] == "1, 2, 3"
+    assert t["test_bleu_mean"] == pytest.approx(22.0) and t["test_bleu_std"] == pytest.approx(2.0)
+    assert t["test_chrf_mean"] == pytest.approx(53.0) and t["test_chrf_std"] == pytest.approx(math.sqrt(13))
+    assert t["train_seconds"] == pytest.approx(62.0) and t["train_flops"] == pytest.approx(1.2e12)
+    assert t["train_tokens_per_second"] == pytest.approx(1100.0) and t["peak_memory_mib"] == pytest.approx(512)
+    lstm = summary_row(out, "multi30k", "lstm-tiny")
+    assert lstm["test_bleu_mean"] == pytest.approx(12.0) and lstm["test_bleu_std"] == pytest.approx(math.sqrt(7))
+    # the run on another device is its own row, not pooled with the CPU seeds
+    gpu = summary_row(out, "multi30k", "transformer-tiny", H100[1])
+    assert gpu["n"] == 1 and gpu["test_bleu_mean"] == pytest.approx(30.0) and math.isnan(gpu["test_bleu_std"])
+    lm = summary_row(out, "wikitext2", "transformer-tiny")
+    assert lm["test_ppl_mean"] == pytest.approx(105.0) and lm["test_ppl_std"] == pytest.approx(math.sqrt(50))
+    md = (out / "report.md").read_text()
+    for cell in ("| 22.00 ± 2.00 | 53.00 ± 3.61 |", "| 12.00 ± 2.65 | 42.00 ± 2.65 |", "| 30.00 ± – | 60.00 ± – |",
+                 "| 105.00 ± 7.07 |", "| 150.00 ± – |", "| 1.20e+12 |"):
+        assert cell in md, cell
+
+
+def test_tidy_tables_are_written(built):
+    _, out = built
+    runs = pd.read_csv(out / "runs.csv")
+    assert len(runs) == 12 and set(runs["status"]) == {"ok", "failed", "interrupted"}
+    for col in ("model", "preset", "parameters", "task", "family", "seed", "device_name", "test_bleu", "test_chrf",
+                "test_ppl", "train_seconds", "train_tokens_per_second", "decode_sentences_per_second",
+                "peak_memory_bytes", "train_flops", "flops_per_token", "steps", "max_seconds", "max_steps",
+                "vocab_size"):
+        assert col in runs, col
+    curves = pd.read_csv(out / "curves.csv")
+    assert len(curves) == 10 * 3 and {"step", "train_seconds", "valid_bleu_greedy", "valid_ppl"} <= set(curves)
+    assert len(pd.read_parquet(out / "runs.parquet")) == 12  # pyarrow is a dependency
+
+
+def test_every_plot_is_written_and_absent_data_is_noted(built):
+    path, out = built
+    for name in PLOTS:
+        for ext in ("png", "svg"):
+            assert (out / "plots" / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
+    assert not (out / "plots" / "path_length.png").exists()
+    md = (out / "report.md").read_text()
+    assert "Plot skipped (Maximum path length against n): no path-length records" in md
+    assert "## Table 1: maximum path length" in md and "*no path-length records*" in md
+    assert md.count("](plots/") == len(PLOTS) * 2  # each PNG and its SVG link
+    assert path.read_text().count('src="data:image/png;base64,') == len(PLOTS)
+
+
+def test_failures_are_listed_with_their_errors(built):
+    path, out = built
+    md = (out / "report.md").read_text()
+    failures = md.split("## Failed and unfinished jobs")[1].split("## Appendix")[0]
+    assert "2 jobs did not finish with status ok" in failures
+    assert "| &lt;script&gt;alert(1)&lt;/script&gt; | failed | ValueError: bad input &lt;img" in failures
+    assert "| interrupted | Interrupted: SIGTERM at step 50 |" in failures
+    page = path.read_text()
+    assert XSS_NAME not in page and html.escape(XSS_NAME) in page
+    assert "<img src=x" not in page and html.escape(XSS_ERROR) in page
+
+
+def test_device_and_budget_warnings(built):
+    path, out = built
+    md = (out / "report.md").read_text()
+    device = ("WARNING: task multi30k: runs on different devices are compared side by side "
+              "(NVIDIA H100 80GB HBM3 | x86_64)")
+    budget = "WARNING: task wikitext2: runs on different training budgets are compared side by side"
+    assert device in md and budget in md
+    assert "task multi30k: runs on different training budgets" not in md
+    assert "task wikitext2: runs on different devices" not in md
+    fair = md.split("## Fair comparison")[1].split("## Results")[0]
+    assert "| multi30k | device | NVIDIA H100 80GB HBM3 (1); x86_64 (6) |" in fair
+    assert "| wikitext2 | trainer.max_steps | 100 (2); 200 (1) |" in fair
+    assert 'class="warning">WARNING: task multi30k' in path.read_text()
+
+
+def test_reference_rows_stand_apart_from_measured_ones(built):
+    path, out = built
+    md = (out / "report.md").read_text()
+    t2 = md.split("## Table 2")[1].split("## Table 1")[0]
+    measured, ref = t2.split("Reference values, not measured here")
+    assert "Transformer (base)" not in measured and "multi30k" in measured
+    assert "| Transformer (base) | 27.3 | 3.3e+18 |" in ref and "| ByteNet | 23.75 | – |" in ref
+    assert reference.CITATION.split(",")[0] in ref
+    assert '<table class="reference">' in path.read_text()
+
+
+def test_appendix_traces_every_run(built):
+    _, out = built
+    appendix = (out / "report.md").read_text().split("## Appendix")[1]
+    assert appendix.count("0123456789ab") == 12 and appendix.count("record.json |") == 12
+    assert "nrefs:1|case:mixed" not in appendix  # pipes in signatures are escaped in tables
+    assert "nrefs:1\\|case:mixed\\|eff:no\\|tok:13a" in appendix
+    assert "| torch | 2.13.0 (12) |" in appendix
+
+
+def test_palette_is_fixed_per_architecture():
+    assert plots.colour("transformer") == plots.PALETTE["transformer"]
+    assert len(set(plots.PALETTE.values())) == 5
+    assert plots.colour("mamba") == plots.colour("mamba") and plots.colour("mamba") in plots.FALLBACK
+
+
+def test_pareto_front():
+    d = pd.DataFrame({"cost": [1, 2, 3, 4], "q": [10, 9, 12, 11]})
+    assert plots.front_of(d, "cost", "q", True)["cost"].tolist() == [1, 3]
+    assert plots.front_of(d, "cost", "q", False)["cost"].tolist() == [1, 2]
+
+
+def test_path_length_section_renders_when_present(tmp_path, capsys):
+    pl = {"n": [4, 16, 64], "max_path_length": [1, 1, 1], "layer_type": "self-attention"}
+    rnn = {"n": [4, 16, 64], "max_path_length": [4, 16, 64], "layer_type": "recurrent"}
+    recs = [record("transformer", "multi30k", 1, scores=(20.0, 50.0), path_length=pl),
+            record("lstm", "multi30k", 1, scores=(10.0, 40.0), path_length=rnn)]
+    root = write_records(tmp_path / "sweep", recs)
+    assert cli([str(root), "--out", str(tmp_path / "out")]) == 0
+    assert "report.html" in capsys.readouterr().out
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| lstm-tiny | recurrent | 4 | 16 | 64 |" in md and "| transformer-tiny | self-attention | 1 | 1 | 1 |" in md
+    assert (tmp_path / "out" / "plots" / "path_length.svg").exists()
+    assert "Plot skipped (Quality by source-length bucket)" in md
+
+
+def test_callback_builds_the_sweep_report(tmp_path, capsys):
+    sweep = write_records(tmp_path / "sweep", [record("transformer", "multi30k", 1, scores=(20.0, 50.0))])
+    BuildReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert (sweep / "report" / "report.html").exists()
+    assert f"report: {sweep / 'report' / 'report.html'}" in capsys.readouterr().out
+
+
+def test_empty_folder_gives_a_report_that_says_so(tmp_path):
+    path = reports.build([tmp_path], tmp_path / "out")
+    assert "No result records" in path.read_text()
+
+
+def test_no_finished_run_still_gives_a_report(tmp_path):
+    """Only a running job and an unreadable record: every section says what is missing."""
+    running = record("gru", "multi30k", 1, status="running")
+    root = write_records(tmp_path / "sweep", [running])
+    (root / "broken").mkdir()
+    (root / "broken" / "record.json").write_text("{oops")
+    md = reports.build([root], tmp_path / "out").with_suffix(".md").read_text()
+    assert "| gru-tiny_multi30k_s1 | running |" in md and "| broken | unreadable | JSONDecodeError" in md
+    assert "*no finished translation runs*" in md and md.count("Plot skipped") == len(PLOTS) + 1
+
+
+# --- the HTML in a real headless browser ---------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0"]
+# a probe, added to a copy of the page: records alert() calls, script errors and the state of every image
+PROBE_HEAD = ("<script>window.__alerts = []; window.__errors = [];"
+              "window.alert = m => window.__alerts.push(String(m));"
+              "window.addEventListener('error', e => window.__errors.push(String(e.message || e.target.src)), true);"
+              "</script>")
+PROBE_BODY = """<script>window.addEventListener('load', () => {
+  const imgs = Array.from(document.images).map(i => ({ok: i.complete && i.naturalWidth > 0, w: i.naturalWidth}));
+  const probe = {title: document.title, alerts: window.__alerts, errors: window.__errors, images: imgs,
+                 scripts: document.scripts.length, text: document.body.innerText.includes(%s)};
+  const pre = document.createElement('pre'); pre.id = 'probe'; pre.textContent = JSON.stringify(probe);
+  document.body.appendChild(pre);
+});</script>""" % json.dumps(XSS_NAME).replace("</", "<\\/")  # '</script>' would end the probe itself
+
+
+def chromium(page, tmp_path, *args):
+    cmd = ["nice", "-n", "19", CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args, page.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium; .ci/run does)")
+def test_html_renders_in_a_headless_browser(built, tmp_path):
+    path, _ = built
+    alone = tmp_path / "alone"  # the page on its own: nothing may load from beside it
+    alone.mkdir()
+    page = alone / "report.html"
+    shutil.copy(path, page)
+    shot = tmp_path / "screenshot.png"
+    run = chromium(page, tmp_path, f"--screenshot={shot}", "--window-size=1200,2000", "--virtual-time-budget=5000")
+    assert shot.exists() and shot.stat().st_size > 10_000, run.stderr[-2000:]
+    # the page runs no script and loads nothing: any console line is a CSP violation or an error
+    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+    assert not console, console
+
+    # a copy with a probe and without the CSP, so only the escaping stops the run named like a script
+    source = page.read_text()
+    probed = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", source)
+    assert probed != source
+    probed = probed.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_BODY + "</body>", 1)
+    probe_page = alone / "probe.html"
+    probe_page.write_text(probed, encoding="utf-8")
+    run = chromium(probe_page, tmp_path, "--dump-dom", "--virtual-time-budget=5000")
+    found = re.search(r'<pre id="probe">(.*?)</pre>', run.stdout, re.S)
+    assert found, run.stderr[-2000:]
+    probe = json.loads(html.unescape(found.group(1)))
+    assert probe["title"] == TITLE and probe["alerts"] == [] and probe["errors"] == []
+    assert probe["scripts"] == 2, "only the probe's own scripts may exist in the DOM"
+    assert probe["text"], "the run named like a script must show as text"
+    assert len(probe["images"]) == len(PLOTS) and all(i["ok"] and i["w"] > 100 for i in probe["images"])
+    assert [line for line in run.stderr.splitlines() if ":CONSOLE" in line] == []
