@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -45,15 +46,28 @@ def load(path: Path, identity: dict) -> dict:
     Raises:
         CheckpointError: truncated/corrupt file, unsafe pickle, or a different model.
     """
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: no evaluation saved it (best.pt is written at each "
+                              "evaluation that improves the validation loss); train first, or use eval.checkpoint=last")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or unsafe files
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(err).__name__}: {str(err)[:300]}. "
-                              "Delete it to start over, or point at another checkpoint.") from err
+        text = str(err)
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            # torch's own text suggests weights_only=False, which would run the code: quote only what it refused
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            what = ("holds objects that are not plain tensors/containers (refused: loading it could run code; "
+                    f"it asks for {found.group(1) if found else 'a global that is not allowed'})")
+        else:
+            what = f"is truncated or corrupt ({type(err).__name__}: {text[:200]})"
+        raise CheckpointError(f"cannot load checkpoint {path}: it {what}. Delete it to start over (a resumed run "
+                              "then restarts from step 0), or point at another checkpoint.") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a seqbench checkpoint (format {FORMAT})")
-    if ckpt["identity"] != identity:
-        diff = {k: (ckpt["identity"].get(k), v) for k, v in identity.items() if ckpt["identity"].get(k) != v}
+        raise CheckpointError(f"{path} is not a seqbench checkpoint (format {FORMAT}); delete it or use a fresh "
+                              "output directory")
+    saved = ckpt.get("identity") or {}
+    if saved != identity:
+        diff = {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
         raise CheckpointError(f"checkpoint {path} was made for another model or data: (saved, now) = {diff}. "
                               "Use a fresh output directory for a different model, task or vocabulary.")
     return ckpt

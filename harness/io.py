@@ -28,6 +28,19 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
+def remove_stale_temps(folder: Path, pattern: str = ".*.tmp") -> list[Path]:
+    """Delete temporary files a killed writer left in ``folder`` (SIGKILL skips the cleanup above).
+
+    They are never read (the target name is only ever replaced whole), so this only frees space.
+    Call it only where no other process is writing, e.g. in a job's own output folder at its start.
+    """
+    removed = []
+    for p in Path(folder).glob(pattern):
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 def write_json(path: Path, obj: Any) -> None:
     _atomic(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=False, default=str).encode()))
 

@@ -38,21 +38,54 @@ def job_name(cfg: DictConfig) -> str:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (SLURM time limit, preemption): the loop saves and stops at the next step."""
+    """Set by SIGTERM/SIGUSR1 (SLURM time limit, preemption, ``scontrol requeue``): the loop saves and stops at the next step.
+
+    Inside a submitit job on SLURM it also takes submitit's timeout signal (USR2, ``$SUBMITIT_PREEMPT_SIGNAL``),
+    whose handler would otherwise requeue the job mid-step without saving; that handler is kept and run by
+    :meth:`hand_over` once ``last.pt`` is saved.
+    """
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self._chained = {}  # signal -> submitit's handler, run after the checkpoint is saved
+        self._requeue_on = None
+        submitit_sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+        for sig in dict.fromkeys(s for s in (signal.SIGTERM, signal.SIGUSR1, submitit_sig) if s is not None):
+            previous = signal.getsignal(sig)
+            if isinstance(getattr(previous, "__self__", None), StopFlag):  # the flag of an earlier job
+                previous = previous.__self__._chained.get(sig)
+            chain = sig == submitit_sig and callable(previous)
+            if sig not in (signal.SIGTERM, signal.SIGUSR1) and not chain:
+                continue  # submitit's signal outside a submitit job: left alone
             try:
                 signal.signal(sig, self.set)
             except ValueError:  # not the main thread
-                pass
+                continue
+            if chain:
+                self._chained[sig] = previous
 
     def set(self, signum, frame):
         self.signal = signum
+        if signum in self._chained:
+            self._requeue_on = signum
 
     def __call__(self) -> bool:
         return self.signal is not None
+
+    def hand_over(self) -> None:
+        """After a stop on a signal, with ``last.pt`` saved and the record written: leave the rest to the requeued job.
+
+        Only inside a submitit job on SLURM (else it returns). On submitit's signal its handler resubmits the
+        same job and requeues it (``scontrol requeue``) and exits. On SIGTERM SLURM has already requeued the job
+        (``scontrol requeue``, preemption) or cancelled it, so the process exits without a result, and the
+        launcher waits for the requeued run, which resumes from ``last.pt``.
+        """
+        if self.signal is None or os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not os.environ.get("SLURM_JOB_ID"):
+            return
+        if self._requeue_on is not None:
+            self._chained[self._requeue_on](self._requeue_on, None)  # submitit: checkpoint, requeue, sys.exit
+        raise SystemExit(f"stopped by {signal.Signals(self.signal).name} with last.pt saved; "
+                         f"SLURM job {_slurm_id()} resumes from it if requeued")
 
 
 def evaluate(model, task, cfg: DictConfig, device) -> tuple[dict, dict]:
@@ -67,6 +100,16 @@ def evaluate(model, task, cfg: DictConfig, device) -> tuple[dict, dict]:
     return metrics, outputs
 
 
+def check_eval_settings(cfg: DictConfig) -> None:
+    if cfg.eval.checkpoint not in ("best", "last"):
+        raise ValueError(f"eval.checkpoint={cfg.eval.checkpoint!r}; valid: best, last")
+    bad = [s for s in cfg.eval.splits if s not in ("train", "valid", "test")]
+    if bad:
+        raise ValueError(f"eval.splits has {bad}; valid splits: train, valid, test")
+    if cfg.eval.decoding.beam < 1:
+        raise ValueError(f"eval.decoding.beam={cfg.eval.decoding.beam}; it must be >= 1 (1 = greedy)")
+
+
 def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise_errors: bool = True) -> dict:
     """Train and evaluate one model on one task; the record is written to ``out_dir/record.json``.
 
@@ -76,13 +119,14 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / record.RECORD_NAME
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     name = job_name(cfg)
-    rec = {"status": "running", "error": None, "seed": cfg.seed, "config": resolved,
+    rec = {"status": "running", "error": None, "seed": cfg.seed, "config": OmegaConf.to_container(cfg),
            "job": {"name": name, "sweep": sweep or cfg.get("sweep_name"), "output_dir": str(out_dir),
                    "started": record.now(), "finished": None, "slurm_job_id": _slurm_id()}}
-    tracker = None
+    tracker = stop = None
     try:
+        rec["config"] = resolved = OmegaConf.to_container(cfg, resolve=True)
+        check_eval_settings(cfg)  # before training, so a typo never costs a run
         device = pick_device(cfg.device)
         rec["environment"] = record.environment(device)
         record.write(path, rec)
@@ -98,16 +142,14 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
                         "paper": cfg.model.get("paper"), "parameters": models.count_parameters(model)}
         identity = {"model": model_cfg, "task": rec["task"]["name"], "vocab": _vocab(task)}
         tracker = make_tracker(OmegaConf.to_container(cfg.logger), name=name, group=rec["job"]["sweep"],
-                               config=resolved, out_dir=str(out_dir))
+                               config=record.scrub(resolved), out_dir=str(out_dir))
+        stop = StopFlag()
         trainer = Trainer(model, task, train_cfg, out_dir, device, seed=cfg.seed, identity=identity,
-                          tracker=tracker, decoding=OmegaConf.to_container(cfg.eval.decoding), should_stop=StopFlag())
+                          tracker=tracker, decoding=OmegaConf.to_container(cfg.eval.decoding), should_stop=stop)
         first = task.batches("train", train_cfg.max_tokens, epoch=0, shuffle=True, seed=cfg.seed)[0].to(device)
         flops_per_token = train_flops_per_token(model, first)
         progress = trainer.fit()
-        which = cfg.eval.checkpoint
-        if which not in ("best", "last"):
-            raise ValueError(f"eval.checkpoint={which!r}; valid: best, last")
-        model.load_state_dict(checkpoint.load(out_dir / f"{which}.pt", identity)["model"])
+        model.load_state_dict(checkpoint.load(out_dir / f"{cfg.eval.checkpoint}.pt", identity)["model"])
         metrics, outputs = evaluate(model, task, cfg, device)
         for split, hyps in outputs.items():
             (out_dir / f"{split}.hyp").write_text("\n".join(hyps) + "\n", encoding="utf-8")
@@ -115,7 +157,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
                    skipped_steps=progress.skipped_steps,
                    curves={"train": progress.log, "valid": progress.evals},
                    costs=_costs(progress, metrics, flops_per_token, device))
-        tracker.summary({"record": rec})
+        tracker.summary({"record": record.scrub(rec)})
     except (Interrupted, KeyboardInterrupt) as err:
         rec.update(status="interrupted", error=f"{type(err).__name__}: {err}")
         raise
@@ -127,8 +169,11 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
     finally:
         rec["job"]["finished"] = record.now()
         record.write(path, rec)
+        record.scrub_files(out_dir)  # Hydra's copies of the config (.hydra/*.yaml) and the logs
         if tracker is not None:
             tracker.finish(exit_code=0 if rec["status"] == "ok" else 1)
+        if rec["status"] == "interrupted" and stop is not None:
+            stop.hand_over()  # under SLURM: requeue, or exit leaving no result, so the requeued job finishes it
     _print_summary(rec)
     return rec
 

@@ -23,8 +23,9 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+import yaml
 
-from .io import write_json
+from .io import _atomic, write_json
 
 SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
@@ -82,9 +83,18 @@ def peak_memory_bytes(device: torch.device) -> dict:
             "peak_memory_kind": "process_max_rss"}
 
 
+def _is_secret_name(name: str) -> bool:
+    return any(m in str(name).upper() for m in SECRET_MARKERS)
+
+
+def env_secrets() -> set[str]:
+    """Values of environment variables whose names mark a secret (8 characters or more)."""
+    return {v for k, v in os.environ.items() if _is_secret_name(k) and len(v) >= 8}
+
+
 def scrub(obj):
     """Drop values whose key names a secret, and any value equal to a secret in the environment."""
-    secrets = {v for k, v in os.environ.items() if any(m in k.upper() for m in SECRET_MARKERS) and len(v) >= 8}
+    secrets = env_secrets()
     def walk(x, key=""):
         if isinstance(x, dict):
             return {k: ("<redacted>" if any(m in str(k).upper() for m in SECRET_MARKERS) and isinstance(v, str)
@@ -96,6 +106,85 @@ def scrub(obj):
                 x = x.replace(s, "<redacted>")
         return x
     return walk(obj)
+
+
+SCRUB_SUFFIXES = (".yaml", ".yml", ".log", ".json", ".txt")
+
+
+def _secret_values(text: str) -> set[str]:
+    """String values given to secret-named keys in a YAML dump, or in ``key=value`` override strings in it.
+
+    The rule is :func:`scrub`'s: a string under a key naming a secret (numbers such as max_tokens stay).
+    """
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return set()
+    found = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if _is_secret_name(k) and isinstance(v, str):
+                    found.add(v)
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str) and "=" in x:  # an override: [+|++|~]key.path=value
+            key, value = x.split("=", 1)
+            if _is_secret_name(key.lstrip("+~").rsplit(".", 1)[-1]):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    pass
+                if isinstance(value, str):
+                    found.add(value)
+    walk(doc)
+    return {v for v in found if len(v) >= 4 and v not in ("???", "<redacted>")}
+
+
+def scrub_files(folder: str | os.PathLike, extra: tuple[str, ...] = (), max_bytes: int = 50 << 20) -> list[Path]:
+    """Redact secrets from the text files a job leaves in its output folder; returns the files changed.
+
+    Hydra writes the command-line overrides and the composed config into ``.hydra/overrides.yaml``,
+    ``.hydra/config.yaml`` and ``.hydra/hydra.yaml`` (and a sweep's ``multirun.yaml``) before the job
+    runs, so a key passed as ``+logger.api_key=...`` lands there verbatim. This replaces, in every
+    ``.yaml/.yml/.log/.json/.txt`` file under ``folder`` (recursively; checkpoints are left alone),
+    each secret-looking value: values of environment variables named like a secret, values given to
+    secret-named keys (``*key*``, ``*token*``, ``*secret*``, ``*password*``) in any of those files,
+    and ``extra``. YAML files are replaced atomically; logs are rewritten in place (a logging
+    handler may still hold them open in append mode).
+    """
+    files = [p for p in Path(folder).rglob("*") if p.suffix in SCRUB_SUFFIXES and p.is_file()
+             and p.stat().st_size <= max_bytes]
+    texts = {}
+    for p in files:
+        try:
+            texts[p] = p.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError:
+            continue
+    secrets = env_secrets() | set(extra)
+    for p, text in texts.items():
+        if p.suffix in (".yaml", ".yml"):
+            secrets |= _secret_values(text)
+    secrets = sorted((s for s in secrets if s), key=len, reverse=True)  # longest first: no partial leftovers
+    changed = []
+    for p, text in texts.items():
+        new = text
+        for s in secrets:
+            new = new.replace(s, "<redacted>")
+        if new == text:
+            continue
+        data = new.encode("utf-8", errors="surrogateescape")
+        if p.suffix == ".log":
+            with open(p, "r+b") as f:
+                f.write(data)
+                f.truncate()
+        else:
+            _atomic(p, lambda f, data=data: f.write(data))
+        changed.append(p)
+    return changed
 
 
 def write(path: Path, record: dict) -> None:

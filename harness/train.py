@@ -10,14 +10,17 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import models
+
 from . import checkpoint
+from .io import remove_stale_temps
 from .evaluate import evaluate_translation, mean_nll, sync
 
 log = logging.getLogger("seqbench.train")
@@ -56,9 +59,24 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
 
+    def __new__(cls, *args, **kwargs):
+        unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown trainer settings {unknown}; valid: {', '.join(f.name for f in fields(cls))}")
+        return super().__new__(cls)
+
     def __post_init__(self):
         if not (self.max_steps or self.max_epochs or self.max_seconds):
             raise ValueError("no training budget: set trainer.max_steps, trainer.max_epochs or trainer.max_seconds")
+        for key in ("max_steps", "max_epochs", "max_seconds"):
+            if getattr(self, key) is not None and getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key}={getattr(self, key)} is negative; set a positive budget or null")
+        for key in ("max_tokens", "eval_every", "log_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"trainer.{key}={getattr(self, key)!r} must be a positive integer "
+                                 f"(max_tokens: the batch budget in tokens; eval_every/log_every: steps)")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"trainer.precision={self.precision!r}; valid: auto, fp32, bf16, fp16")
         if self.schedule not in ("inverse_sqrt", "constant", "cosine"):
             raise ValueError(f"trainer.schedule={self.schedule!r}; valid: inverse_sqrt, constant, cosine")
         if self.schedule == "cosine" and not self.max_steps:
@@ -114,6 +132,7 @@ class Trainer:
 
     def __init__(self, model, task, cfg: TrainConfig, out_dir: Path, device: torch.device, *, seed: int,
                  identity: dict, tracker=None, decoding: dict | None = None, should_stop=lambda: False):
+        models.check_form(model, task)
         self.model, self.task, self.cfg, self.device = model.to(device), task, cfg, device
         self.out_dir, self.seed, self.identity = Path(out_dir), seed, identity
         self.tracker, self.decoding, self.should_stop = tracker, dict(decoding or {}), should_stop
@@ -132,6 +151,8 @@ class Trainer:
                         progress=self.p.__dict__, identity=self.identity)
 
     def maybe_resume(self) -> None:
+        for stale in remove_stale_temps(self.out_dir, ".*.pt.*.tmp"):  # a checkpoint write cut by SIGKILL
+            log.warning("removed %s, left by an interrupted checkpoint write", stale)
         path = self.out_dir / "last.pt"
         if not (self.cfg.resume and path.is_file()):
             return
@@ -169,9 +190,11 @@ class Trainer:
             self.scaler.update()
         else:
             self.p.skipped_steps.append(self.p.step + 1)
+            log.warning("non-finite loss %s at step %d: update skipped (trainer.on_nonfinite=skip)",
+                        loss.item(), self.p.step + 1)
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
-        return loss.detach()
+        return loss.detach() if finite else None
 
     # -- evaluation during training ----------------------------------------------------------
     def validate(self) -> dict:
@@ -187,6 +210,10 @@ class Trainer:
 
     def evaluate_and_save(self) -> None:
         row = self.validate()
+        if not math.isfinite(row["valid_nll"]):
+            raise NonFiniteLoss(f"validation loss is {row['valid_nll']} at step {self.p.step}: the model's weights or "
+                                "outputs are not finite; lower trainer.lr or set trainer.clip_norm (last.pt is "
+                                "the previous evaluation's)")
         self.p.evals.append(row)
         log.info("eval %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
         if self.tracker:
@@ -237,8 +264,9 @@ class Trainer:
                     start = time.perf_counter()
                     loss = self.train_step(batch)
                     p.step, p.batch_in_epoch, p.tokens = p.step + 1, p.batch_in_epoch + 1, p.tokens + batch.n_tokens
-                    window[0] += loss
-                    window[1] += batch.n_tokens
+                    if loss is not None:  # None: a skipped non-finite step, kept out of the logged loss
+                        window[0] += loss
+                        window[1] += batch.n_tokens
                     if p.step % cfg.log_every == 0 or not self.budget_left(len(batches)):
                         sync(self.device)
                     elapsed = time.perf_counter() - start
@@ -250,7 +278,8 @@ class Trainer:
                         if not math.isfinite(total) and cfg.on_nonfinite == "fail":
                             raise NonFiniteLoss(f"training loss is {total} at step {p.step} (window ending here); "
                                                 "lower trainer.lr, set trainer.clip_norm, or trainer.on_nonfinite=skip")
-                        self.log(total, window[1], window[2], bar)
+                        if window[1]:  # a window of skipped steps only logs no loss
+                            self.log(total, window[1], window[2], bar)
                         window = [torch.zeros((), device=self.device), 0, 0.0]
                     if p.step % cfg.eval_every == 0:
                         self.evaluate_and_save()

@@ -1,6 +1,7 @@
 """Model registry: one entry per architecture, each with a seq2seq and a language-model form."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,8 +46,31 @@ def build(cfg: Mapping[str, Any], task) -> nn.Module:
     if unknown:
         raise TypeError(f"{cls.__name__} does not take {unknown}; valid hyperparameters: {', '.join(valid)}")
     if task.family == "translation":
+        limit = hparams.get("max_positions", valid_default(cls, "max_positions"))
+        for split, longest in (getattr(task, "longest", None) or {}).items():
+            if limit is not None and longest > limit:
+                fix = f"or lower task.max_len below {limit}" if split == "train" else "(valid/test are never filtered)"
+                raise ValueError(f"{cls.__name__} has max_positions={limit} learned positions, but the {split} split "
+                                 f"holds a sequence of {longest} positions (tokens + BOS/EOS); raise "
+                                 f"model.max_positions {fix}")
         return cls(task.src_vocab_size, task.tgt_vocab_size, PAD, **hparams)
     return cls(task.vocab_size, **hparams)
+
+
+def valid_default(cls, name: str):
+    """Default of keyword ``name`` of ``cls``'s constructor, or None if it has none."""
+    param = inspect.signature(cls.__init__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def check_form(model: nn.Module, task) -> None:
+    """Fail clearly when a model's form does not fit the task (an LM given translation pairs, or the reverse)."""
+    form = getattr(model, "form", None)
+    needs = {"translation": "seq2seq", "lm": "lm"}.get(task.family)
+    if form != needs:
+        raise TypeError(f"{type(model).__name__} is a {form!r} model but task {task.name!r} is a {task.family} task "
+                        f"that needs the {needs!r} form; build the model with models.build(cfg, task), which picks "
+                        "the form from the task's family")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Dropout, LanguageModel, Seq2Seq, causal_conv_pad, padding_mask
+from .common import Dropout, LanguageModel, Seq2Seq, causal_conv_pad, check_odd_kernel, padding_mask
 
 
 class ResidualBlock(nn.Module):
@@ -89,6 +89,7 @@ class ByteNet(Seq2Seq):
                  share_embeddings: bool = True, tie_output: bool = True, unfold_a: float = 1.2,
                  unfold_b: float = 0.0):
         super().__init__()
+        check_odd_kernel(kernel_size, "ByteNet")
         args = (n_layers, d_model, kernel_size, list(dilations), dropout)
         self.pad_id, self.unfold_a, self.unfold_b = pad_id, unfold_a, unfold_b
         self.src_embed = Embedding(src_vocab, d_model, dropout, pad_id)

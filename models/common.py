@@ -71,6 +71,14 @@ class LanguageModel(nn.Module):
     def mixing_blocks(self) -> list[nn.Module]:
         raise NotImplementedError
 
+    def encode(self, *args, **kwargs):
+        """A language model cannot translate: no source to encode."""
+        raise TypeError(f"{type(self).__name__} is a language model and cannot translate (no encoder); a translation "
+                        "task needs the encoder-decoder form: build the model with models.build(cfg, task), which "
+                        "picks the form from the task's family")
+
+    decode_step = encode
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,T) -> logits (B,T,V)."""
         x = self.embed(tokens)
@@ -138,6 +146,13 @@ class LearnedPositions(nn.Module):
 def check_divisible(d_model: int, n_heads: int) -> None:
     if d_model % n_heads:
         raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; choose n_heads dividing d_model")
+
+
+def check_odd_kernel(kernel_size: int, model: str) -> None:
+    """A centred ('same') encoder convolution reads (k-1)/2 positions each side: k must be odd."""
+    if kernel_size % 2 == 0:
+        raise ValueError(f"{model}: kernel_size={kernel_size} is even, but the encoder's centred ('same') convolution "
+                         f"needs an odd kernel_size; use {kernel_size - 1} or {kernel_size + 1}")
 
 
 def accepted_kwargs(cls) -> list[str]:

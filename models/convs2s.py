@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Dropout, LanguageModel, LearnedPositions, Seq2Seq, padding_mask
+from .common import Dropout, LanguageModel, LearnedPositions, Seq2Seq, check_odd_kernel, padding_mask
 
 SQRT_HALF = math.sqrt(0.5)
 
@@ -211,6 +211,8 @@ class ConvS2S(Seq2Seq):
                  share_embeddings: bool = False, tie_output: bool = False, weight_norm: bool = True):
         super().__init__()
         spec = stack_spec(n_layers, kernel_size, channels or d_model, layers)
+        for _, k in spec:
+            check_odd_kernel(k, "ConvS2S")
         widths = [spec[0][0]] + [c for c, _ in spec]
         src_tok = token_embedding(src_vocab, d_model, pad_id)
         share = share_embeddings and src_vocab == tgt_vocab

@@ -94,11 +94,23 @@ class EncoderLayer(nn.Module):
         return self.r2(x, self.ff)
 
 
-class CausalLayer(nn.Module):
-    """Decoder layer; with ``cross=False`` it is the language-model block."""
+def window_mask(T: int, window: int, device=None) -> torch.Tensor:
+    """(T,T) bool, True where query i may attend key j: j in [i - window, i] (restricted self-attention)."""
+    offset = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]  # i - j
+    return (offset >= 0) & (offset <= window)
 
-    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm, cross=True):
+
+class CausalLayer(nn.Module):
+    """Decoder layer; with ``cross=False`` it is the language-model block.
+
+    ``window=r`` restricts self-attention to the r previous positions (and the own one), the
+    restricted self-attention of section 4 of the paper; None attends to the whole prefix.
+    """
+
+    def __init__(self, d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm, cross=True,
+                 window: int | None = None):
         super().__init__()
+        self.window = window
         self.self_attn = MultiHeadAttention(d_model, n_heads, attn_dropout)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, attn_dropout, cross=True) if cross else None
         self.ff = FeedForward(d_model, d_ff, act_dropout)
@@ -107,8 +119,13 @@ class CausalLayer(nn.Module):
     def cross(self, y, k, v, mask):
         return self.cross_attn.attend(self.cross_attn.split(self.cross_attn.q(y)), k, v, mask)
 
+    def causal_self_attn(self, y):
+        if self.window is None:
+            return self.self_attn(y, causal=True)
+        return self.self_attn(y, mask=window_mask(y.size(1), self.window, y.device))
+
     def forward(self, x, memory=None, mem_mask=None):
-        x = self.r[0](x, lambda y: self.self_attn(y, causal=True))
+        x = self.r[0](x, self.causal_self_attn)
         if self.cross_attn is not None:
             k, v = self.cross_attn.project_kv(memory)
             x = self.r[1](x, lambda y: self.cross(y, k, v, mem_mask))
@@ -207,16 +224,19 @@ class TransformerSeq2Seq(Seq2Seq):
 
 
 class TransformerLM(LanguageModel):
-    """Decoder-only Transformer language model."""
+    """Decoder-only Transformer language model; ``attn_window=r`` gives restricted self-attention."""
 
     def __init__(self, vocab: int, *, d_model: int = 512, n_layers: int = 6, n_decoder_layers: int | None = None,
                  n_heads: int = 8, d_ff: int = 2048, dropout: float = 0.1, attn_dropout: float = 0.0,
                  act_dropout: float = 0.0, pre_norm: bool = False, share_embeddings: bool = True,
-                 tie_output: bool = True):
+                 tie_output: bool = True, attn_window: int | None = None):
         super().__init__()
+        if attn_window is not None and attn_window < 1:
+            raise ValueError(f"attn_window must be a positive number of previous positions or None; got {attn_window}")
         args = (d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm)
         self.tok_embed = Embedding(vocab, d_model, dropout, None)
-        self.blocks = nn.ModuleList(CausalLayer(*args, cross=False) for _ in range(n_decoder_layers or n_layers))
+        self.blocks = nn.ModuleList(CausalLayer(*args, cross=False, window=attn_window)
+                                    for _ in range(n_decoder_layers or n_layers))
         self.norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
         self.proj = nn.Linear(d_model, vocab, bias=False)
         init_linear(self.blocks)

@@ -25,6 +25,9 @@ class BuildReport(Callback):
         from . import build  # pandas/seaborn load only when the sweep ends
 
         sweep = Path(config.hydra.sweep.dir)
+        from harness.record import scrub_files
+
+        scrub_files(sweep)  # multirun.yaml holds the command-line overrides
         try:
             path = build([sweep], sweep / "report")
         except Exception:  # the records are safe; a report bug must not fail the finished sweep

@@ -107,7 +107,7 @@ def resolve(root: Path, rel: str, download: bool = True) -> Path:
             _download(remote, path)
         except OSError as err:
             raise _missing(path, rel, f"download from {remote.url} failed: {err}") from err
-    if not os.access(path, os.R_OK):
+    if not os.access(path, os.R_OK, effective_ids=os.access in os.supports_effective_ids):
         raise DataError(f"dataset file {path} is not readable; fix its permissions")
     if remote is not None and _verified_marker(path) != remote.sha256:
         digest = sha256(path)
@@ -128,9 +128,19 @@ def _verified_marker(path: Path) -> str | None:
     return _VERIFIED.get((str(path), st.st_mtime_ns, st.st_size))
 
 
+def require_path(path, task: str, files: str) -> None:
+    """``task.path`` is mandatory for the tasks that read your own files."""
+    if path in (None, "", "???"):
+        raise DataError(f"task {task} needs task.path: set task.path=/path/to/folder holding {files} "
+                        "(absolute, or relative to the data root)")
+
+
 def read_lines(path: Path) -> list[str]:
     """Lines of a UTF-8 text file, without line endings; a clear error on bad bytes."""
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not valid UTF-8 (byte {err.start}: {err.reason}); re-encode it as UTF-8") from err
+    except OSError as err:  # unreadable, a folder, vanished
+        raise DataError(f"cannot read dataset file {path}: {type(err).__name__}: {err.strerror or err}; "
+                        "fix its permissions or point the data root (data.root / task.path) elsewhere") from err

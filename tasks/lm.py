@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .batching import Batch, lm_batches
-from .data import DataError, read_lines, resolve
+from .data import DataError, read_lines, require_path, resolve
 
 SPLITS = ("train", "valid", "test")
 EOS_WORD, UNK_WORD = "<eos>", "<unk>"
@@ -83,5 +83,6 @@ def ptb(root: Path, cache_dir: Path = None, *, bptt: int = 128, download: bool =
 
 def text_files(root: Path, cache_dir: Path = None, *, path: str, bptt: int = 128, download: bool = False) -> LMTask:
     """Any folder with train.txt, valid.txt and test.txt (relative to the data root or absolute)."""
+    require_path(path, "text_files", "train.txt, valid.txt and test.txt")
     folder = (root / path).resolve()
     return _load(f"text_files:{path}", folder, {s: f"{s}.txt" for s in SPLITS}, False, bptt)

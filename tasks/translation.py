@@ -21,9 +21,10 @@ import sentencepiece as spm
 from models.common import BOS, EOS, PAD, UNK
 
 from .batching import Batch, token_budget_batches, translation_batch
-from .data import DataError, read_lines, resolve, sha256
+from .data import DataError, read_lines, require_path, resolve, sha256
 
 SPLITS = ("train", "valid", "test")
+EMPTY_SOURCE = np.array([UNK], dtype=np.int32)
 
 
 @dataclass
@@ -70,10 +71,10 @@ class Subwords:
                 )
                 (model_file.parent / f"{digest}.json").write_text(json.dumps(key, indent=1, sort_keys=True))
                 os.replace(Path(tmp) / "m.model", model_file)
-        except PermissionError as err:
+        except OSError as err:  # not writable, a path through a file, disk full, ...
             raise DataError(
-                f"cannot write the tokenizer cache under {cache_dir}: {err}. Point data.cache_dir at a writable "
-                "folder (or make the data root writable)."
+                f"cannot write the tokenizer cache under {cache_dir}: {type(err).__name__}: {err}. Point "
+                "data.cache_dir at a writable folder (or make the data root writable)."
             ) from err
         return cls(model_file)
 
@@ -94,6 +95,10 @@ class TranslationTask:
         self.train_keep = np.array([i for i, (a, b) in enumerate(lens) if 0 < a <= max_len and 0 < b <= max_len])
         if len(self.train_keep) == 0:
             raise DataError(f"task {name}: no training pair has 1..{max_len} tokens on both sides")
+        # positions a model needs per split (target + BOS/EOS); train counts the pairs kept
+        self.longest = {"train": max(max(lens[i][0], lens[i][1] + 1) for i in self.train_keep)}
+        for s in SPLITS[1:]:
+            self.longest[s] = max([max(len(a), len(b) + 1) for a, b in zip(self.src_ids[s], self.tgt_ids[s])] or [0])
 
     @property
     def src_vocab_size(self) -> int:
@@ -106,6 +111,7 @@ class TranslationTask:
     def describe(self) -> dict:
         return {"name": self.name, "family": self.family, "pair": f"{self.src_lang}-{self.tgt_lang}",
                 "sizes": {s: len(self.corpus.src[s]) for s in SPLITS}, "train_pairs_used": len(self.train_keep),
+                "train_pairs_dropped": len(self.corpus.src["train"]) - len(self.train_keep),  # empty or > max_len
                 "src_vocab": self.src_vocab_size, "tgt_vocab": self.tgt_vocab_size, "max_len": self.max_len}
 
     def examples(self, split: str) -> np.ndarray:
@@ -113,7 +119,8 @@ class TranslationTask:
 
     def batches(self, split: str, max_tokens: int, epoch: int = 0, shuffle: bool = False, seed: int = 0) -> list[Batch]:
         idx = self.examples(split)
-        src = [self.src_ids[split][i] for i in idx]
+        # an empty source line (kept in valid/test, never trained on) is read as one unknown token, as in decoding
+        src = [self.src_ids[split][i] if len(self.src_ids[split][i]) else EMPTY_SOURCE for i in idx]
         tgt = [self.tgt_ids[split][i] for i in idx]
         src_lens, tgt_lens = np.array([len(s) for s in src]), np.array([len(t) for t in tgt])
         groups = token_budget_batches(src_lens, tgt_lens, max_tokens, shuffle, seed, epoch)
@@ -187,6 +194,7 @@ def parallel_files(root: Path, cache_dir: Path, *, path: str, src_lang: str = "s
                    vocab_size: int = 8000, model_type: str = "bpe", joint_vocab: bool = True, max_len: int = 256,
                    download: bool = False):
     """Any folder with {train,valid,test}.{src_lang,tgt_lang} (relative to the data root or absolute)."""
+    require_path(path, "parallel_files", f"{{train,valid,test}}.{{{src_lang},{tgt_lang}}}")
     folder = (root / path).resolve()
     files = {s: (f"{s}.{src_lang}", f"{s}.{tgt_lang}") for s in SPLITS}
     corpus = load_parallel(folder, files, download=False)
