@@ -38,6 +38,7 @@ class Seq2Seq(nn.Module):
     """Base class of every encoder-decoder; see the module docstring."""
 
     form = "seq2seq"
+    max_target_positions: int | None = None  # a hard limit on decoding steps (learned positions), if any
 
     def forward(self, src: torch.Tensor, src_lengths: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

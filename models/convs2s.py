@@ -219,6 +219,7 @@ class ConvS2S(Seq2Seq):
         tgt_tok = src_tok if share else token_embedding(tgt_vocab, d_model, pad_id)
         self.src_embed = Embedding(src_tok, max_positions, dropout)
         self.tgt_embed = Embedding(tgt_tok, max_positions, dropout)
+        self.max_target_positions = max_positions
         self.enc_in = linear(d_model, widths[0], dropout, weight_norm)
         self.encoder = nn.ModuleList(EncoderLayer(widths[i], c, k, dropout, weight_norm)
                                      for i, (c, k) in enumerate(spec))

@@ -85,3 +85,14 @@ def test_beam_finds_at_least_the_greedy_score(arch):
                                      beam_search(model, src, lengths, limits, beam=4, lenpen=0.0))):
         if len(gh) < 30:  # greedy finished with EOS
             assert logprob(b, bh) >= logprob(b, gh) - 1e-6
+
+
+def test_decoding_never_runs_past_learned_positions():
+    """A long output limit (a*|s|+b) is capped at ConvS2S's max_positions instead of failing mid-evaluation."""
+    from harness.evaluate import translate
+
+    task = tasks.build({"name": "copy", "n_train": 10, "n_valid": 3, "n_test": 3, "min_len": 8, "max_len": 8})
+    torch.manual_seed(0)
+    model = models.build({**preset("convs2s_tiny"), "max_positions": 12}, task).eval()
+    hyps, _ = translate(model, task, "test", torch.device("cpu"), beam=2, max_len_a=5.0, max_len_b=10)
+    assert len(hyps) == 3 and all(len(h.split()) <= 12 for h in hyps)
