@@ -29,7 +29,7 @@ def build(cfg: Mapping[str, Any], data_cfg: Mapping[str, Any] | None = None):
 
     Args:
         cfg: the task config (``name`` plus the builder's keyword arguments).
-        data_cfg: ``root`` (overridden by $SEQBENCH_DATA_ROOT), ``cache_dir`` (default
+        data_cfg: ``root`` (default $SEQBENCH_DATA_ROOT, else ./data), ``cache_dir`` (default
             ``<root>/cache``) and ``download`` (fetch missing public files).
     """
     cfg, data_cfg = dict(cfg), dict(data_cfg or {})

@@ -1,7 +1,7 @@
 """Locating, downloading and verifying dataset files under the data root.
 
-The data root is ``data.root`` in the config, overridden by the environment
-variable ``SEQBENCH_DATA_ROOT``. Every public file has its sha256 here; a file
+The data root is ``data.root`` in the config, which defaults to the environment
+variable ``SEQBENCH_DATA_ROOT`` (else ``./data``). Every public file has its sha256 here; a file
 is verified before first use and a download is verified before it is moved
 into place, so a partial or tampered file is never read.
 """
@@ -54,8 +54,8 @@ KNOWN_FILES: dict[str, RemoteFile] = {
 
 
 def data_root(configured: str | os.PathLike | None) -> Path:
-    """The data root: ``$SEQBENCH_DATA_ROOT`` if set, else the configured path."""
-    return Path(os.environ.get(ENV_VAR) or configured or "data").expanduser().resolve()
+    """The data root: the configured path if given, else ``$SEQBENCH_DATA_ROOT``, else ``./data``."""
+    return Path(configured or os.environ.get(ENV_VAR) or "data").expanduser().resolve()
 
 
 def sha256(path: Path) -> str:
