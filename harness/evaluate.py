@@ -45,8 +45,9 @@ def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float =
         lengths = torch.tensor([len(s) for s in seqs], device=device)
         src = pad_stack(seqs).to(device)
         limits = max_lengths(lengths, max_len_a, max_len_b)
-        if model.max_target_positions:  # never decode past a model's learned positions
-            limits = [min(n, model.max_target_positions) for n in limits]
+        cap = getattr(model, "max_target_positions", None)
+        if cap:  # never decode past a model's learned positions
+            limits = [min(n, cap) for n in limits]
         if beam == 1:
             out = greedy(model, src, lengths, limits)
         else:
