@@ -172,22 +172,25 @@ def multi30k(root: Path, cache_dir: Path, *, src_lang: str = "en", tgt_lang: str
     if {src_lang, tgt_lang} != {"en", "de"}:
         raise ValueError(f"multi30k has en and de; got src_lang={src_lang!r}, tgt_lang={tgt_lang!r}")
     stems = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
-    files = {s: (f"multi30k/{stem}.{src_lang}", f"multi30k/{stem}.{tgt_lang}") for s, stem in stems.items()}
-    corpus = load_parallel(root, files, download)
-    paths = [root / f for f in files["train"]]
-    return build_translation("multi30k", corpus, paths, cache_dir, src_lang, tgt_lang, vocab_size, model_type,
-                             joint_vocab, max_len)
+    return _from_folder("multi30k", root, cache_dir, "multi30k", stems, src_lang, tgt_lang, vocab_size, model_type,
+                        joint_vocab, max_len, download)
 
 
 def wmt14_en_de(root: Path, cache_dir: Path, *, src_lang: str = "en", tgt_lang: str = "de", vocab_size: int = 37000,
                 model_type: str = "bpe", joint_vocab: bool = True, max_len: int = 256, download: bool = True):
     """WMT14 En-De: your training files, newstest2013 valid, newstest2014 (full, 3003) test."""
     stems = {"train": "train", "valid": "newstest2013", "test": "newstest2014"}
-    files = {s: (f"wmt14-en-de/{stem}.{src_lang}", f"wmt14-en-de/{stem}.{tgt_lang}") for s, stem in stems.items()}
+    return _from_folder("wmt14_en_de", root, cache_dir, "wmt14-en-de", stems, src_lang, tgt_lang, vocab_size,
+                        model_type, joint_vocab, max_len, download)
+
+
+def _from_folder(name, root, cache_dir, folder, stems, src_lang, tgt_lang, vocab_size, model_type, joint_vocab,
+                 max_len, download):
+    """A published corpus: ``<root>/<folder>/<stem>.<lang>`` per split."""
+    files = {s: (f"{folder}/{stem}.{src_lang}", f"{folder}/{stem}.{tgt_lang}") for s, stem in stems.items()}
     corpus = load_parallel(root, files, download)
-    paths = [root / f for f in files["train"]]
-    return build_translation("wmt14_en_de", corpus, paths, cache_dir, src_lang, tgt_lang, vocab_size, model_type,
-                             joint_vocab, max_len)
+    return build_translation(name, corpus, [root / f for f in files["train"]], cache_dir, src_lang, tgt_lang,
+                             vocab_size, model_type, joint_vocab, max_len)
 
 
 def parallel_files(root: Path, cache_dir: Path, *, path: str, src_lang: str = "src", tgt_lang: str = "tgt",
