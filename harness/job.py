@@ -94,7 +94,7 @@ def evaluate(model, task, cfg: DictConfig, device) -> tuple[dict, dict]:
     for split in cfg.eval.splits:
         if task.family == "translation":
             metrics[split], outputs[split] = evaluate_translation(
-                model, task, split, device, OmegaConf.to_container(cfg.eval.decoding))
+                model, task, split, device, OmegaConf.to_container(cfg.eval.decoding, resolve=True))
         else:
             metrics[split] = evaluate_lm(model, task, split, device, cfg.trainer.max_tokens)
     return metrics, outputs
@@ -134,18 +134,18 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
             torch.set_num_threads(int(cfg.trainer.threads))
         random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
         train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
-        task = tasks.build(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data))
+        task = tasks.build(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
         rec["task"] = task.describe()
         model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
         model = models.build(model_cfg, task)
         rec["model"] = {"name": cfg.model.name, "preset": cfg.model.get("preset"), "form": model.form,
                         "paper": cfg.model.get("paper"), "parameters": models.count_parameters(model)}
         identity = {"model": model_cfg, "task": rec["task"]["name"], "vocab": _vocab(task)}
-        tracker = make_tracker(OmegaConf.to_container(cfg.logger), name=name, group=rec["job"]["sweep"],
+        tracker = make_tracker(OmegaConf.to_container(cfg.logger, resolve=True), name=name, group=rec["job"]["sweep"],
                                config=record.scrub(resolved), out_dir=str(out_dir))
         stop = StopFlag()
         trainer = Trainer(model, task, train_cfg, out_dir, device, seed=cfg.seed, identity=identity,
-                          tracker=tracker, decoding=OmegaConf.to_container(cfg.eval.decoding), should_stop=stop)
+                          tracker=tracker, decoding=OmegaConf.to_container(cfg.eval.decoding, resolve=True), should_stop=stop)
         first = task.batches("train", train_cfg.max_tokens, epoch=0, shuffle=True, seed=cfg.seed)[0].to(device)
         flops_per_token = train_flops_per_token(model, first)
         progress = trainer.fit()

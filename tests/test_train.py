@@ -87,11 +87,14 @@ def test_every_model_runs_end_to_end(make_cfg, tmp_path, arch, task):
 
 
 def test_run_py_command_line(tmp_path, data_root):
+    """The command line as users type it: the data root comes from $SEQBENCH_DATA_ROOT (no data.root given)."""
     env = {**os.environ, "SEQBENCH_DATA_ROOT": str(data_root)}
     out = subprocess.run(
-        [sys.executable, "run.py", "model=lstm_tiny", "task=copy", "task.n_train=100", "task.n_valid=4",
-         "task.n_test=4", "trainer=smoke", "device=cpu", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "run.py", "model=lstm_tiny", "task=ptb", "task.bptt=16", "trainer=smoke",
+         "trainer.max_steps=2", "data.download=false", "device=cpu", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "[seqbench] lstm-tiny_copy_s1: ok | test BLEU" in out.stdout
-    assert json.loads((tmp_path / "record.json").read_text())["status"] == "ok"
+    assert "[seqbench] lstm-tiny_ptb_s1: ok | test ppl" in out.stdout
+    rec = json.loads((tmp_path / "record.json").read_text())
+    assert rec["status"] == "ok"
+    assert rec["task"]["name"] == "ptb"
