@@ -30,13 +30,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: Path, *, model, optimizer, scheduler, progress: dict, identity: dict) -> None:
-    """Atomically write model/optimizer/scheduler/RNG state and the loop position."""
+def save(path: Path, *, model, optimizer, scheduler, progress: dict, identity: dict,
+         rng_ranks: list[dict] | None = None) -> None:
+    """Atomically write model/optimizer/scheduler/RNG state and the loop position.
+
+    ``rng_ranks``: every process's RNG state in a data-parallel job (rank order), so each resumes its own.
+    """
     save_torch(path, {
         "format": FORMAT, "identity": identity, "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": rng_state(), "progress": progress,
+        "rng": rng_ranks[0] if rng_ranks else rng_state(), "progress": progress,
+        **({"rng_ranks": rng_ranks} if rng_ranks else {}),
     })
 
 

@@ -47,3 +47,7 @@ def write_json(path: Path, obj: Any) -> None:
 
 def save_torch(path: Path, obj: Any) -> None:
     _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda f: f.write(text.encode("utf-8")))

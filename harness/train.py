@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 import models
 
-from . import checkpoint
+from . import checkpoint, distributed
+from .distributed import SINGLE, Dist
 from .io import remove_stale_temps
 from .evaluate import evaluate_translation, mean_nll, sync
 
@@ -131,9 +132,11 @@ class Trainer:
     """Trains ``model`` on ``task``; writes ``last.pt`` / ``best.pt`` under ``out_dir``."""
 
     def __init__(self, model, task, cfg: TrainConfig, out_dir: Path, device: torch.device, *, seed: int,
-                 identity: dict, tracker=None, decoding: dict | None = None, should_stop=lambda: False):
+                 identity: dict, tracker=None, decoding: dict | None = None, should_stop=lambda: False,
+                 dist: Dist = SINGLE):
         models.check_form(model, task)
         self.model, self.task, self.cfg, self.device = model.to(device), task, cfg, device
+        self.dist, self._stop_agreed = dist, False
         self.out_dir, self.seed, self.identity = Path(out_dir), seed, identity
         self.tracker, self.decoding, self.should_stop = tracker, dict(decoding or {}), should_stop
         self.precision, self.autocast = autocast_for(device, cfg.precision)
@@ -141,18 +144,30 @@ class Trainer:
                                     weight_decay=cfg.weight_decay, fused=device.type == "cuda")
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self.forward = torch.compile(model) if cfg.compile else model
+        wrapped = model
+        if dist.enabled:  # gradients averaged over the processes; parameters broadcast from rank 0
+            wrapped = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward = torch.compile(wrapped) if cfg.compile else wrapped
         self.p = Progress()
         self.resumed_from: int | None = None
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save(self, name: str) -> None:
-        checkpoint.save(self.out_dir / name, model=self.model, optimizer=self.opt, scheduler=self.sched,
-                        progress=self.p.__dict__, identity=self.identity)
+    def save(self, name: str, *, collective: bool = True) -> None:
+        """Write a checkpoint (rank 0). Data-parallel: every rank calls it (``collective``), to hand over its RNG."""
+        rng_ranks = None
+        if self.dist.enabled and collective:
+            rng_ranks = distributed.gather(checkpoint.rng_state())
+        if self.dist.main:
+            checkpoint.save(self.out_dir / name, model=self.model, optimizer=self.opt, scheduler=self.sched,
+                            progress=self.p.__dict__, identity=self.identity, rng_ranks=rng_ranks)
+        if self.dist.enabled and collective:
+            distributed.barrier()  # nobody reads or moves past a checkpoint before it is on disk
 
     def maybe_resume(self) -> None:
-        for stale in remove_stale_temps(self.out_dir, ".*.pt.*.tmp"):  # a checkpoint write cut by SIGKILL
-            log.warning("removed %s, left by an interrupted checkpoint write", stale)
+        if self.dist.main:
+            for stale in remove_stale_temps(self.out_dir, ".*.pt.*.tmp"):  # a checkpoint write cut by SIGKILL
+                log.warning("removed %s, left by an interrupted checkpoint write", stale)
         path = self.out_dir / "last.pt"
         if not (self.cfg.resume and path.is_file()):
             return
@@ -160,7 +175,13 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
-        checkpoint.set_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks") or []
+        if len(ranks) == self.dist.world:
+            checkpoint.set_rng_state(ranks[self.dist.rank])
+        elif self.dist.main:
+            checkpoint.set_rng_state(ckpt["rng"])
+        else:  # resumed on another number of processes: fresh, distinct dropout streams
+            torch.manual_seed(self.seed + 7919 * self.dist.rank + ckpt["progress"]["step"])
         self.p = Progress(**ckpt["progress"])
         self.resumed_from = self.p.step
 
@@ -174,17 +195,25 @@ class Trainer:
         return c.max_seconds is None or p.train_seconds < c.max_seconds
 
     # -- one step ----------------------------------------------------------------------------
-    def train_step(self, batch) -> torch.Tensor:
-        """Forward, backward and update on one batch; returns the summed token loss (detached)."""
+    def train_step(self, batch, n_tokens: int | None = None) -> torch.Tensor:
+        """Forward, backward and update on one batch; returns the summed token loss (detached).
+
+        ``n_tokens``: the loss is a mean over this many tokens (data-parallel: the global batch's;
+        DistributedDataParallel averages gradients over the ranks, hence the factor ``world``).
+        """
         with self.autocast():
             logits = self.forward(**batch.inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(), ignore_index=batch.ignore_index,
                                label_smoothing=self.cfg.label_smoothing, reduction="sum")
-        self.scaler.scale(loss / batch.n_tokens).backward()
+        self.scaler.scale(loss * (self.dist.world / (n_tokens or batch.n_tokens))).backward()
         if self.cfg.clip_norm > 0:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_norm)
-        finite = bool(torch.isfinite(loss)) if self.cfg.on_nonfinite == "skip" else True
+        finite = True
+        if self.cfg.on_nonfinite == "skip":
+            finite = bool(torch.isfinite(loss))
+            if self.dist.enabled:  # every rank skips, or none
+                finite = distributed.agree([float(not finite)])[0] == 0
         if finite:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -198,6 +227,12 @@ class Trainer:
 
     # -- evaluation during training ----------------------------------------------------------
     def validate(self) -> dict:
+        if self.dist.enabled:  # rank 0 evaluates the model (the same on every rank); the others wait
+            row = self._validate() if self.dist.main else None
+            return distributed.broadcast(row)
+        return self._validate()
+
+    def _validate(self) -> dict:
         nll, _ = mean_nll(self.model, self.task, "valid", self.device, self.cfg.max_tokens, self.autocast)
         row = {"step": self.p.step, "train_seconds": round(self.p.train_seconds, 3), "tokens": self.p.tokens,
                "valid_nll": nll, "valid_ppl": math.exp(min(nll, 50))}
@@ -215,7 +250,9 @@ class Trainer:
                                 "outputs are not finite; lower trainer.lr or set trainer.clip_norm (last.pt is "
                                 "the previous evaluation's)")
         self.p.evals.append(row)
-        log.info("eval %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if self.dist.main:
+            log.info("eval %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in row.items()))
         if self.tracker:
             self.tracker.log({k: v for k, v in row.items() if k != "step"}, step=self.p.step)
         if row["valid_nll"] < self.p.best_valid_nll:
@@ -224,6 +261,8 @@ class Trainer:
         self.save("last.pt")
 
     def log(self, window_loss: float, window_tokens: int, window_seconds: float, bar) -> None:
+        if not self.dist.main:  # rank 0 keeps the curves
+            return
         row = {"step": self.p.step, "epoch": self.p.epoch, "loss": window_loss / max(window_tokens, 1),
                "lr": self.sched.get_last_lr()[0], "tokens_per_second": window_tokens / max(window_seconds, 1e-9),
                "train_seconds": round(self.p.train_seconds, 3)}
@@ -247,34 +286,43 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> Progress:
         """Train until the budget is spent; returns the final progress (logs included)."""
-        torch.manual_seed(self.seed)
+        torch.manual_seed(self.seed + 7919 * self.dist.rank)  # rank 0 draws what a single process draws
         self.maybe_resume()
         self.model.train()
         cfg, p = self.cfg, self.p
-        bar = tqdm(total=cfg.max_steps, initial=p.step, disable=not cfg.progress, dynamic_ncols=True,
+        bar = tqdm(total=cfg.max_steps, initial=p.step, disable=not (cfg.progress and self.dist.main), dynamic_ncols=True,
                    desc="train", mininterval=2.0)
         window = [torch.zeros((), device=self.device), 0, 0.0]  # loss sum, tokens, seconds
         try:
             while True:
                 batches = self.task.batches("train", cfg.max_tokens, epoch=p.epoch, shuffle=True, seed=self.seed)
                 while p.batch_in_epoch < len(batches) and self.budget_left(len(batches)):
-                    if self.should_stop():
+                    if self._stop_agreed if self.dist.enabled else self.should_stop():
                         raise Interrupted(f"stop requested at step {p.step}")
-                    batch = batches[p.batch_in_epoch].to(self.device)
+                    batch = batches[p.batch_in_epoch]
+                    n_tokens = batch.n_tokens  # the global batch's (data-parallel: all ranks together)
+                    if self.dist.enabled:
+                        batch = batch.shard(self.dist.rank, self.dist.world)
+                    batch = batch.to(self.device)
                     start = time.perf_counter()
-                    loss = self.train_step(batch)
-                    p.step, p.batch_in_epoch, p.tokens = p.step + 1, p.batch_in_epoch + 1, p.tokens + batch.n_tokens
+                    loss = self.train_step(batch, n_tokens)
+                    p.step, p.batch_in_epoch, p.tokens = p.step + 1, p.batch_in_epoch + 1, p.tokens + n_tokens
                     if loss is not None:  # None: a skipped non-finite step, kept out of the logged loss
                         window[0] += loss
-                        window[1] += batch.n_tokens
+                        window[1] += n_tokens
                     if p.step % cfg.log_every == 0 or not self.budget_left(len(batches)):
                         sync(self.device)
                     elapsed = time.perf_counter() - start
                     p.train_seconds += elapsed
+                    if self.dist.enabled:  # one clock and one stop decision for all ranks
+                        stop, p.train_seconds = distributed.agree([float(self.should_stop()), p.train_seconds])
+                        self._stop_agreed = stop > 0
                     window[2] += elapsed
                     bar.update(1)
                     if p.step % cfg.log_every == 0:
                         total = window[0].item()
+                        if self.dist.enabled:  # the global batch's loss: every rank's part
+                            total = distributed.agree([total], op="sum")[0]
                         if not math.isfinite(total) and cfg.on_nonfinite == "fail":
                             raise NonFiniteLoss(f"training loss is {total} at step {p.step} (window ending here); "
                                                 "lower trainer.lr, set trainer.clip_norm, or trainer.on_nonfinite=skip")
@@ -286,8 +334,11 @@ class Trainer:
                 if not self.budget_left(len(batches)):
                     break
                 p.epoch, p.batch_in_epoch = p.epoch + 1, 0
-        except (KeyboardInterrupt, Interrupted):
+        except Interrupted:
             self.save("last.pt")
+            raise
+        except KeyboardInterrupt:  # Ctrl-C may reach one rank only: no collective call
+            self.save("last.pt", collective=False)
             raise
         finally:
             bar.close()

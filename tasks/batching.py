@@ -24,6 +24,19 @@ class Batch:
         target = self.target.to(device, non_blocking=True)
         return Batch(inputs, target, self.n_tokens, self.index, self.ignore_index)
 
+    def shard(self, rank: int, world: int) -> Batch:
+        """Rows ``rank`` of ``world`` contiguous, near-equal parts (data parallelism); ``n_tokens`` counts the part's."""
+        rows = self.target.shape[0]
+        if rows < world:
+            raise ValueError(f"a batch of {rows} sequences cannot be split over {world} processes; raise "
+                             "trainer.max_tokens (it is the batch of one optimizer step, shared by all processes)")
+        part = torch.arange(rows).tensor_split(world)[rank]
+        lo, hi = int(part[0]), int(part[-1]) + 1
+        target = self.target[lo:hi]
+        index = self.index[lo:hi] if self.index is not None else None
+        return Batch({k: v[lo:hi] for k, v in self.inputs.items()}, target,
+                     int((target != self.ignore_index).sum()), index, self.ignore_index)
+
 
 def pad_stack(seqs: list[np.ndarray], prefix: int | None = None, suffix: int | None = None) -> torch.Tensor:
     """Right-padded (B, max_len) tensor from id arrays, optionally adding BOS/EOS."""

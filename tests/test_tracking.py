@@ -109,3 +109,25 @@ def test_disabled_wandb_writes_nothing(make_cfg, tmp_path, monkeypatch):
     assert not (tmp_path / "job" / "wandb").exists()
     assert not (tmp_path / "wandb").exists()
     assert not any(p.is_file() for p in (tmp_path / "wandb_home").rglob("*"))
+
+
+def test_a_resumed_job_continues_its_wandb_run(make_cfg, tmp_path, monkeypatch):
+    for k, v in wandb_env(tmp_path, "offline").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.chdir(tmp_path)
+    common = [a for a in JOB if not a.startswith("trainer.max_steps")]
+    out = tmp_path / "job"
+    first = job.run(make_cfg(*common, "trainer.max_steps=3"), out)
+    resumed = job.run(make_cfg(*common, "trainer.max_steps=6"), out)
+    assert first["status"] == resumed["status"] == "ok" and resumed["resumed_from_step"] == 3
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2, files
+    assert files[0].name == files[1].name  # run-<id>.wandb: one run id for both parts
+    assert files[0].stem.removeprefix("run-") == (out / "wandb-run-id").read_text().strip()
+    runs, steps = [], []
+    for f in files:
+        kinds = [(r.WhichOneof("record_type"), r) for r in wandb_records(f)]
+        runs.append(next(r.run for k, r in kinds if k == "run"))
+        steps.append({_items(r.history.item)["_step"] for k, r in kinds if k == "history"})
+    assert {r.run_id for r in runs} == {files[0].stem.removeprefix("run-")}
+    assert max(steps[0]) == 3 and min(steps[1]) > 3  # the second part continues after the first

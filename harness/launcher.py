@@ -1,0 +1,96 @@
+"""Failure isolation for sweeps on SLURM: jobs that SLURM ends without a result.
+
+A job killed by SIGKILL (the OOM killer, ``scancel --signal=KILL``), by a node failure or by a
+cancellation cannot write its own record: it stays at status ``running``, and Hydra's submitit
+launcher raises on it, ending the sweep without a report. With :class:`RecordLostJobs` the launcher
+still waits for every job, then such a job's record is marked ``failed`` with SLURM's final state
+(a record is written if the job never got to write one) and the sweep finishes: the other jobs'
+records and the report are produced, and the report lists the failure.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from . import record
+
+log = logging.getLogger("seqbench.launcher")
+
+
+class RecordLostJobs(Callback):
+    """Hydra callback (``conf/config.yaml``): failure isolation for sweeps through a submitit launcher.
+
+    While the sweep runs, a submitit job's ``results()`` that would raise (the job ended without a
+    result) writes the job's ``failed`` record instead and returns an empty result, so the launcher
+    carries on with the other jobs and the sweep ends with its report. Launchers other than
+    submitit's are untouched.
+    """
+
+    def __init__(self):
+        self._stock = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if "submitit" not in str(config.hydra.launcher.get("_target_", "")):
+            return
+        from submitit.core.core import Job
+
+        sweep_dir, stock = Path(str(config.hydra.sweep.dir)), Job.results
+        self._stock = stock
+
+        def results(job):
+            from submitit.core.utils import FailedJobError, UncompletedJobError
+
+            try:
+                return stock(job)
+            except (UncompletedJobError, FailedJobError) as err:
+                return [_lost(job, err, sweep_dir)]
+
+        Job.results = results
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self._stock is not None:
+            from submitit.core.core import Job
+
+            Job.results, self._stock = self._stock, None
+
+
+def _lost(job, err: Exception, sweep_dir: Path) -> JobReturn:
+    """Record a job SLURM ended without a result; the launcher gets an empty (completed) job return."""
+    try:
+        args = job.submission().args  # the launcher's call: (overrides, dir key, job number, ...)
+        overrides, job_num = list(args[0]), int(args[2])
+    except Exception:  # the submission pickle is gone: the record still names the SLURM job
+        overrides, job_num = [], -1
+    message = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+    error = (f"SLURM job {job.job_id} ended without a result (state {job.state}): {message}. "
+             f"Its log: {job.paths.stderr}")
+    path = mark_lost(sweep_dir, job.job_id, job_num, overrides, error)
+    log.error("job #%d %s; record: %s", job_num, error, path)
+    return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=None)
+
+
+def mark_lost(sweep_dir: Path, slurm_job_id: str, job_num: int, overrides: list[str], error: str) -> Path:
+    """Mark the record of a job that SLURM ended as ``failed`` (or write one); returns its path."""
+    for path in sorted(sweep_dir.glob(f"*/{record.RECORD_NAME}")):
+        try:
+            rec = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if rec.get("job", {}).get("slurm_job_id") == slurm_job_id:
+            break
+    else:
+        path = sweep_dir / f"{job_num}_lost" / record.RECORD_NAME
+        rec = {"status": "running", "seed": None, "config": {"overrides": overrides},
+               "job": {"name": f"job {job_num}: {' '.join(overrides)}", "output_dir": str(path.parent),
+                       "slurm_job_id": slurm_job_id, "started": None}}
+    if rec.get("status") in ("ok", "failed"):  # the job wrote its own outcome before it was lost
+        return path
+    rec.update(status="failed", error=error)
+    rec["job"]["finished"] = record.now()
+    record.write(path, rec)
+    return path
