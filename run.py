@@ -12,7 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness import job
+from harness import job, path_length
+
+JOBS = {"train": job.run, "path_length": path_length.run}  # cfg.job: what one job does
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
@@ -20,7 +22,9 @@ def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     # in a sweep a failed job leaves a 'failed' record and the sweep carries on
-    rec = job.run(cfg, hc.runtime.output_dir, sweep=cfg.sweep_name, raise_errors=not multirun)
+    if cfg.job not in JOBS:
+        raise ValueError(f"job={cfg.job!r}; valid jobs: {', '.join(JOBS)}")
+    rec = JOBS[cfg.job](cfg, hc.runtime.output_dir, sweep=cfg.sweep_name, raise_errors=not multirun)
     test = rec.get("metrics", {}).get("test", {})
     return test.get("bleu", test.get("perplexity"))
 

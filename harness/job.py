@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 import models
 import tasks
 
-from . import checkpoint, record
+from . import checkpoint, distributed, influence, record
 from .evaluate import evaluate_lm, evaluate_translation
+from .probes import evaluate_probe
 from .profile import train_flops_per_token
 from .tracking import make_tracker
 from .train import Interrupted, TrainConfig, Trainer
@@ -89,12 +90,14 @@ class StopFlag:
 
 
 def evaluate(model, task, cfg: DictConfig, device) -> tuple[dict, dict]:
-    """Metrics per split, plus hypotheses (translation) for the output folder."""
+    """Metrics per split, plus hypotheses (translation) for the output folder; probes add accuracy by distance."""
     metrics, outputs = {}, {}
     for split in cfg.eval.splits:
         if task.family == "translation":
             metrics[split], outputs[split] = evaluate_translation(
                 model, task, split, device, OmegaConf.to_container(cfg.eval.decoding, resolve=True))
+        elif getattr(task, "kind", None) == "probe":
+            metrics[split] = evaluate_probe(model, task, split, device, cfg.trainer.max_tokens)
         else:
             metrics[split] = evaluate_lm(model, task, split, device, cfg.trainer.max_tokens)
     return metrics, outputs
@@ -116,6 +119,9 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
     Whatever happens, a record is written: status ``ok``, ``failed`` (with the error)
     or ``interrupted`` (resume by running the same command in the same folder).
     """
+    d = distributed.from_environment()
+    if d.enabled and not d.main:
+        return _follow(cfg, d)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / record.RECORD_NAME
@@ -124,11 +130,14 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
            "job": {"name": name, "sweep": sweep or cfg.get("sweep_name"), "output_dir": str(out_dir),
                    "started": record.now(), "finished": None, "slurm_job_id": _slurm_id()}}
     tracker = stop = None
+    followers_waiting = d.enabled  # data-parallel ranks 1.. wait for rank 0's set-up (or its error)
     try:
+        device = pick_device(distributed.device_for(d, cfg.device))
+        distributed.init(d, device)
+        distributed.broadcast(str(out_dir))  # the followers read checkpoints from rank 0's folder
         rec["config"] = resolved = OmegaConf.to_container(cfg, resolve=True)
         check_eval_settings(cfg)  # before training, so a typo never costs a run
-        device = pick_device(cfg.device)
-        rec["environment"] = record.environment(device)
+        rec["environment"] = {**record.environment(device), "processes": d.world}
         record.write(path, rec)
         if cfg.trainer.get("threads"):
             torch.set_num_threads(int(cfg.trainer.threads))
@@ -141,16 +150,22 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         rec["model"] = {"name": cfg.model.name, "preset": cfg.model.get("preset"), "form": model.form,
                         "paper": cfg.model.get("paper"), "parameters": models.count_parameters(model)}
         identity = {"model": model_cfg, "task": rec["task"]["name"], "vocab": _vocab(task)}
+        if followers_waiting:
+            distributed.broadcast(None)  # set-up done: the followers build the same task (cached tokenizer) and model
+            followers_waiting = False
         tracker = make_tracker(OmegaConf.to_container(cfg.logger, resolve=True), name=name, group=rec["job"]["sweep"],
-                               config=record.scrub(resolved), out_dir=str(out_dir))
+                               config=record.scrub(resolved), out_dir=str(out_dir),
+                               resume=train_cfg.resume and (out_dir / "last.pt").is_file())
         stop = StopFlag()
         trainer = Trainer(model, task, train_cfg, out_dir, device, seed=cfg.seed, identity=identity,
-                          tracker=tracker, decoding=OmegaConf.to_container(cfg.eval.decoding, resolve=True), should_stop=stop)
+                          tracker=tracker, decoding=OmegaConf.to_container(cfg.eval.decoding, resolve=True),
+                          should_stop=stop, dist=d)
         first = task.batches("train", train_cfg.max_tokens, epoch=0, shuffle=True, seed=cfg.seed)[0].to(device)
         flops_per_token = train_flops_per_token(model, first)
         progress = trainer.fit()
         model.load_state_dict(checkpoint.load(out_dir / f"{cfg.eval.checkpoint}.pt", identity)["model"])
         metrics, outputs = evaluate(model, task, cfg, device)
+        rec.update(influence.job_entry(model, task, cfg, device))  # LM-form tasks, if eval.influence: "analysis"
         for split, hyps in outputs.items():
             (out_dir / f"{split}.hyp").write_text("\n".join(hyps) + "\n", encoding="utf-8")
         rec.update(status="ok", metrics=metrics, resumed_from_step=trainer.resumed_from,
@@ -164,9 +179,12 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
     except Exception as err:
         rec.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         log.error("job %s failed: %s", name, rec["error"])
+        if followers_waiting and distributed.is_initialized():
+            distributed.broadcast(rec["error"])  # the followers stop with rank 0's error instead of waiting
         if raise_errors:
             raise
     finally:
+        distributed.shutdown()
         rec["job"]["finished"] = record.now()
         record.write(path, rec)
         record.scrub_files(out_dir)  # Hydra's copies of the config (.hydra/*.yaml) and the logs
@@ -176,6 +194,35 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
             stop.hand_over()  # under SLURM: requeue, or exit leaving no result, so the requeued job finishes it
     _print_summary(rec)
     return rec
+
+
+def _follow(cfg: DictConfig, d: distributed.Dist) -> dict:
+    """A data-parallel rank other than 0: trains its share of every batch; rank 0 evaluates and writes the record."""
+    try:
+        device = pick_device(distributed.device_for(d, cfg.device))
+        distributed.init(d, device)
+        out_dir = Path(distributed.broadcast(None))
+        error = distributed.broadcast(None)
+        if error is not None:
+            raise RuntimeError(f"rank 0 failed while setting up the job: {error}")
+        if cfg.trainer.get("threads"):
+            torch.set_num_threads(int(cfg.trainer.threads))
+        random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+        train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+        task = tasks.build(OmegaConf.to_container(cfg.task, resolve=True),
+                           OmegaConf.to_container(cfg.data, resolve=True))
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        model = models.build(model_cfg, task)
+        identity = {"model": model_cfg, "task": task.describe()["name"], "vocab": _vocab(task)}
+        trainer = Trainer(model, task, train_cfg, out_dir, device, seed=cfg.seed, identity=identity,
+                          should_stop=StopFlag(), dist=d)
+        try:
+            progress = trainer.fit()
+        except Interrupted as err:  # rank 0 saved last.pt and decides about requeueing
+            return {"status": "interrupted", "rank": d.rank, "error": str(err)}
+        return {"status": "ok", "rank": d.rank, "steps": progress.step}
+    finally:
+        distributed.shutdown()
 
 
 def _vocab(task) -> dict:
@@ -202,8 +249,9 @@ def _costs(progress, metrics, flops_per_token, device) -> dict:
 
 def _print_summary(rec: dict) -> None:
     m = rec.get("metrics", {}).get("test", {})
-    score = f"BLEU {m['bleu']:.2f} chrF {m['chrf']:.2f}" if "bleu" in m else (
-        f"ppl {m['perplexity']:.2f}" if "perplexity" in m else "")
+    score = (f"BLEU {m['bleu']:.2f} chrF {m['chrf']:.2f}" if "bleu" in m else
+             f"accuracy {m['accuracy']:.3f}" if "accuracy" in m else
+             f"ppl {m['perplexity']:.2f}" if "perplexity" in m else "")
     c = rec.get("costs", {})
     print(f"[seqbench] {rec['job']['name']}: {rec['status']} | test {score} | "
           f"{c.get('train_seconds', 0):.0f}s train, {c.get('steps', 0)} steps | {rec['job']['output_dir']}")

@@ -1,8 +1,9 @@
 """Path length: Table 1 of Vaswani et al. (2017, arXiv:1706.03762), measured from each language model's computation.
 
     python -m harness.path_length --out results/path_length [--models transformer,lstm] [--n 8,16,32,64,128]
+    python run.py -m experiment=path_length [model=lstm_tiny,gru_tiny] [path_length.n=[8,16]]
 
-(defaults: conf/experiment/path_length.yaml).
+(defaults: conf/experiment/path_length.yaml; run.py runs one job per model preset through :func:`run`).
 
 Nothing here knows an architecture; it uses the ``LanguageModel`` interface alone
 (``embed``, ``mixing_blocks``, ``forward = head(blocks(embed(tokens)))``).
@@ -51,6 +52,7 @@ from types import SimpleNamespace
 
 import torch
 import yaml
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
@@ -421,11 +423,12 @@ def build_lm(cfg: dict, vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:
 
 
 def path_record(cfg: dict, model: nn.Module | None, path_length: dict | None, *, device: torch.device,
-                started: str, out_dir: Path, error: str | None = None, settings: dict | None = None) -> dict:
+                started: str, out_dir: Path, error: str | None = None, settings: dict | None = None,
+                sweep: str = "path_length") -> dict:
     """A result record (``harness.record`` schema) carrying the ``path_length`` analysis of one model."""
     name, preset = cfg.get("name"), cfg.get("preset")
     return {"status": "failed" if error else "ok", "error": error, "seed": (settings or {}).get("seed"),
-            "job": {"name": f"path_length_{name}-{preset}", "sweep": "path_length", "output_dir": str(out_dir),
+            "job": {"name": f"path_length_{name}-{preset}", "sweep": sweep, "output_dir": str(out_dir),
                     "started": started, "finished": record.now()},
             "config": {"model": cfg, "path_length": settings or {}},
             "environment": record.environment(device),
@@ -520,24 +523,64 @@ def main(argv: list[str] | None = None) -> int:
     device = None if args.device == "none" else resolve_device(args.device)
     results, failed = {}, 0
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        started, settings = record.now(), chosen.get(name, {})
-        cfg, model, pl, error = {"name": name, "preset": args.preset}, None, None, None
-        try:
-            cfg = preset_config(name, args.preset, settings)
-            model = build_lm(cfg, VOCAB, args.seed)
-            pl = measure(model, ns, vocab_size=VOCAB, device=device, trials=args.trials, seed=args.seed,
-                         latency_reps=args.reps)
-        except Exception as err:  # a failed model is a record, not a gap; the others carry on
-            error, failed = f"{type(err).__name__}: {err}", failed + 1
-            print(f"[path_length] {name}: failed: {error}", file=sys.stderr)
-        run_settings = {"n": ns, "trials": args.trials, "seed": args.seed, "vocab_size": VOCAB, "settings": settings}
-        path = write_record(args.out / name, path_record(cfg, model, pl, device=device or torch.device("cpu"),
-                                                         started=started, out_dir=args.out / name, error=error,
-                                                         settings=run_settings))
-        results[f"{cfg.get('name')}-{cfg.get('preset')}"] = pl
-        print(f"[path_length] {name}: {'failed' if error else pl['layer_type']} -> {path}", file=sys.stderr)
+        settings = chosen.get(name, {})
+        rec = analyze_preset(lambda: preset_config(name, args.preset, settings), {"name": name, "preset": args.preset},
+                             args.out / name, ns=ns, device=device, trials=args.trials, seed=args.seed, reps=args.reps,
+                             settings=settings)
+        failed += rec["status"] != "ok"
+        results[rec["job"]["name"].removeprefix("path_length_")] = rec["path_length"]
     print(table1_markdown(results))
     return 1 if failed else 0
+
+
+def analyze_preset(make_cfg, fallback: dict, out_dir: Path, *, ns: list[int], device: torch.device | None,
+                   trials: int, seed: int, reps: int, settings: dict, sweep: str = "path_length") -> dict:
+    """Measure one model and write its record to ``out_dir/record.json``; a failure is a ``failed`` record.
+
+    Args:
+        make_cfg: () -> the model config (may raise, e.g. for an unknown preset).
+        fallback: the model config named in the record when ``make_cfg`` fails.
+    """
+    started, cfg, model, pl, error = record.now(), fallback, None, None, None
+    try:
+        cfg = make_cfg()
+        model = build_lm(cfg, VOCAB, seed)
+        pl = measure(model, ns, vocab_size=VOCAB, device=device, trials=trials, seed=seed, latency_reps=reps)
+    except Exception as err:  # a failed model is a record, not a gap; the others carry on
+        error = f"{type(err).__name__}: {err}"
+        print(f"[path_length] {fallback.get('name')}: failed: {error}", file=sys.stderr)
+    run_settings = {"n": ns, "trials": trials, "seed": seed, "vocab_size": VOCAB, "settings": settings}
+    rec = path_record(cfg, model, pl, device=device or torch.device("cpu"), started=started, out_dir=out_dir,
+                      error=error, settings=run_settings, sweep=sweep)
+    path = write_record(out_dir, rec)
+    print(f"[path_length] {fallback.get('name')}: {'failed' if error else pl['layer_type']} -> {path}", file=sys.stderr)
+    return rec
+
+
+def run(cfg, out_dir: str | Path, *, sweep: str | None = None, raise_errors: bool = True) -> dict:
+    """``python run.py experiment=path_length`` (``job: path_length``): measure ``cfg.model``, no training.
+
+    Reads the ``path_length`` node (n, trials, seed, reps, device, per-model ``settings`` keyed as ``--models``
+    names the model; defaults from conf/experiment/path_length.yaml) and writes the same record as the CLI to
+    ``out_dir/record.json``.
+    """
+    given = cfg.get("path_length")  # absent when job=path_length is set without the experiment
+    node = {**yaml.safe_load(EXPERIMENT.read_text())["path_length"],
+            **(OmegaConf.to_container(given, resolve=True) if given is not None else {})}
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    key = f"{model_cfg['name']}_{model_cfg.get('preset')}".removesuffix(f"_{node['preset']}")  # as --models names it
+    settings = (node.get("settings") or {}).get(key) or {}
+    device = None if node["device"] == "none" else resolve_device(node["device"])
+    rec = analyze_preset(lambda: {**model_cfg, **settings}, model_cfg, Path(out_dir), ns=[int(n) for n in node["n"]],
+                         device=device, trials=node["trials"], seed=node["seed"], reps=node["reps"], settings=settings,
+                         sweep=sweep or "path_length")
+    pl = rec["path_length"]
+    print(f"[seqbench] {rec['job']['name']}: {rec['status']} | "
+          + (f"max path length {pl['max_path_length']} at n = {pl['n']} ({pl['layer_type']})" if pl else rec["error"])
+          + f" | {out_dir}")
+    if rec["status"] != "ok" and raise_errors:
+        raise RuntimeError(f"path-length analysis of {rec['job']['name']} failed: {rec['error']}")
+    return rec
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import models
 from . import checkpoint, distributed
 from .distributed import SINGLE, Dist
 from .io import remove_stale_temps
+from .probes import evaluate_probe
 from .evaluate import evaluate_translation, mean_nll, sync
 
 log = logging.getLogger("seqbench.train")
@@ -240,6 +241,9 @@ class Trainer:
             scores, _ = evaluate_translation(self.model, self.task, "valid", self.device,
                                              {**self.decoding, "beam": 1})
             row["valid_bleu_greedy"] = scores["bleu"]
+        if getattr(self.task, "kind", None) == "probe":
+            row["valid_accuracy"] = evaluate_probe(self.model, self.task, "valid", self.device,
+                                                   self.cfg.max_tokens)["accuracy"]
         self.model.train()
         return row
 

@@ -35,8 +35,12 @@ def build(record_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
 
 
 def write_tables(records: Records, out: Path) -> None:
-    """The tidy tables as CSV (and Parquet when pyarrow is installed)."""
+    """The tidy tables as CSV (and Parquet when pyarrow is installed); the analysis tables when records have them."""
     frames = {"runs": records.runs, "curves": records.curves, "summary": tables.summary(records.runs)}
+    extra = {"path_length": records.path_length,
+             "accuracy_by_distance": tables.by_distance(records.by_distance, "accuracy"),
+             "influence_by_distance": tables.by_distance(records.influence, "grad_norm")}
+    frames.update({name: frame for name, frame in extra.items() if len(frame)})
     for name, frame in frames.items():
         frame.to_csv(out / f"{name}.csv", index=False)
     if importlib.util.find_spec("pyarrow") is not None:

@@ -1,27 +1,42 @@
 """Plots (seaborn on matplotlib Figures, no pyplot state), each saved as PNG and SVG.
 
-Every plot colours an architecture the same way (``colour``); a plot whose data is absent
-is skipped with the reason, which the report shows in its place.
+Colours are keyed by the model label (``load.model_label``): one hue per architecture in every plot,
+and a variant of an architecture (``transformer_restricted(r=4)``) a darker or lighter shade of it. One
+palette is built per report (``report_palette``), so a model has the same colour in every plot. A plot
+whose data is absent is skipped with the reason, which the report shows in its place.
 """
 from __future__ import annotations
 
 import math
+import textwrap
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import seaborn as sns
+from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
+from . import tables
 from .load import Records
 
 # one colour per architecture in every plot (seaborn's colour-blind palette); recurrent in blues
 PALETTE = {"lstm": "#0173b2", "gru": "#56b4e9", "convs2s": "#029e73", "bytenet": "#de8f05",
            "transformer": "#d55e00"}
 FALLBACK = ("#cc78bc", "#949494", "#ca9161", "#fbafe4", "#ece133")  # unknown names, picked by a stable hash
-QUALITY = {"translation": ("test_bleu", "test BLEU", True), "lm": ("test_ppl", "test perplexity", False)}
-CURVE = {"translation": ("valid_bleu_greedy", "valid BLEU (greedy)"), "lm": ("valid_ppl", "valid perplexity")}
+SHADES = (-0.35, 0.4, -0.6, 0.65, -0.15, 0.2)  # variants: towards black (<0) or white (>0), in this order
+# the quality each family is judged by: (runs column, axis label, higher is better)
+QUALITY = {"translation": ("test_bleu", "test BLEU", True), "lm": ("test_ppl", "test perplexity", False),
+           "probe": ("test_accuracy", "test accuracy", True)}
+# validation curves: the first column with data, per family
+CURVE = {"translation": [("valid_bleu_greedy", "valid BLEU (greedy)")], "lm": [("valid_ppl", "valid perplexity")],
+         "probe": [("valid_accuracy", "valid accuracy"), ("valid_ppl", "valid perplexity")]}
+AXIS = {"train_flops": "training FLOPs", "train_seconds": "train seconds", "parameters": "parameters"}
+TABLE1 = ("path_length", "throughput_by_length")  # plots of the analysis records, shown with Table 1
+LEGEND_TITLES = {"label": "model", "layer_type": "layer type"}  # column names as legend titles
 
 
 @dataclass
@@ -34,24 +49,71 @@ class Plot:
     skipped: str | None = None  # why the plot is absent
 
 
-def colour(name) -> str:
-    name = str(name)
-    return PALETTE.get(name.lower()) or FALLBACK[zlib.crc32(name.encode()) % len(FALLBACK)]
+# ---------------------------------------------------------------- colours
+
+def architecture(label) -> str:
+    """The architecture a model label belongs to: the longest known name it starts with (else the label)."""
+    label = str(label)
+    name = label.lower()
+    known = [a for a in PALETTE if name == a or (name.startswith(a) and not name[len(a)].isalnum())]
+    return max(known, key=len) if known else label
 
 
-def palette(names) -> dict:
-    return {n: colour(n) for n in names}
+def colour(label) -> str:
+    """The architecture's colour (a stable pick from FALLBACK for unknown names); variants are not shaded here."""
+    arch = architecture(label)
+    return PALETTE.get(arch.lower()) or FALLBACK[zlib.crc32(arch.encode()) % len(FALLBACK)]
 
+
+def shade(hex_colour: str, amount: float) -> str:
+    """The colour mixed towards white (amount > 0) or black (amount < 0) by |amount|."""
+    r, g, b = to_rgb(hex_colour)
+    target = 1.0 if amount > 0 else 0.0
+    return to_hex(tuple(c + (target - c) * abs(amount) for c in (r, g, b)))
+
+
+def palette(labels) -> dict:
+    """label -> colour: each architecture's own colour for its plain name (or its first variant), then shades.
+
+    Depends only on the set of labels given, so one call over all of a report's labels colours every plot alike.
+    """
+    out, by_arch = {}, {}
+    for label in sorted({str(v) for v in labels}):
+        by_arch.setdefault(architecture(label), []).append(label)
+    for arch, variants in by_arch.items():
+        variants.sort(key=lambda v: (v != arch, v))  # the plain architecture keeps the unshaded colour
+        for k, label in enumerate(variants):
+            base = colour(label)
+            out[label] = base if k == 0 else shade(base, SHADES[(k - 1) % len(SHADES)])
+    return out
+
+
+def report_palette(records: Records) -> dict:
+    """One palette over every model label in the records."""
+    frames = (records.runs, records.curves, records.by_length, records.path_length, records.influence,
+              records.by_distance)
+    return palette(v for f in frames if "label" in f for v in f["label"].fillna("?"))
+
+
+# ---------------------------------------------------------------- all plots
 
 def make_all(records: Records, out_dir: Path) -> list[Plot]:
-    runs = records.runs[records.runs["status"] == "ok"] if len(records.runs) else records.runs
+    runs = tables.ok(records.runs)  # finished training runs: analysis-only jobs have no quality to plot
+    pal = report_palette(records)
     makers = [
-        ("learning_curves", "Quality against wall-clock (validation curves)", lambda: learning_curves(records.curves)),
-        ("pareto", "Pareto front: final quality against training cost", lambda: pareto(runs)),
-        ("quality_vs_parameters", "Quality against parameters", lambda: quality_vs_parameters(runs)),
-        ("throughput", "Training throughput per architecture", lambda: throughput(runs)),
-        ("quality_by_length", "Quality by source-length bucket", lambda: quality_by_length(records.by_length)),
-        ("path_length", "Maximum path length against n", lambda: path_length(records.path_length)),
+        ("learning_curves", "Quality against wall-clock (validation curves)",
+         lambda: learning_curves(records.curves, pal)),
+        ("pareto", "Pareto front: final quality against training cost", lambda: pareto(runs, pal)),
+        ("quality_vs_parameters", "Quality against parameters", lambda: quality_vs_parameters(runs, pal)),
+        ("throughput", "Training throughput per architecture", lambda: throughput(runs, pal)),
+        ("quality_by_length", "Quality by source-length bucket", lambda: quality_by_length(records.by_length, pal)),
+        ("accuracy_by_distance", "Long-range accuracy by distance (probe tasks)",
+         lambda: accuracy_by_distance(records.by_distance, pal)),
+        ("influence_by_distance", "Influence by distance (input-gradient norm)",
+         lambda: influence_by_distance(records.influence, pal)),
+        ("path_length", "Maximum path length against n", lambda: path_length(records.path_length, pal)),
+        ("throughput_by_length", "Forward throughput against sequence length",
+         lambda: throughput_by_length(records.path_length, pal)),
     ]
     plots = []
     for name, title, make in makers:
@@ -71,45 +133,76 @@ def save(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
     return png, svg
 
 
-def learning_curves(curves: pd.DataFrame):
-    panels = []
-    for task, d in _by_task(curves):
-        y, label = CURVE.get(d["family"].iloc[0], CURVE["lm"])
-        d = _numeric(d, "train_seconds", y)
-        if len(d):
-            panels.append((task, d, y, label))
-    if not panels:
-        return None, "no validation curves (curves.valid) in the records"
-    fig, axes = _grid(len(panels))
-    for ax, (task, d, y, label) in zip(axes, panels):
-        sns.lineplot(d, x="train_seconds", y=y, hue="model", style="preset", units="job", estimator=None,
-                     palette=palette(d["model"].unique()), marker="o", ax=ax)
+def panels(data: pd.DataFrame, prepare, draw, missing: str, caption: str, by: str = "task", width: float = 5.5):
+    """One panel per value of ``by``: ``prepare(d)`` gives a panel's data (None leaves it out), ``draw(ax, title, p)``.
+
+    Returns (figure, caption), or (None, ``missing``) when no panel has data.
+    """
+    found = [(title, p) for title, d in _groups(data, by) if (p := prepare(d)) is not None]
+    if not found:
+        return None, missing
+    fig, axes = _grid(len(found), width=width)
+    for ax, (title, p) in zip(axes, found):
+        draw(ax, title, p)
+    return fig, caption
+
+
+# ---------------------------------------------------------------- training runs
+
+def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
+    def prepare(d):
+        for y, label in CURVE.get(d["family"].iloc[0], CURVE["lm"]):
+            if y in d and len(line := _numeric(d, "train_seconds", y)):
+                return line, y, label
+        return None
+
+    def draw(ax, task, p):
+        d, y, label = p
+        sns.lineplot(d, x="train_seconds", y=y, hue="label", style="preset", units="job", estimator=None,
+                     palette=_pal(pal, d), marker="o", ax=ax)
         _label(ax, task, "train seconds (wall-clock)", label)
-    return fig, "one line per run (seed); colour = architecture, line style = preset"
+
+    return panels(curves, prepare, draw, "no validation curves (curves.valid) in the records",
+                  "one line per run (seed); colour = model, line style = preset")
 
 
-def pareto(runs: pd.DataFrame):
-    panels = []
-    for task, d in _by_task(runs):
+def quality_against(runs: pd.DataFrame, pal: dict | None, x_of, missing: str, caption: str, front: bool = False):
+    """Final test quality (per family) against a cost column ``x_of(d)``, one point per run, one panel per task."""
+    def prepare(d):
         y, label, higher = QUALITY.get(d["family"].iloc[0], QUALITY["lm"])
-        cost = "train_flops" if d["train_flops"].notna().all() else "train_seconds"
-        d = _numeric(d, cost, y)
-        if len(d):
-            panels.append((task, d, cost, y, label, higher))
-    if not panels:
-        return None, "no finished runs with a test score and a training cost"
-    fig, axes = _grid(len(panels))
-    for ax, (task, d, cost, y, label, higher) in zip(axes, panels):
-        sns.scatterplot(d, x=cost, y=y, hue="model", style="preset", palette=palette(d["model"].unique()), s=60,
-                        ax=ax)
-        front = front_of(d, cost, y, higher)
-        xs, ys = [*front[cost], d[cost].max()], [*front[y], front[y].iloc[-1]]  # carried on to the costliest run
-        ax.step(xs, ys, where="post", color="black", linestyle="--", linewidth=1, label="Pareto front")
-        ax.scatter(front[cost], front[y], s=160, facecolors="none", edgecolors="black", linewidths=1)
-        ax.legend(fontsize="small")
-        _log_x(ax, d[cost])
-        _label(ax, task, "training FLOPs" if cost == "train_flops" else "train seconds", label)
-    return fig, "each point is one run; the dashed line is the Pareto front (no run is both cheaper and better)"
+        x = x_of(d)
+        d = _numeric(d, x, y)
+        return (d, x, y, label, higher) if len(d) else None
+
+    def draw(ax, task, p):
+        d, x, y, label, higher = p
+        sns.scatterplot(d, x=x, y=y, hue="label", style="preset", palette=_pal(pal, d), s=60, ax=ax)
+        if front:
+            draw_front(ax, d, x, y, higher)
+        _log_x(ax, d[x])
+        _label(ax, task, AXIS.get(x, x), label)
+
+    return panels(runs, prepare, draw, missing, caption)
+
+
+def pareto(runs: pd.DataFrame, pal: dict | None = None):
+    return quality_against(runs, pal, lambda d: "train_flops" if d["train_flops"].notna().all() else "train_seconds",
+                           "no finished runs with a test score and a training cost",
+                           "each point is one run; the dashed line is the Pareto front (no run is both cheaper "
+                           "and better)", front=True)
+
+
+def quality_vs_parameters(runs: pd.DataFrame, pal: dict | None = None):
+    return quality_against(runs, pal, lambda d: "parameters",
+                           "no finished runs with a parameter count and a test score", "each point is one run")
+
+
+def draw_front(ax, d: pd.DataFrame, cost: str, quality: str, higher_is_better: bool) -> None:
+    front = front_of(d, cost, quality, higher_is_better)
+    xs, ys = [*front[cost], d[cost].max()], [*front[quality], front[quality].iloc[-1]]  # on to the costliest run
+    ax.step(xs, ys, where="post", color="black", linestyle="--", linewidth=1, label="Pareto front")
+    ax.scatter(front[cost], front[quality], s=160, facecolors="none", edgecolors="black", linewidths=1)
+    ax.legend(fontsize="small")
 
 
 def front_of(d: pd.DataFrame, cost: str, quality: str, higher_is_better: bool) -> pd.DataFrame:
@@ -124,75 +217,162 @@ def front_of(d: pd.DataFrame, cost: str, quality: str, higher_is_better: bool) -
     return d.loc[keep]
 
 
-def quality_vs_parameters(runs: pd.DataFrame):
-    panels = []
-    for task, d in _by_task(runs):
-        y, label, _ = QUALITY.get(d["family"].iloc[0], QUALITY["lm"])
-        d = _numeric(d, "parameters", y)
-        if len(d):
-            panels.append((task, d, y, label))
-    if not panels:
-        return None, "no finished runs with a parameter count and a test score"
-    fig, axes = _grid(len(panels))
-    for ax, (task, d, y, label) in zip(axes, panels):
-        sns.scatterplot(d, x="parameters", y=y, hue="model", style="preset", palette=palette(d["model"].unique()),
-                        s=60, ax=ax)
-        _log_x(ax, d["parameters"])
-        _label(ax, task, "parameters", label)
-    return fig, "each point is one run"
-
-
-def throughput(runs: pd.DataFrame):
-    panels = []
-    for task, d in _by_task(runs):
+def throughput(runs: pd.DataFrame, pal: dict | None = None):
+    def prepare(d):
         d = _numeric(d, "train_tokens_per_second")
-        if len(d):
-            several = d["device_name"].nunique() > 1
-            d = d.assign(label=[f"{a}\n{dev}" if several else a for a, dev in zip(d["arch"], d["device_name"])])
-            panels.append((task, d))
-    if not panels:
-        return None, "no finished runs with training throughput"
-    fig, axes = _grid(len(panels))
-    for ax, (task, d) in zip(axes, panels):
-        sns.barplot(d, x="label", y="train_tokens_per_second", hue="model", palette=palette(d["model"].unique()),
-                    errorbar="sd", dodge=False, legend=False, ax=ax)
+        several = d["device_name"].nunique() > 1
+        return d.assign(bar=[f"{a}\n{dev}" if several else a for a, dev in zip(d["arch"], d["device_name"])]) \
+            if len(d) else None
+
+    def draw(ax, task, d):
+        sns.barplot(d, x="bar", y="train_tokens_per_second", hue="label", palette=_pal(pal, d), errorbar="sd",
+                    dodge=False, legend=False, ax=ax)
         ax.tick_params(axis="x", labelrotation=30, labelsize="small")
         _label(ax, task, "", "train tokens/s")
-    return fig, "mean over seeds, error bar = standard deviation; separate bars per device"
+
+    return panels(runs, prepare, draw, "no finished runs with training throughput",
+                  "mean over seeds, error bar = standard deviation; separate bars per device")
 
 
-def quality_by_length(by_length: pd.DataFrame):
-    if by_length.empty or _numeric(by_length, "bleu").empty:
-        return None, "no records carry metrics.test.by_length"
-    panels = [(task, _numeric(d, "bleu")) for task, d in _by_task(by_length)]
-    fig, axes = _grid(len(panels))
-    for ax, (task, d) in zip(axes, panels):
+# ---------------------------------------------------------------- quality by length and distance
+
+def quality_by_length(by_length: pd.DataFrame, pal: dict | None = None):
+    def prepare(d):
+        d = _numeric(d, "bleu")
+        if d.empty:
+            return None
         order = list(dict.fromkeys(d["bucket"]))
-        d = d.assign(bucket=pd.Categorical(d["bucket"], categories=order, ordered=True))
-        sns.lineplot(d, x="bucket", y="bleu", hue="model", style="preset", palette=palette(d["model"].unique()),
-                     errorbar="sd", marker="o", ax=ax)
+        return d.assign(bucket=pd.Categorical(d["bucket"], categories=order, ordered=True))
+
+    def draw(ax, task, d):
+        _mean_lines(ax, d, "bucket", "bleu", pal)
         _label(ax, task, "source length bucket", "test BLEU")
-    return fig, "mean over seeds, band = standard deviation"
+
+    return panels(by_length, prepare, draw, "no records carry metrics.test.by_length",
+                  "mean over seeds, band = standard deviation")
 
 
-def path_length(paths: pd.DataFrame):
-    if paths.empty or _numeric(paths, "n", "max_path_length").empty:
+def accuracy_by_distance(by_distance: pd.DataFrame, pal: dict | None = None):
+    """Probe accuracy against the distance the answer lies back, per task (test split, else the first split)."""
+    def prepare(d):
+        d = _numeric(_ok(d), "distance", "accuracy")
+        if d.empty:
+            return None
+        split = "test" if (d["split"] == "test").any() else sorted(d["split"].astype(str))[0]
+        return d[d["split"] == split], split
+
+    def draw(ax, task, p):
+        d, split = p
+        _mean_lines(ax, d, "distance", "accuracy", pal)
+        _log_x(ax, d["distance"])
+        _label(ax, task, "distance (positions back)", f"{split} accuracy")
+
+    return panels(by_distance, prepare, draw, "no records carry metrics.<split>.accuracy_by_distance",
+                  "one line per model: mean over seeds, band = standard deviation")
+
+
+def influence_by_distance(influence: pd.DataFrame, pal: dict | None = None, normalise: bool = True):
+    """Input-gradient norm against distance, per task; ``normalise`` divides each run by its nearest distance."""
+    dropped = 0
+
+    def prepare(d):
+        nonlocal dropped
+        d = _numeric(_ok(d), "distance", "grad_norm")
+        if normalise and len(d):
+            nearest = d.sort_values("distance").groupby("record")["grad_norm"].transform("first")
+            d = d.assign(grad_norm=d["grad_norm"] / nearest)
+        # a log axis cannot show zero influence (an unreachable distance), nor a run with none at its nearest
+        positive = d[(d["grad_norm"] > 0) & np.isfinite(d["grad_norm"])]
+        dropped += len(d) - len(positive)
+        return positive if len(positive) else None
+
+    def draw(ax, task, d):
+        _mean_lines(ax, d, "distance", "grad_norm", pal)
+        _log_x(ax, d["distance"])
+        ax.set_yscale("log")
+        _label(ax, task, "distance (positions back)",
+               "grad norm / grad norm at nearest distance" if normalise else "grad norm")
+
+    fig, note = panels(influence, prepare, draw, "no records carry analysis.influence_by_distance",
+                       "one line per model: mean over seeds, band = standard deviation; "
+                       + ("each run divided by its value at the nearest distance; " if normalise else "")
+                       + "log y axis")
+    if fig is not None and dropped:
+        note += f"; {dropped} points with zero gradient (no influence) are not drawn on the log axis"
+    return fig, note
+
+
+# ---------------------------------------------------------------- path-length analysis (Table 1)
+
+def path_length(paths: pd.DataFrame, pal: dict | None = None):
+    d = _numeric(paths, "n", "max_path_length") if len(paths) else paths
+    if d.empty:
         return None, "no path-length records"
-    d = _numeric(paths, "n", "max_path_length")
-    fig, axes = _grid(1)
-    sns.lineplot(d, x="n", y="max_path_length", hue="model", style="layer_type", palette=palette(d["model"].unique()),
+    d = _filled(d)
+    fig, axes = _grid(1, width=8)  # room for the legend beside the axes
+    sns.lineplot(d, x="n", y="max_path_length", hue="label", style="layer_type", palette=_pal(pal, d),
                  errorbar=None, marker="o", ax=axes[0])
     axes[0].set(xscale="log", yscale="log")
+    _ticks_at(axes[0].xaxis, d["n"])
+    _legend_beside(axes[0])
     _label(axes[0], "maximum path length", "sequence length n", "maximum path length (steps)")
     return fig, "log-log axes; measured from each model's dependency pattern"
 
 
-def _by_task(d: pd.DataFrame):
-    if d.empty or "task" not in d:
+def throughput_by_length(paths: pd.DataFrame, pal: dict | None = None):
+    """Tokens per second of one forward pass (batch 1) against n, from the latencies the path-length job timed."""
+    def prepare(d):
+        d = _numeric(d, "n", "latency_s")
+        d = d[d["latency_s"] > 0]
+        return d.assign(tokens_per_second=d["n"] / d["latency_s"]) if len(d) else None
+
+    def draw(ax, device, d):
+        sns.lineplot(d, x="n", y="tokens_per_second", hue="label", style=_varied(d, "preset"), palette=_pal(pal, d),
+                     errorbar=None, marker="o", ax=ax)
+        ax.set(xscale="log", yscale="log")
+        _ticks_at(ax.xaxis, d["n"])
+        _legend_beside(ax)
+        _label(ax, f"forward pass on {device}", "sequence length n", "forward tokens/s (batch 1)")
+
+    data = paths if "latency_s" in paths else pd.DataFrame()
+    return panels(data, prepare, draw, "no path-length records with forward latency (latency_s)",
+                  "n / median forward latency of one sequence, per device; log-log axes", by="device_name", width=8)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _mean_lines(ax, d: pd.DataFrame, x: str, y: str, pal: dict | None) -> None:
+    """One line per model (and preset): the mean over runs, a band of one standard deviation."""
+    sns.lineplot(d, x=x, y=y, hue="label", style=_varied(d, "preset"), palette=_pal(pal, d), errorbar="sd",
+                 marker="o" if d[x].nunique() <= 20 else None, ax=ax)
+
+
+def _varied(d: pd.DataFrame, column: str) -> str | None:
+    """The column as a line style only when it varies (a legend entry for one value says nothing)."""
+    return column if d[column].nunique() > 1 else None
+
+
+def _pal(pal: dict | None, d: pd.DataFrame) -> dict:
+    """The report's palette restricted to the labels in d (seaborn rejects extra keys for some plots)."""
+    labels = d["label"].unique()
+    full = pal if pal is not None and all(v in pal for v in labels) else palette(labels)
+    return {v: full[v] for v in labels}
+
+
+def _ok(d: pd.DataFrame) -> pd.DataFrame:
+    return d[d["status"] == "ok"] if "status" in d else d
+
+
+def _filled(d: pd.DataFrame) -> pd.DataFrame:
+    """Identity columns as text, missing ones as '?', so grouping and legends never see NaN."""
+    cols = [c for c in ("task", "family", "model", "label", "preset", "device_name") if c in d]
+    return d.assign(**{c: d[c].fillna("?").astype(str) for c in cols})
+
+
+def _groups(d: pd.DataFrame, by: str):
+    if d.empty or by not in d:
         return []
-    d = d.assign(task=d["task"].fillna("?").astype(str), family=d["family"].fillna("?").astype(str),
-                 model=d["model"].fillna("?").astype(str), preset=d["preset"].fillna("?").astype(str))
-    return list(d.groupby("task", sort=True))
+    return list(_filled(d.assign(**{by: d[by].fillna("?").astype(str)})).groupby(by, sort=True))
 
 
 def _numeric(d: pd.DataFrame, *cols: str) -> pd.DataFrame:
@@ -200,10 +380,10 @@ def _numeric(d: pd.DataFrame, *cols: str) -> pd.DataFrame:
     return d.dropna(subset=list(cols))
 
 
-def _grid(n: int, cols: int = 3) -> tuple[Figure, list]:
+def _grid(n: int, cols: int = 3, width: float = 5.5) -> tuple[Figure, list]:
     cols = min(n, cols)
     rows = math.ceil(n / cols)
-    fig = Figure(figsize=(5.5 * cols, 4.2 * rows), layout="constrained")
+    fig = Figure(figsize=(width * cols, 4.2 * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -211,16 +391,40 @@ def _grid(n: int, cols: int = 3) -> tuple[Figure, list]:
 
 
 def _log_x(ax, values: pd.Series) -> None:
-    if (values > 0).all() and values.max() > 10 * values.min():
+    """A log x axis when the values span more than a factor of 10 (symlog when they include 0)."""
+    positive = values[values > 0]
+    if (values < 0).any() or positive.empty or values.max() <= 10 * positive.min():
+        return
+    if len(positive) == len(values):
         ax.set_xscale("log")
+    else:
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlim(left=0)  # the margin would otherwise reach into negative distances
+    _ticks_at(ax.xaxis, values)
+
+
+def _ticks_at(axis, values: pd.Series, most: int = 12) -> None:
+    """Numbers written plainly (10, not 10¹); ticks at the measured values when there are few of them."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ticks = sorted(set(values.dropna()))
+    if len(ticks) <= most:
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_minor_locator(NullLocator())
+
+
+def _legend_beside(ax) -> None:
+    """The legend to the right of the axes, never over the lines."""
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1))
 
 
 def _label(ax, title: str, x: str, y: str) -> None:
-    ax.set_title(_text(title))
+    ax.set_title("\n".join(textwrap.wrap(_text(title), 48)) or "")
     ax.set(xlabel=x, ylabel=y)
-    if ax.get_legend() is not None:
-        for t in ax.get_legend().get_texts():
-            t.set_text(_text(t.get_text()))
+    legend = ax.get_legend()
+    if legend is not None:
+        for t in [legend.get_title(), *legend.get_texts()]:
+            t.set_text(_text(LEGEND_TITLES.get(t.get_text(), t.get_text())))
 
 
 def _text(s) -> str:

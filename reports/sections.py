@@ -18,8 +18,10 @@ def all_sections(records: Records, dirs: list[Path], plot_dir: Path) -> list[Sec
     if records.runs.empty:
         return [overview(records, dirs)]
     runs = records.runs
-    return [overview(records, dirs), fairness(runs), *results(runs), table2(runs), table1(records),
-            Section("Plots", plots.make_all(records, plot_dir)), failures(runs), appendix(runs)]
+    figures = plots.make_all(records, plot_dir)
+    analysis = [p for p in figures if p.name in plots.TABLE1]
+    return [overview(records, dirs), fairness(runs), *results(runs), table2(runs), table1(records, analysis),
+            Section("Plots", [p for p in figures if p.name not in plots.TABLE1]), failures(runs), appendix(runs)]
 
 
 def overview(records: Records, dirs: list[Path]) -> Section:
@@ -27,10 +29,19 @@ def overview(records: Records, dirs: list[Path]) -> Section:
     if runs.empty:
         return Section("Overview", [Note(f"No result records (record.json) found under: "
                                          f"{', '.join(map(str, dirs))}.", "warning")])
-    status = runs["status"].fillna("?").value_counts().sort_index()
-    tasks = ", ".join(sorted(runs["task"].dropna().astype(str).unique())) or "?"
+    training, analysis = runs[runs["kind"] == "train"], tables.analyses(runs)
+    status = training["status"].fillna("?").value_counts().sort_index()
+    tasks = ", ".join(sorted(training["task"].dropna().astype(str).unique())) or "?"
+    counts = (f"{len(training)} runs ({', '.join(f'{n} {s}' for s, n in status.items())}) on tasks: {tasks}."
+              if len(training) else "No training runs.")
+    if len(analysis):
+        done = ", ".join(f"{n} {s}" for s, n in analysis["status"].fillna("?").value_counts().sort_index().items())
+        found = [what for what, frame in (("path length", records.path_length), ("influence", records.influence))
+                 if len(frame)]
+        counts += (f" {len(analysis)} analysis-only jobs without training ({done}): not in the quality and cost "
+                   f"tables; their analyses ({', '.join(found) or 'none'}) are in Table 1 and the plots.")
     return Section("Overview", [
-        Note(f"{len(runs)} runs ({', '.join(f'{n} {s}' for s, n in status.items())}) on tasks: {tasks}.", "text"),
+        Note(counts, "text"),
         Note(f"Records read from: {', '.join(map(str, dirs))}. Built {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
              "Quality is mean ± sample standard deviation over seeds (n runs); costs are means.", "note")])
 
@@ -41,7 +52,9 @@ def fairness(runs: pd.DataFrame) -> Section:
         log.warning(note.text)
     differ = tables.differing_settings(runs)
     checked = ", ".join(label for _, label in tables.SETTINGS) + ", task.* (task settings and tokenization)"
-    if differ.empty:
+    if tables.ok(runs).empty:
+        blocks.append(Note("no finished training runs to compare", "note"))
+    elif differ.empty:
         blocks.append(Note(f"Within each task, all finished runs share these settings: {checked}.", "text"))
     else:
         blocks.append(Table(differ, f"Settings that differ between the finished runs of one task (checked: {checked})"))
@@ -70,17 +83,20 @@ def table2(runs: pd.DataFrame) -> Section:
              "compare them with measured rows only for that task and budget.", "note")])
 
 
-def table1(records: Records) -> Section:
+def table1(records: Records, figures: list[plots.Plot] = ()) -> Section:
+    """Table 1 from the path-length records, then its plots (path length and forward throughput against n)."""
     paths = records.path_length
     if paths.empty:
-        return Section("Table 1: maximum path length", [Note("no path-length records", "note")])
-    frame = paths.assign(n=pd.to_numeric(paths["n"], errors="coerce").astype("Int64"))
+        return Section("Table 1: maximum path length", [Note("no path-length records", "note"), *figures])
+    frame = paths.assign(n=pd.to_numeric(paths["n"], errors="coerce").astype("Int64"),
+                         arch=paths["arch"].fillna("?"), layer_type=paths["layer_type"].fillna("?"))
     pivot = frame.pivot_table(index=["arch", "layer_type"], columns="n", values="max_path_length",
                               aggfunc="mean").reset_index()
     pivot.columns = [str(c) if c in ("arch", "layer_type") else f"n={c}" for c in pivot.columns]
     return Section("Table 1: maximum path length", [
         Table(pivot.rename(columns={"arch": "architecture", "layer_type": "layer type"}).map(_round),
-              "Maximum path length (steps) between positions, measured per architecture, by sequence length n")])
+              "Maximum path length (steps) between positions, measured per architecture, by sequence length n"),
+        *figures])
 
 
 def failures(runs: pd.DataFrame) -> Section:

@@ -12,10 +12,12 @@ import pandas as pd
 
 from .load import BUDGET_KEYS
 
-# rows of one summary group: same task, architecture, device and budget; seeds are pooled
-GROUP = ["task", "family", "arch", "model", "preset", "device_name", "budget"]
-QUALITY = {"translation": [("test_bleu", "test BLEU"), ("test_chrf", "test chrF")],
-           "lm": [("test_ppl", "test perplexity")]}
+# rows of one summary group: same task, architecture (variant and preset), device and budget; seeds are pooled
+GROUP = ["task", "family", "arch", "model", "label", "preset", "device_name", "budget"]
+# quality columns per task family: (runs column, label, format)
+QUALITY = {"translation": [("test_bleu", "test BLEU", "{:.2f}"), ("test_chrf", "test chrF", "{:.2f}")],
+           "lm": [("test_ppl", "test perplexity", "{:.2f}")],
+           "probe": [("test_accuracy", "test accuracy", "{:.3f}")]}
 COSTS = [("parameters", "parameters", "{:,.0f}"), ("train_flops", "train FLOPs", "{:.2e}"),
          ("train_seconds", "train s", "{:.1f}"), ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
          ("decode_sentences_per_second", "decode sentences/s", "{:,.1f}"),
@@ -26,7 +28,13 @@ SETTINGS = [*[(k, f"trainer.{k}") for k in BUDGET_KEYS], ("preset", "model prese
 
 
 def ok(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs["status"] == "ok"].copy() if len(runs) else runs
+    """The finished training runs: analysis-only jobs (path length, influence) have no quality or cost to compare."""
+    return runs[(runs["status"] == "ok") & (runs["kind"] == "train")].copy() if len(runs) else runs
+
+
+def analyses(runs: pd.DataFrame) -> pd.DataFrame:
+    """The analysis-only jobs (no training)."""
+    return runs[runs["kind"] == "analysis"] if len(runs) else runs
 
 
 def budget(row) -> str:
@@ -46,7 +54,7 @@ def with_groups(runs: pd.DataFrame) -> pd.DataFrame:
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Per task x architecture (x device x budget): quality mean and sample std over seeds, mean costs."""
-    metrics = [c for f in QUALITY.values() for c, _ in f]
+    metrics = [c for f in QUALITY.values() for c, _, _ in f]
     agg = {"n": ("job", "size"), "seeds": ("seed", lambda s: ", ".join(str(_plain(v)) for v in sorted(s.dropna())))}
     for c in metrics:
         agg[f"{c}_mean"], agg[f"{c}_std"] = (c, "mean"), (c, "std")
@@ -66,11 +74,29 @@ def summary_display(summ: pd.DataFrame, task: str) -> pd.DataFrame:
     family = rows["family"].iloc[0] if len(rows) else "?"
     out = pd.DataFrame({"architecture": rows["arch"], "device": rows["device_name"], "budget": rows["budget"],
                         "n": rows["n"], "seeds": rows["seeds"]})
-    for c, label in QUALITY.get(family, QUALITY["translation"] + QUALITY["lm"]):
-        out[label] = [pm(m, s) for m, s in zip(rows[f"{c}_mean"], rows[f"{c}_std"])]
+    for c, label, fmt in QUALITY.get(family, [q for qs in QUALITY.values() for q in qs]):
+        out[label] = [pm(m, s, fmt) for m, s in zip(rows[f"{c}_mean"], rows[f"{c}_std"])]
     for c, label, fmt in COSTS:
         out[label] = rows[c].map(lambda v, fmt=fmt: num(v, fmt))
     return out.reset_index(drop=True)
+
+
+def by_distance(frame: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Per task x model variant x split x distance: ``value`` mean and sample std over runs (seeds), and n.
+
+    ``frame`` is ``Records.by_distance`` (value ``accuracy``) or ``Records.influence`` (``grad_norm``)."""
+    keys = [k for k in ("task", "label", "arch", "preset", "device_name", "split", "distance") if k in frame]
+    columns = [*keys, f"{value}_mean", f"{value}_std", "n", "seeds"]
+    done = frame[frame["status"] == "ok"] if len(frame) else frame
+    if done.empty:
+        return pd.DataFrame(columns=columns)
+    done = done.assign(**{value: pd.to_numeric(done[value], errors="coerce")},
+                       **{k: done[k].fillna("?").astype(str) for k in keys if k != "distance"})
+    return (done.groupby(keys, sort=True).agg(**{f"{value}_mean": (value, "mean"), f"{value}_std": (value, "std"),
+                                                  "n": ("job", "size"),
+                                                  "seeds": ("seed", lambda s: ", ".join(
+                                                      str(_plain(v)) for v in sorted(s.dropna())))})
+            .reset_index()[columns])
 
 
 def table2_display(summ: pd.DataFrame) -> pd.DataFrame:

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import lm, synthetic, translation
+from . import lm, probes, synthetic, translation
 from .data import DataError, data_root
 
 TASKS = {
@@ -19,6 +19,8 @@ TASKS = {
     "text_files": lm.text_files,
     "copy": synthetic.copy,
     "reverse": synthetic.reverse,
+    "delayed_copy": probes.delayed_copy,
+    "assoc_recall": probes.assoc_recall,
 }
 
 __all__ = ["TASKS", "DataError", "build"]

@@ -1,7 +1,11 @@
 """Path-length analysis (Table 1): exact path lengths per layer type on tiny presets, and the reachability check."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +14,7 @@ from torch import nn
 from harness import path_length as pl
 from models.common import LanguageModel
 from reports.load import load
+from tests.conftest import ROOT
 
 V = pl.VOCAB
 
@@ -171,3 +176,68 @@ def test_experiment_defaults_name_real_presets():
         assert cfg["name"] in ("transformer", "lstm", "gru", "convs2s", "bytenet")
     with pytest.raises(KeyError, match="valid presets: .*transformer_restricted_tiny"):
         pl.preset_config("nosuch", "tiny")
+
+
+# ---------------------------------------------------------------- through run.py (job: path_length)
+
+def test_experiment_sweep_names_the_cli_models(make_cfg):
+    exp = pl.yaml.safe_load(pl.EXPERIMENT.read_text())
+    node = exp["path_length"]
+    assert exp["hydra"]["sweeper"]["params"]["model"].split(",") == [f"{m}_{node['preset']}" for m in node["models"]]
+    cfg = make_cfg("experiment=path_length")
+    assert cfg.job == "path_length" and cfg.model.preset == "tiny" and cfg.sweep_name == "path_length"
+    assert make_cfg().job == "train"
+
+
+def test_path_length_job_applies_the_experiment_settings(make_cfg, tmp_path):
+    cfg = make_cfg("experiment=path_length", "model=bytenet_tiny", "path_length.n=[4,8]", "path_length.device=none")
+    rec = pl.run(cfg, tmp_path)
+    on_disk = json.loads((tmp_path / "record.json").read_text())
+    assert rec["status"] == "ok" and rec["job"]["name"] == "path_length_bytenet-tiny"
+    assert rec["path_length"]["model_depth"] == 7  # the node's bytenet settings: dilations 1..64
+    assert rec["path_length"]["max_path_length"] == [2, 3]  # ceil(log2((n-1)/2 + 1)) at n = 4, 8
+    assert rec["path_length"]["latency_s"] is None
+    assert rec["config"]["path_length"]["settings"] == {"n_layers": 7, "dilations": [1, 2, 4, 8, 16, 32, 64]}
+    assert on_disk["status"] == "ok"
+    rows = load([tmp_path]).path_length
+    assert rows["max_path_length"].tolist() == [2, 3] and rows["model"].tolist() == ["bytenet", "bytenet"]
+
+
+def test_path_length_job_failure_is_a_failed_record(make_cfg, tmp_path):
+    cfg = make_cfg("experiment=path_length", "model=transformer_tiny", "model.n_heads=3", "path_length.n=[4]",
+                   "path_length.device=none")
+    rec = pl.run(cfg, tmp_path / "quiet", raise_errors=False)
+    assert rec["status"] == "failed" and "not divisible by n_heads=3" in rec["error"]
+    assert load([tmp_path / "quiet"]).runs["status"].tolist() == ["failed"]
+    with pytest.raises(RuntimeError, match="path_length_transformer-tiny failed: .*n_heads=3"):
+        pl.run(cfg, tmp_path / "loud")
+
+
+def test_run_py_experiment_path_length_writes_a_record(tmp_path, data_root):
+    """``python run.py experiment=path_length`` analyses (no training) and writes the record the report reads."""
+    env = {**os.environ, "SEQBENCH_DATA_ROOT": str(data_root)}
+    out = subprocess.run([sys.executable, "run.py", "experiment=path_length", "model=lstm_tiny", "path_length.n=[4,8]",
+                          "path_length.reps=2", "path_length.device=cpu", f"hydra.run.dir={tmp_path}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[seqbench] path_length_lstm-tiny: ok | max path length [4, 8] at n = [4, 8] (recurrent)" in out.stdout
+    rec = json.loads((tmp_path / "record.json").read_text())
+    assert rec["status"] == "ok" and "metrics" not in rec and not (tmp_path / "last.pt").exists()
+    assert rec["path_length"]["max_path_length"] == [4, 8] and len(rec["path_length"]["latency_s"]) == 2
+    paths = load([tmp_path]).path_length
+    assert sorted(zip(paths["model"], paths["n"], paths["max_path_length"])) == [("lstm", 4, 4), ("lstm", 8, 8)]
+
+
+@pytest.mark.slow
+def test_run_py_multirun_over_models_builds_the_report(tmp_path, data_root):
+    env = {**os.environ, "SEQBENCH_DATA_ROOT": str(data_root)}
+    out = subprocess.run([sys.executable, "run.py", "-m", "experiment=path_length", "model=lstm_tiny,transformer_tiny",
+                          "path_length.n=[4,8]", "path_length.device=none", f"hydra.sweep.dir={tmp_path}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(p.parent.name for p in tmp_path.glob("*/record.json")) == ["0_lstm-tiny", "1_transformer-tiny"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "lstm" in report and "transformer" in report
+    paths = load([tmp_path]).path_length
+    assert sorted(zip(paths["model"], paths["max_path_length"])) == [("lstm", 4), ("lstm", 8), ("transformer", 1),
+                                                                      ("transformer", 1)]

@@ -111,7 +111,8 @@ JOB_CASES = [
     ("unknown_model_name", ["model=transformer_tiny", "model.name=nope", *COPY],
      r"unknown model 'nope'; valid models: bytenet, convs2s, gru, lstm, transformer"),
     ("unknown_task_name", ["model=transformer_tiny", *COPY, "task.name=nope"],
-     r"unknown task 'nope'; valid tasks: copy, multi30k, parallel_files, ptb, reverse, text_files"),
+     r"unknown task 'nope'; valid tasks: assoc_recall, copy, delayed_copy, multi30k, parallel_files, ptb, reverse, "
+     r"text_files"),
     ("d_model_not_divisible_by_heads", ["model=transformer_tiny", "model.n_heads=3", *COPY],
      r"d_model=32 is not divisible by n_heads=3; choose n_heads dividing d_model"),
     ("convs2s_even_kernel", ["model=convs2s_tiny", "model.kernel_size=4", *COPY],

@@ -1,6 +1,7 @@
 """The comparison report: tables against hand-computed values, plots, guards, escaping, a real browser."""
 from __future__ import annotations
 
+import colorsys
 import html
 import json
 import math
@@ -10,10 +11,11 @@ import subprocess
 
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgb
 from omegaconf import OmegaConf
 
 import reports
-from reports import plots, reference
+from reports import plots, reference, tables
 from reports.__main__ import main as cli
 from reports.callback import BuildReport
 
@@ -21,23 +23,32 @@ CPU, H100 = ("cpu", "x86_64"), ("cuda", "NVIDIA H100 80GB HBM3")
 XSS_NAME = "<script>alert(1)</script>"
 XSS_ERROR = "ValueError: bad input <img src=x onerror=\"document.title='pwned'\">"
 PLOTS = ("learning_curves", "pareto", "quality_vs_parameters", "throughput", "quality_by_length")
+ANALYSIS_PLOTS = ("accuracy_by_distance", "influence_by_distance", "path_length", "throughput_by_length")
+FAMILY = {"wikitext2": "lm", "delayed_copy": "probe", "assoc_recall": "probe"}  # else translation
 TITLE = "seqbench comparison report"
 
 
+def environment(device=CPU) -> dict:
+    return {"git_commit": "0123456789abcdef0123", "git_dirty": False, "python": "3.11.7",
+            "packages": {"torch": "2.13.0", "sacrebleu": "2.6.0"}, "device": device[0], "device_name": device[1]}
+
+
 def record(model, task, seed, *, status="ok", scores=None, costs=None, device=CPU, budget=None, name=None,
-           error=None, by_length=None, path_length=None) -> dict:
-    """A result record shaped like harness.job writes it (schema 1), with only what a report reads."""
-    family = "lm" if task == "wikitext2" else "translation"
+           error=None, by_length=None, path_length=None, settings=None, by_distance=None, analysis=None) -> dict:
+    """A result record shaped like harness.job writes it (schema 1), with only what a report reads.
+
+    ``settings``: model hyperparameters (e.g. attn_window); ``by_distance``: a probe task's accuracy_by_distance;
+    ``analysis``: the record's analysis entry (influence by distance)."""
+    family = FAMILY.get(task, "translation")
     trainer = {"max_tokens": 4096, "max_steps": None, "max_epochs": None, "max_seconds": 60, "precision": "auto",
                **(budget or {})}
-    task_cfg = {"name": task, "bptt": 128} if family == "lm" else {"name": task, "vocab_size": 8000,
-                                                                    "model_type": "bpe"}
+    task_cfg = {"name": task, "bptt": 128} if family != "translation" else {"name": task, "vocab_size": 8000,
+                                                                            "model_type": "bpe"}
     rec = {"schema_version": 1, "status": status, "error": error, "seed": seed,
-           "config": {"model": {"name": model, "preset": "tiny"}, "task": task_cfg, "trainer": trainer, "seed": seed},
+           "config": {"model": {"name": model, "preset": "tiny", **(settings or {})}, "task": task_cfg,
+                      "trainer": trainer, "seed": seed},
            "job": {"name": name or f"{model}-tiny_{task}_s{seed}", "sweep": "fixture"},
-           "environment": {"git_commit": "0123456789abcdef0123", "git_dirty": False, "python": "3.11.7",
-                           "packages": {"torch": "2.13.0", "sacrebleu": "2.6.0"}, "device": device[0],
-                           "device_name": device[1]},
+           "environment": environment(device),
            "model": {"name": model, "preset": "tiny", "form": "seq2seq",
                      "parameters": 1000 if model == "lstm" else 2000},
            "task": {"name": task, "family": family, **({"vocab": 1000} if family == "lm" else
@@ -52,6 +63,11 @@ def record(model, task, seed, *, status="ok", scores=None, costs=None, device=CP
         if by_length:
             test["by_length"] = [{"bucket": b, "bleu": v} for b, v in by_length]
         curve = [{"step": 10 * k, "train_seconds": 20.0 * k, "valid_bleu_greedy": bleu * k / 3} for k in (1, 2, 3)]
+    elif family == "probe":
+        test = {"accuracy": scores[0], "nll": 0.5,
+                "accuracy_by_distance": [{"distance": d, "accuracy": a, "n": 100} for d, a in by_distance or []]}
+        curve = [{"step": 10 * k, "train_seconds": 20.0 * k, "valid_ppl": 4.0 - k, "valid_accuracy": scores[0] * k / 3}
+                 for k in (1, 2, 3)]
     else:
         test = {"perplexity": scores[0], "nll": math.log(scores[0])}
         curve = [{"step": 10 * k, "train_seconds": 20.0 * k, "valid_ppl": scores[0] * (4 - k)} for k in (1, 2, 3)]
@@ -63,6 +79,8 @@ def record(model, task, seed, *, status="ok", scores=None, costs=None, device=CP
                       "peak_memory_kind": "process_max_rss"})
     if path_length:
         rec["path_length"] = path_length
+    if analysis:
+        rec["analysis"] = analysis
     return rec
 
 
@@ -228,6 +246,174 @@ def test_path_length_section_renders_when_present(tmp_path, capsys):
     assert "Plot skipped (Quality by source-length bucket)" in md
 
 
+# --- analysis records: path length, influence, probe tasks, a restricted-attention variant ---------------------
+
+NS = [8, 16, 32, 64]
+DISTANCES = [0, 4, 16, 64]  # influence: output i against input i - d
+RESTRICTED = "transformer_restricted(r=4)"  # the label of a transformer with attn_window=4
+# delayed_copy accuracy by distance per seed: (distance, accuracy); hand-computed means and stds below
+PROBE = {1: (0.90, [(1, 1.0), (4, 0.95), (16, 0.9), (64, 0.7)]),
+         2: (0.80, [(1, 1.0), (4, 0.85), (16, 0.8), (64, 0.6)]),
+         3: (0.85, [(1, 1.0), (4, 0.90), (16, 0.85), (64, 0.8)])}
+
+
+def path_record(name, preset, layer_type, paths, *, settings=None, latency=None) -> dict:
+    """A path-length record shaped like harness.path_length.path_record writes it (no training)."""
+    latency = latency or [1e-3 * n / 8 for n in NS]
+    return {"status": "ok", "error": None, "seed": 0,
+            "job": {"name": f"path_length_{name}-{preset}", "sweep": "path_length"},
+            "config": {"model": {"name": name, "preset": preset, "d_model": 32, **(settings or {})},
+                       "path_length": {"n": NS, "trials": 2, "seed": 0}},
+            "environment": environment(), "model": {"name": name, "preset": preset, "form": "lm", "parameters": 3000},
+            "task": {"name": "path_length", "family": "lm"},
+            "path_length": {"n": NS, "max_path_length": paths, "layer_type": layer_type, "latency_s": latency,
+                            "latency_exponent": 1.0, "latency_device": "cpu"}}
+
+
+def influence_record(model, seed, norms, *, settings=None) -> dict:
+    """An analysis-only record: the input-gradient norm by distance of a model, on the delayed_copy task."""
+    return {"status": "ok", "error": None, "seed": seed,
+            "job": {"name": f"influence_{model}_s{seed}", "sweep": "fixture"},
+            "config": {"model": {"name": model, "preset": "tiny", **(settings or {})}, "seed": seed,
+                       "task": {"name": "delayed_copy"}},
+            "environment": environment(), "model": {"name": model, "preset": "tiny", "parameters": 2000},
+            "task": {"name": "delayed_copy", "family": "probe"},
+            "analysis": influence(norms)}
+
+
+def influence(norms) -> dict:
+    return {"influence_by_distance": [{"distance": d, "grad_norm": g, "n": 32} for d, g in zip(DISTANCES, norms)]}
+
+
+def analysis_records() -> list[dict]:
+    window = {"attn_window": 4}
+    recs = [path_record("transformer", "tiny", "self-attention", [1, 1, 1, 1]),
+            path_record("transformer", "restricted_tiny", "restricted self-attention", [2, 4, 8, 16],
+                        settings=window),
+            path_record("lstm", "tiny", "recurrent", NS)]
+    recs += [record("transformer", "delayed_copy", s, scores=(acc,), by_distance=bd) for s, (acc, bd) in PROBE.items()]
+    recs += [record("lstm", "delayed_copy", s, scores=(acc,), by_distance=[(1, 1.0), (64, acc - 0.3)])
+             for s, acc in ((1, 0.6), (2, 0.7))]
+    recs.append(record("transformer", "delayed_copy", 1, scores=(0.75,), settings=window,
+                       by_distance=[(1, 1.0), (64, 0.4)]))
+    recs += [record("transformer", "assoc_recall", 1, scores=(0.95,), by_distance=[(2, 1.0), (32, 0.9)]),
+             record("lstm", "assoc_recall", 1, scores=(0.50,), by_distance=[(2, 0.9), (32, 0.3)],
+                    analysis=influence([3.0, 1.0, 0.1, 0.01]))]  # a trained model's influence
+    recs += [influence_record("transformer", s, [1.0, 0.9, 0.8, 0.7]) for s in (1, 2)]
+    recs += [influence_record("lstm", 1, [2.0, 0.2, 0.02, 0.0]),
+             influence_record("transformer", 1, [1.0, 0.5, 0.0, 0.0], settings=window)]
+    return recs
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory):
+    root = write_records(tmp_path_factory.mktemp("analysis_records"), analysis_records())
+    out = tmp_path_factory.mktemp("analysis_report")
+    return reports.build([root], out), out, root
+
+
+def test_analysis_records_stay_out_of_the_quality_tables(analysed):
+    _, out, root = analysed
+    summ = pd.read_csv(out / "summary.csv")
+    assert set(summ["task"]) == {"delayed_copy", "assoc_recall"}  # no path_length, no influence-only rows
+    runs = pd.read_csv(out / "runs.csv")
+    assert (runs["kind"] == "analysis").sum() == 3 + 4 and "path_length" in set(runs["task"])
+    md = (out / "report.md").read_text()
+    results = md.split("## Results per task")[1].split("## Table 2")[0]
+    assert "### Task path_length" not in results and "path_length" not in results
+    assert "### Task delayed_copy" in results and "### Task assoc_recall" in results
+    assert "7 analysis-only jobs without training" in md
+    # the quality plots have one panel per trained task, none for the analysis-only jobs
+    records = reports.load([root])
+    fig, _ = plots.quality_vs_parameters(tables.ok(records.runs))
+    assert sorted(ax.get_title() for ax in fig.axes if ax.get_visible()) == ["assoc_recall", "delayed_copy"]
+
+
+def test_probe_accuracy_is_the_quality_of_probe_tasks(analysed):
+    _, out, _ = analysed
+    t = summary_row(out, "delayed_copy", "transformer-tiny")
+    assert t["n"] == 3 and t["seeds"] == "1, 2, 3"  # the influence-only job of seed 1 is not a fourth run
+    assert t["test_accuracy_mean"] == pytest.approx(0.85) and t["test_accuracy_std"] == pytest.approx(0.05)
+    lstm = summary_row(out, "delayed_copy", "lstm-tiny")
+    assert lstm["test_accuracy_mean"] == pytest.approx(0.65) and lstm["test_accuracy_std"] == pytest.approx(
+        math.sqrt(0.005))
+    variant = summary_row(out, "delayed_copy", f"{RESTRICTED}-tiny")  # not pooled with the plain transformer
+    assert variant["n"] == 1 and variant["test_accuracy_mean"] == pytest.approx(0.75)
+    md = (out / "report.md").read_text()
+    table = md.split("### Task delayed_copy")[1].split("###")[0]
+    assert "| test accuracy |" in table and "| 0.850 ± 0.050 |" in table and "| 0.650 ± 0.071 |" in table
+    by = pd.read_csv(out / "accuracy_by_distance.csv")
+    row = by[(by["task"] == "delayed_copy") & (by["label"] == "transformer") & (by["split"] == "test")
+             & (by["distance"] == 64)].iloc[0]
+    assert row["n"] == 3 and row["accuracy_mean"] == pytest.approx(0.7) and row["accuracy_std"] == pytest.approx(0.1)
+    row = by[(by["label"] == "transformer") & (by["split"] == "test") & (by["distance"] == 4)].iloc[0]
+    assert row["accuracy_mean"] == pytest.approx(0.9) and row["accuracy_std"] == pytest.approx(0.05)
+
+
+def same_hue(a: str, b: str) -> bool:
+    """Whether two colours are shades of one hue (a variant and its architecture)."""
+    ha, hb = colorsys.rgb_to_hls(*to_rgb(a))[0], colorsys.rgb_to_hls(*to_rgb(b))[0]
+    return min(abs(ha - hb), 1 - abs(ha - hb)) < 0.02
+
+
+def test_model_variants_get_their_own_shade_of_the_architecture_colour(analysed):
+    pal = plots.palette(["transformer", RESTRICTED, "lstm", "transformer_restricted"])
+    assert pal["transformer"] == plots.PALETTE["transformer"] and pal["lstm"] == plots.PALETTE["lstm"]
+    assert len({pal["transformer"], pal[RESTRICTED], pal["transformer_restricted"]}) == 3
+    assert same_hue(pal[RESTRICTED], pal["transformer"]) and not same_hue(pal[RESTRICTED], pal["lstm"])
+    assert plots.palette(["transformer_restricted", "lstm", RESTRICTED, "transformer"]) == pal  # order-free
+    # the records name the variant by its attn_window, and the report's one palette tells it apart
+    _, _, root = analysed
+    records = reports.load([root])
+    assert set(records.path_length["label"]) == {"transformer", RESTRICTED, "lstm"}
+    assert set(records.path_length["arch"]) == {"transformer-tiny", f"{RESTRICTED}-restricted_tiny", "lstm-tiny"}
+    report = plots.report_palette(records)
+    assert report["transformer"] != report[RESTRICTED] and same_hue(report["transformer"], report[RESTRICTED])
+
+
+def test_analysis_plots_are_written_and_shown(analysed):
+    path, out, root = analysed
+    md = (out / "report.md").read_text()
+    for name in (*ANALYSIS_PLOTS, "quality_vs_parameters", "pareto", "learning_curves"):
+        for ext in ("png", "svg"):
+            assert (out / "plots" / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
+        assert f"](plots/{name}.png)" in md, name
+    table1 = md.split("## Table 1")[1].split("## Plots")[0]
+    assert "](plots/path_length.png)" in table1 and "](plots/throughput_by_length.png)" in table1
+    assert f"| {RESTRICTED}-restricted_tiny | restricted self-attention | 2 | 4 | 8 | 16 |" in table1
+    assert "| transformer-tiny | self-attention | 1 | 1 | 1 | 1 |" in table1
+    assert "3 points with zero gradient" in md  # lstm at distance 64, the restricted variant beyond its window
+    assert "Plot skipped" in md and "Plot skipped (Quality by source-length bucket)" in md
+    assert md.count("Plot skipped") == 1
+    assert path.read_text().count('src="data:image/png;base64,') == len(PLOTS) - 1 + len(ANALYSIS_PLOTS)
+    # influence: a panel per task, from the trained assoc_recall run and the analysis-only delayed_copy jobs
+    fig, _ = plots.influence_by_distance(reports.load([root]).influence)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == ["assoc_recall", "delayed_copy"]
+    assert {ax.get_xscale() for ax in axes} == {"symlog"} and {ax.get_yscale() for ax in axes} == {"log"}
+
+
+def test_job_kind_tells_training_from_analysis():
+    from reports.load import job_kind
+    failed_training = record("gru", "multi30k", 1, status="failed", error="ValueError: x")
+    assert job_kind(failed_training) == "train" and job_kind({**failed_training, "config": {"job": "train"}}) == "train"
+    failed_path = {**path_record("lstm", "tiny", "recurrent", NS), "status": "failed", "path_length": None}
+    assert job_kind(failed_path) == "analysis" and job_kind({"config": {"job": "path_length"}}) == "analysis"
+    with_influence = record("lstm", "wikitext2", 1, scores=(100.0,), analysis=influence([1.0, 0.5, 0.2, 0.1]))
+    assert job_kind(with_influence) == "train"
+
+
+def test_influence_is_normalised_by_the_nearest_distance():
+    frame = pd.DataFrame({"record": ["a"] * 3 + ["b"] * 3, "job": ["a"] * 3 + ["b"] * 3, "status": "ok",
+                          "task": "t", "family": "probe", "label": "lstm", "preset": "tiny", "model": "lstm",
+                          "distance": [4, 1, 16] * 2, "grad_norm": [1.0, 2.0, 0.5, 10.0, 20.0, 5.0]})
+    fig, note = plots.influence_by_distance(frame)
+    ys = sorted(y for line in fig.axes[0].get_lines() for y in line.get_ydata() if y == y)
+    assert ys == pytest.approx([0.25, 0.5, 1.0])  # both runs give 1, 0.5, 0.25: one mean line
+    assert "divided by its value at the nearest distance" in note
+    assert plots.influence_by_distance(frame.iloc[:0]) == (None, "no records carry analysis.influence_by_distance")
+
+
 def test_callback_builds_the_sweep_report(tmp_path, capsys):
     sweep = write_records(tmp_path / "sweep", [record("transformer", "multi30k", 1, scores=(20.0, 50.0))])
     BuildReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
@@ -248,7 +434,8 @@ def test_no_finished_run_still_gives_a_report(tmp_path):
     (root / "broken" / "record.json").write_text("{oops")
     md = reports.build([root], tmp_path / "out").with_suffix(".md").read_text()
     assert "| gru-tiny_multi30k_s1 | running |" in md and "| broken | unreadable | JSONDecodeError" in md
-    assert "*no finished translation runs*" in md and md.count("Plot skipped") == len(PLOTS) + 1
+    assert "*no finished translation runs*" in md
+    assert md.count("Plot skipped") == len(PLOTS) + len(ANALYSIS_PLOTS)
 
 
 # --- the HTML in a real headless browser ---------------------------------------------------------------------
