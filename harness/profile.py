@@ -1,20 +1,95 @@
-"""Cost measurements: training FLOPs through torch's FLOP counter."""
+"""Cost measurements: training FLOPs through torch's FLOP counter.
+
+torch's counter knows matmuls, convolutions and the CUDA attention kernels, but not some kernels
+our models reach: the CPU ``scaled_dot_product_attention`` kernel (so attention went uncounted
+on CPU) and the fused recurrent kernels (oneDNN's LSTM layer on CPU, cuDNN's LSTM/GRU on CUDA,
+so those recurrences went uncounted). ``FORMULAS`` adds them, with torch's own conventions:
+attention counts QK^T and AV forward, and backward five matmuls (the scores recomputed, as the
+fused kernels do), causal masking ignored; every matmul is 2 FLOPs per multiply-add, and a
+backward pass costs two matmuls (input and weight gradients) per forward matmul.
+"""
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+aten = torch.ops.aten
+
+
+def _sdpa_cpu(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _tokens(input_shape) -> int:
+    """Positions an RNN layer runs over: (T,B,I), (B,T,I) or packed (N,I)."""
+    return math.prod(input_shape[:-1])
+
+
+def _mkldnn_rnn_layer(input, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    """One oneDNN RNN layer (one direction): input and recurrent matmuls at every position."""
+    return 2 * _tokens(input) * (math.prod(w_ih) + math.prod(w_hh))
+
+
+def _mkldnn_rnn_layer_backward(input, w_ih, w_hh, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _mkldnn_rnn_layer(input, w_ih, w_hh)
+
+
+def _cudnn_weights(weights) -> int:
+    """Multiply-adds per position over all layers and directions (every 2-D weight; biases are adds)."""
+    return sum(math.prod(w) for w in weights if len(w) == 2)
+
+
+def _cudnn_rnn(input, weights, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _tokens(input) * _cudnn_weights(weights)
+
+
+def _cudnn_rnn_backward(input, weights, *args, out_shape=None, **kwargs) -> int:
+    output_mask = args[-1]  # (input, hx, cx, weight) gradients requested
+    return 2 * _tokens(input) * _cudnn_weights(weights) * (1 + bool(output_mask[3]))
+
+
+FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward,
+    aten.mkldnn_rnn_layer: _mkldnn_rnn_layer,
+    aten.mkldnn_rnn_layer_backward: _mkldnn_rnn_layer_backward,
+    aten._cudnn_rnn: _cudnn_rnn,
+    aten._cudnn_rnn_backward: _cudnn_rnn_backward,
+}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter with ``FORMULAS`` added (use as a context manager)."""
+    return FlopCounterMode(display=False, custom_mapping=FORMULAS)
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of everything ``fn()`` runs (forward and backward, if it calls backward)."""
+    with flop_counter() as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def train_flops_per_token(model, batch) -> float:
-    """FLOPs of one forward+backward on ``batch`` (torch's counter: matmuls, convs, attention), per target token."""
+    """FLOPs of one forward+backward on ``batch`` (matmuls, convs, attention, recurrences), per target token."""
     was_training, rng = model.training, torch.get_rng_state()
     model.train()
-    with FlopCounterMode(display=False) as counter:
+
+    def step():
         logits = model(**batch.inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(), ignore_index=batch.ignore_index)
         loss.backward()
+
+    flops = count_flops(step)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     torch.set_rng_state(rng)  # measuring must not change the run's random stream
-    return counter.get_total_flops() / max(1, batch.n_tokens)
+    return flops / max(1, batch.n_tokens)
