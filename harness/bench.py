@@ -1,18 +1,40 @@
-"""Training-step benchmark: a seqbench model against a plain-PyTorch baseline, in one process.
+"""Benchmarks in one process: seqbench against plain PyTorch (training), cached against recomputed decoding.
 
+    python -m harness.bench --suite all --preset small --device cpu --repeats 7 --json bench.json
     python -m harness.bench --preset transformer_base --device cuda --precision bf16 --compile
 
-Both models get the same random batch (``batch`` sentences of ``src_len`` + ``tgt_len``
-tokens, no padding), the same loss (label-smoothed cross-entropy), and Adam. Timing:
-``warmup`` steps first (compilation included), the device synchronized around each timed
-step, the median and the spread of ``steps`` steps reported. Tokens are target tokens.
-Model FLOPs per step come from torch's FLOP counter (forward + backward), so MFU is
-FLOPs / time / the measured bf16 (or fp32) matmul ceiling.
+Suites (``--suite``):
+
+- ``train``: per architecture, one training step (forward, label-smoothed cross-entropy,
+  backward, Adam step) of seqbench's model against its plain-PyTorch twin of the same size
+  (``harness.baselines``), on the same random batch (``batch`` sentences of ``src_len`` +
+  ``tgt_len`` tokens, no padding, a shared vocabulary).
+- ``lm``: seqbench's LSTM language model against the PyTorch examples' word-level language
+  model at the example's size (emsize = nhid = 200, 2 layers, dropout 0.2, untied, bptt 35 x
+  batch 20, WikiText-2's 33,278 words), both with the example's loss (cross-entropy, no
+  smoothing) and Adam.
+- ``decode``: per architecture, beam search (beam 4, alpha 0.6) with the cached incremental
+  decoder against the same search recomputing the whole prefix with the model's full forward
+  at every step (``harness.bench_decode``), on random sources of newstest2014-like lengths
+  (27 +- 15 subwords), end-of-sentence masked so every hypothesis runs to its limit (a|s|+b);
+  eval mode, under ``--precision``'s autocast, never compiled.
+
+``--preset``: ``small`` (the CPU comparison presets, ``conf/model/<arch>.yaml``), ``tiny`` (the
+same structure at test size: the ``*_tiny.yaml`` presets differ in structure) or any preset
+file name (``transformer_base``: that architecture only). Timing (``harness.bench_timing``):
+``warmup`` calls each, then ``repeats`` interleaved rounds of ``steps`` calls each; the median
+over rounds, the spread as the interquartile range and the min-max of the per-round ratio.
+Tokens are target tokens: those scored by the loss (train, lm) or generated (decode). Ratios
+are seqbench / baseline in speed (>1: seqbench faster; decode: cached faster than recomputing)
+and in peak memory (<1: seqbench leaner). FLOPs per step come from torch's FLOP counter with
+``harness.profile``'s additions; on CUDA, MFU is FLOPs / time / the measured matmul ceiling.
 """
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
+import platform
+import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,35 +42,274 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import models
-from models.common import PAD, padding_mask
+from models.common import PAD
 
+from .baselines import BASELINE_NAMES, WordLanguageModel, build_baseline
+from .bench_decode import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
+from .bench_timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary, sync,
+                           time_interleaved)
+from .profile import count_flops
 from .train import autocast_for
 
 ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")
+SUITES = ("train", "lm", "decode")
+TINY = {"d_model": 32, "n_layers": 2, "d_ff": 64, "n_heads": 4, "channels": 32}  # over the small presets
+# defaults per --preset: translation batch (sentences, src_len, tgt_len, vocab), LM (batch, bptt, vocab,
+# emsize = nhid), decoding (sentences, sentences per batch, mean and sd of source lengths)
+SHAPES = {
+    "tiny": {"batch": (4, 10, 10, 64), "lm": (4, 8, 64, 16), "decode": (8, 4, 8.0, 4.0)},
+    "small": {"batch": (128, 32, 32, 8000), "lm": (20, 35, 33278, 200), "decode": (64, 32, 27.0, 15.0)},
+    "paper": {"batch": (256, 50, 50, 37000), "lm": (20, 35, 33278, 200), "decode": (64, 32, 27.0, 15.0)},
+}
 
 
-class PlainTransformer(nn.Module):
-    """``nn.Transformer`` with tied, scaled embeddings (no position encodings: they cost nothing measurable)."""
+# -- configs ------------------------------------------------------------------------------------
+def load_preset(name: str) -> dict:
+    path = ROOT / "conf" / "model" / f"{name}.yaml"
+    if not path.is_file():
+        valid = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise SystemExit(f"--preset {name}: no such preset; use tiny, small or one of {', '.join(valid)}")
+    return OmegaConf.to_container(OmegaConf.load(path))
 
-    def __init__(self, vocab: int, d_model: int, n_heads: int, n_layers: int, d_ff: int, dropout: float):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d_model, padding_idx=PAD)
-        self.core = nn.Transformer(d_model, n_heads, n_layers, n_layers, d_ff, dropout, batch_first=True)
-        self.proj = nn.Linear(d_model, vocab, bias=False)
-        self.proj.weight = self.embed.weight
-        self.scale = d_model**0.5
 
-    def forward(self, src, src_lengths, tgt_in):
-        T = tgt_in.size(1)
-        causal = nn.Transformer.generate_square_subsequent_mask(T, device=tgt_in.device)
-        pad = padding_mask(src_lengths, src.size(1))
-        y = self.core(self.embed(src) * self.scale, self.embed(tgt_in) * self.scale, tgt_mask=causal,
-                      src_key_padding_mask=pad, memory_key_padding_mask=pad, tgt_is_causal=True)
-        return self.proj(y)
+def presets(preset: str, archs: list[str]) -> list[tuple[str, dict]]:
+    """(architecture, seqbench config) for each benchmarked architecture."""
+    if preset in ("tiny", "small"):
+        out = []
+        for arch in archs:
+            cfg = load_preset(arch)
+            if preset == "tiny":
+                cfg.update({k: v for k, v in TINY.items() if k in cfg}, preset="tiny")
+            out.append((arch, cfg))
+        return out
+    cfg = load_preset(preset)
+    return [(cfg["name"], cfg)]
+
+
+def shape_key(preset: str) -> str:
+    return preset if preset in ("tiny", "small") else "paper"
+
+
+def translation_task(vocab: int):
+    return SimpleNamespace(family="translation", src_vocab_size=vocab, tgt_vocab_size=vocab)
+
+
+def label(arch: str, cfg: dict, n_params: int) -> str:
+    return f"{arch} {cfg.get('preset', '')} ({n_params / 1e6:.2f}M)"
+
+
+# -- training steps ---------------------------------------------------------------------------
+def training_step(model, loss_of, *, device, precision, compile_model):
+    """A closure running one training step (forward, loss, backward, Adam step), and its optimizer."""
+    model.to(device).train()
+    fwd = torch.compile(model) if compile_model else model
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=device.type == "cuda")
+    _, autocast = autocast_for(device, precision)
+
+    def step():
+        loss_of(fwd, autocast).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, opt, autocast
+
+
+def seq2seq_loss(batch, smoothing: float = 0.1):
+    src, lengths, tgt_in, tgt_out = batch
+
+    def loss_of(fwd, autocast):
+        with autocast():
+            logits = fwd(src, lengths, tgt_in)
+        return F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD,
+                               label_smoothing=smoothing)
+    return loss_of
+
+
+def lm_loss(tokens, targets):
+    def loss_of(fwd, autocast):
+        with autocast():
+            logits = fwd(tokens)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return loss_of
+
+
+def word_lm_loss(model: WordLanguageModel, tokens, targets):
+    """The example's step: time-first data, the hidden state carried over and detached (``repackage_hidden``)."""
+    data, target = tokens.t().contiguous(), targets.t().contiguous().view(-1)  # (T,B), (T*B,)
+    hidden = [model.init_hidden(tokens.size(0))]
+
+    def loss_of(fwd, autocast):
+        with autocast():
+            output, new = fwd(data, tuple(h.detach() for h in hidden[0]))
+        hidden[0] = new
+        return F.nll_loss(output.float(), target)
+    return loss_of
+
+
+def compare_training(suite: str, pair, tokens: int, args, device, precision, ceiling) -> dict:
+    """Time, count and measure a (seqbench, baseline) pair, each (name given the parameter count, model
+    factory, loss factory given the model)."""
+    contenders, extra = [], []
+    for name, make, make_loss in pair:
+        torch.manual_seed(args.seed)
+        model = make().to(device)
+        loss_of = make_loss(model)
+        step, opt, autocast = training_step(model, loss_of, device=device, precision=precision,
+                                            compile_model=args.compile)
+        contenders.append(Contender(name(models.count_parameters(model)), step, tokens))
+        extra.append((model, opt, autocast, loss_of))
+    sb, base = contenders
+    time_interleaved(sb, base, device=device, rounds=args.repeats, calls=args.steps, warmup=args.warmup)
+    row = {"suite": suite, "model": sb.name, "baseline": base.name, "stats": {}}
+    for key, c, (model, opt, autocast, loss_of) in (("seqbench", sb, extra[0]), ("baseline", base, extra[1])):
+        stats = summary(c)
+        stats["params"] = models.count_parameters(model)
+        stats["peak_bytes"] = resident_bytes(state_tensors(model, opt)) + peak_call_bytes(c.call, device)
+        stats["flops"] = count_flops(lambda: loss_of(model, autocast).backward())
+        opt.zero_grad(set_to_none=True)
+        if ceiling:
+            stats["mfu"] = stats["flops"] / stats["median_s"] / ceiling
+        row["stats"][key] = stats
+    row.update(paired_ratio(sb, base))
+    stats = row["stats"]
+    row["memory_ratio"] = stats["seqbench"]["peak_bytes"] / stats["baseline"]["peak_bytes"]
+    row["flop_ratio"] = stats["seqbench"]["flops"] / max(1, stats["baseline"]["flops"])
+    return row
+
+
+def train_suite(args, device, precision, ceiling) -> list[dict]:
+    B, S, T, V = args.batch, args.src_len, args.tgt_len, args.vocab
+    g = torch.Generator().manual_seed(args.seed)
+    src = torch.randint(4, V, (B, S), generator=g)
+    tgt = torch.randint(4, V, (B, T + 1), generator=g)
+    batch = tuple(t.to(device) for t in (src, torch.full((B,), S), tgt[:, :-1], tgt[:, 1:]))
+    rows = []
+    for arch, cfg in presets(args.preset, args.models):
+        pair = [(lambda n: label(arch, cfg, n), lambda: models.build(cfg, translation_task(V)),
+                 lambda m: seq2seq_loss(batch)),
+                (lambda n: f"{BASELINE_NAMES[arch]} ({n / 1e6:.2f}M)", lambda: build_baseline(cfg, V),
+                 lambda m: seq2seq_loss(batch))]
+        row = compare_training("train", pair, B * T, args, device, precision, ceiling)
+        row.update(arch=arch, preset=cfg.get("preset"), shape=f"{B} x ({S} + {T}), vocab {V}")
+        rows.append(row)
+        progress(row)
+    return rows
+
+
+def lm_suite(args, device, precision, ceiling) -> list[dict]:
+    B, T, V, D = args.lm_batch, args.bptt, args.lm_vocab, args.lm_size
+    g = torch.Generator().manual_seed(args.seed)
+    text = torch.randint(0, V, (B, T + 1), generator=g).to(device)
+    tokens, targets = text[:, :-1], text[:, 1:]
+    cfg = {"name": "lstm", "preset": "wlm", "d_model": D, "n_layers": 2, "dropout": 0.2, "tie_output": False}
+    task = SimpleNamespace(family="lm", vocab_size=V)
+    pair = [(lambda n: f"seqbench LSTM LM ({n / 1e6:.2f}M)", lambda: models.build(cfg, task),
+             lambda m: lm_loss(tokens, targets)),
+            (lambda n: f"examples word_language_model ({n / 1e6:.2f}M)", lambda: WordLanguageModel(V, D, D, 2, 0.2),
+             lambda m: word_lm_loss(m, tokens, targets))]
+    row = compare_training("lm", pair, B * T, args, device, precision, ceiling)
+    row.update(arch="lstm", preset="wlm", shape=f"{B} x {T} (bptt), vocab {V}, emsize = nhid = {D}")
+    progress(row)
+    return [row]
+
+
+# -- decoding ---------------------------------------------------------------------------------
+def decode_suite(args, device, precision, ceiling) -> list[dict]:
+    n, per_batch, mean, sd = args.decode_sentences, args.decode_batch, args.decode_mean_len, args.decode_sd_len
+    lengths = newstest_like_lengths(n, mean=mean, sd=sd, seed=args.seed)
+    batches = source_batches(lengths, args.vocab, per_batch, seed=args.seed)
+    typical = source_batches([round(mean)] * per_batch, args.vocab, per_batch, seed=args.seed + 1)
+    search = dict(beam=args.beam, lenpen=0.6, len_a=args.len_a, len_b=args.len_b, device=device)
+    _, autocast = autocast_for(device, precision)
+
+    def decode(decoder, some_batches):
+        with autocast():
+            return decode_batches(decoder, some_batches, **search)
+
+    rows = []
+    for arch, cfg in presets(args.preset, args.models):
+        torch.manual_seed(args.seed)
+        model = models.build(cfg, translation_task(args.vocab)).to(device).eval()
+        resident = resident_bytes(state_tensors(model))
+        modes = {"seqbench": NoEOS(model), "baseline": NoEOS(RecomputePrefix(model))}
+        # warm-up and peak memory: one batch of sentences of the mean length (the profiler's record of a
+        # whole recomputing run, or of its longest batch, would take gigabytes on CPU)
+        peak = {k: resident + peak_call_bytes(lambda d=d: decode(d, typical), device) for k, d in modes.items()}
+        hyps = {}
+
+        def decode_all(key):
+            hyps[key] = decode(modes[key], batches)
+
+        a = Contender(f"{label(arch, cfg, models.count_parameters(model))} cached", lambda: decode_all("seqbench"), 0)
+        b = Contender("recompute prefix (full forward)", lambda: decode_all("baseline"), 0)
+        time_interleaved(a, b, device=device, rounds=args.repeats, calls=1, warmup=0)
+        a.tokens = b.tokens = sum(len(h) for h in hyps["seqbench"])  # generated target tokens
+        row = {"suite": "decode", "arch": arch, "preset": cfg.get("preset"), "model": a.name, "baseline": b.name,
+               "same_hypotheses": hyps["seqbench"] == hyps["baseline"], "sentences": n,
+               "stats": {k: {**summary(c), "peak_bytes": peak[k]} for k, c in (("seqbench", a), ("baseline", b))},
+               "shape": f"{n} sentences in batches of {per_batch}, mean source length {sum(lengths) / n:.1f}, "
+                        f"beam {args.beam}, vocab {args.vocab}, target length {args.len_a:g}|s|+{args.len_b} "
+                        f"(EOS masked); peak memory: one batch of {per_batch} sentences of {round(mean)} tokens"}
+        row.update(paired_ratio(a, b))
+        row["memory_ratio"] = peak["seqbench"] / peak["baseline"]
+        rows.append(row)
+        progress(row)
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------------
+def progress(row: dict) -> None:
+    print(f"[bench] {row['suite']}: {row['model']} vs {row['baseline']}: ratio {row['ratio']:.2f}", flush=True)
+
+
+def mb(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ("| model | baseline | seqbench tok/s | baseline tok/s | ratio | spread | peak memory ratio | FLOP ratio |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        sb, base = r["stats"]["seqbench"], r["stats"]["baseline"]
+        spread = (f"IQR {sb['iqr_pct']:.1f}% / {base['iqr_pct']:.1f}%; ratio {r['ratio_min']:.2f}-"
+                  f"{r['ratio_max']:.2f} over {len(r['ratio_rounds'])} rounds")
+        memory = f"{r['memory_ratio']:.2f} ({mb(sb['peak_bytes'])} / {mb(base['peak_bytes'])} MiB)"
+        flops = f"{r['flop_ratio']:.3f}" if "flop_ratio" in r else "n/a"
+        if r.get("same_hypotheses") is False:
+            flops += " (hypotheses differ!)"
+        lines.append(f"| {r['model']} | {r['baseline']} | {sb['tokens_per_s']:,.0f} | {base['tokens_per_s']:,.0f} | "
+                     f"{r['ratio']:.2f} | {spread} | {memory} | {flops} |")
+    return "\n".join(lines)
+
+
+TITLES = {
+    "train": "Training step (forward + backward + Adam), seqbench vs plain PyTorch",
+    "lm": "Language-model training step, seqbench LSTM LM vs PyTorch examples word_language_model",
+    "decode": "Beam search, cached incremental decoding vs recomputing the prefix (ratio = speedup of caching)",
+}
+
+
+def report(rows: list[dict], meta: dict) -> str:
+    out = [f"device={meta['device']} ({meta['device_name']}) threads={meta['threads']} precision={meta['precision']} "
+           f"compile={meta['compile']} torch={meta['torch']} preset={meta['preset']}",
+           "tok/s = target tokens per second (median over rounds); ratio = seqbench / baseline speed (>1: seqbench "
+           "faster); peak memory ratio = seqbench / baseline peak bytes of one call (resident state + the call's "
+           f"peak allocation; {meta['memory_method']}); FLOP ratio = counted FLOPs per step, seqbench / baseline"]
+    for suite in SUITES:
+        suite_rows = [r for r in rows if r["suite"] == suite]
+        if suite_rows:
+            out += ["", f"### {TITLES[suite]}", "", f"{suite_rows[0]['shape']}", "", markdown_table(suite_rows)]
+            if suite == "decode":
+                out += ["", "speedup of caching >= 3x: " + ", ".join(
+                    f"{r['arch']} {'yes' if r['ratio'] >= 3 else 'NO'} ({r['ratio']:.1f}x)" for r in suite_rows)]
+            if meta.get("ceiling_flops") and suite != "decode":
+                out += [""] + [f"MFU {r['model']}: {r['stats']['seqbench']['mfu']:.1%}, {r['baseline']}: "
+                               f"{r['stats']['baseline']['mfu']:.1%}" for r in suite_rows]
+    return "\n".join(out)
 
 
 def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
@@ -64,89 +325,93 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int = 8192, reps
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def sync(device):
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def time_training(model, batch, *, device, precision, compile_model, steps, warmup) -> dict:
-    model = model.to(device).train()
-    fwd = torch.compile(model) if compile_model else model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=device.type == "cuda")
-    _, autocast = autocast_for(device, precision)
-    src, lengths, tgt_in, tgt_out = (t.to(device) for t in batch)
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
-    def step():
-        with autocast():
-            logits = fwd(src, lengths, tgt_in)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD, label_smoothing=0.1)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    with FlopCounterMode(display=False) as counter:
-        with autocast():
-            logits = model(src, lengths, tgt_in)
-        F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten()).backward()
-    opt.zero_grad(set_to_none=True)
-    median = statistics.median(times)
-    return {"median_s": median, "min_s": min(times), "max_s": max(times), "flops": counter.get_total_flops(),
-            "tokens_per_s": tgt_out.numel() / median}
+# -- command line -----------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--suite", default="train", choices=[*SUITES, "all"])
+    ap.add_argument("--preset", default="small", help="tiny, small or a preset file name (e.g. transformer_base)")
+    ap.add_argument("--models", default=",".join(ARCHS), help="comma-separated architectures (tiny/small presets)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models (train and lm suites)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds per pair")
+    ap.add_argument("--steps", type=int, default=None, help="calls per round (default: 3 train, 10 lm)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls of each contender first")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, default=None, help="write the rows and settings here")
+    g = ap.add_argument_group("sizes (defaults depend on --preset)")
+    for flag, kind in (("--batch", int), ("--src-len", int), ("--tgt-len", int), ("--vocab", int),
+                       ("--lm-batch", int), ("--bptt", int), ("--lm-vocab", int), ("--lm-size", int),
+                       ("--decode-sentences", int), ("--decode-batch", int), ("--decode-mean-len", float),
+                       ("--decode-sd-len", float)):
+        g.add_argument(flag, type=kind, default=None)
+    g.add_argument("--beam", type=int, default=4)
+    g.add_argument("--len-a", type=float, default=1.0, help="decoding length limit a|s|+b")
+    g.add_argument("--len-b", type=int, default=0)
+    args = ap.parse_args(argv)
+    shapes = SHAPES[shape_key(args.preset)]
+    for names, key in ((("batch", "src_len", "tgt_len", "vocab"), "batch"),
+                       (("lm_batch", "bptt", "lm_vocab", "lm_size"), "lm"),
+                       (("decode_sentences", "decode_batch", "decode_mean_len", "decode_sd_len"), "decode")):
+        for name, default in zip(names, shapes[key]):
+            if getattr(args, name) is None:
+                setattr(args, name, default)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(args.models) - set(ARCHS))
+    if unknown:
+        ap.error(f"--models: unknown {unknown}; valid: {', '.join(ARCHS)}")
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error("--repeats must be >= 1 and --warmup >= 0")
+    return args
 
 
 def main(argv=None) -> list[dict]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="transformer_base")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default="auto")
-    ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--src-len", type=int, default=50)
-    ap.add_argument("--tgt-len", type=int, default=50)
-    ap.add_argument("--vocab", type=int, default=37000)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    args = ap.parse_args(argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{args.preset}.yaml"))
-    if cfg["name"] != "transformer":
-        raise SystemExit(f"--preset {args.preset}: the plain-PyTorch baseline here is nn.Transformer")
-    task = SimpleNamespace(family="translation", src_vocab_size=args.vocab, tgt_vocab_size=args.vocab)
-    g = torch.Generator().manual_seed(0)
-    src = torch.randint(4, args.vocab, (args.batch, args.src_len), generator=g)
-    tgt = torch.randint(4, args.vocab, (args.batch, args.tgt_len + 1), generator=g)
-    batch = (src, torch.full((args.batch,), args.src_len), tgt[:, :-1], tgt[:, 1:])
     precision, _ = autocast_for(device, args.precision)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    ceiling = matmul_ceiling(device, dtype, n=8192 if device.type == "cuda" else 1024)
+    ceiling = None
+    if device.type == "cuda":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        ceiling = matmul_ceiling(device, dtype)
+    suites = SUITES if args.suite == "all" else (args.suite,)
     rows = []
-    for name, make in [
-        ("plain nn.Transformer", lambda: PlainTransformer(args.vocab, cfg["d_model"], cfg["n_heads"], cfg["n_layers"],
-                                                           cfg["d_ff"], cfg.get("dropout", 0.1))),
-        (f"seqbench {args.preset}", lambda: models.build(cfg, task)),
-    ]:
-        torch.manual_seed(0)
-        r = time_training(make(), batch, device=device, precision=precision, compile_model=args.compile,
-                          steps=args.steps, warmup=args.warmup)
-        r.update(name=name, mfu=r["flops"] / r["median_s"] / ceiling)
-        rows.append(r)
-    base = rows[0]["tokens_per_s"]
-    print(f"device={device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}) precision={precision} "
-          f"compile={args.compile} batch={args.batch}x({args.src_len}+{args.tgt_len}) vocab={args.vocab} torch={torch.__version__}")
-    print(f"matmul ceiling: {ceiling / 1e12:.1f} TFLOP/s")
-    print(f"{'model':32s} {'ms/step (min-max)':>22s} {'tgt tok/s':>12s} {'ratio':>7s} {'MFU':>6s}")
-    for r in rows:
-        print(f"{r['name']:32s} {r['median_s'] * 1e3:8.1f} ({r['min_s'] * 1e3:.1f}-{r['max_s'] * 1e3:.1f}) "
-              f"{r['tokens_per_s']:12,.0f} {r['tokens_per_s'] / base:7.2f} {r['mfu']:6.1%}")
+    for suite in suites:
+        steps = args.steps or (10 if suite == "lm" else 3)
+        run = {"train": train_suite, "lm": lm_suite, "decode": decode_suite}[suite]
+        rows += run(argparse.Namespace(**{**vars(args), "steps": steps}), device, precision, ceiling)
+    meta = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
+            "precision": precision, "compile": args.compile, "torch": torch.__version__, "preset": args.preset,
+            "git_commit": git_commit(), "ceiling_flops": ceiling,
+            "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda"
+            else "CPU allocator events from torch.profiler(profile_memory=True)",
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+    print(report(rows, meta))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return rows
 
 
