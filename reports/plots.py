@@ -32,7 +32,8 @@ SHADES = (-0.35, 0.4, -0.6, 0.65, -0.15, 0.2)  # variants: towards black (<0) or
 QUALITY = {"translation": ("test_bleu", "test BLEU", True), "lm": ("test_ppl", "test perplexity", False),
            "probe": ("test_accuracy", "test accuracy", True)}
 # validation curves: the first column with data, per family
-CURVE = {"translation": [("valid_bleu_greedy", "valid BLEU (greedy)")], "lm": [("valid_ppl", "valid perplexity")],
+CURVE = {"translation": [("valid_bleu_greedy", "valid BLEU (greedy)"), ("valid_ppl", "valid perplexity")],
+         "lm": [("valid_ppl", "valid perplexity")],
          "probe": [("valid_accuracy", "valid accuracy"), ("valid_ppl", "valid perplexity")]}
 AXIS = {"train_flops": "training FLOPs", "train_seconds": "train seconds", "parameters": "parameters"}
 TABLE1 = ("path_length", "throughput_by_length")  # plots of the analysis records, shown with Table 1

@@ -492,3 +492,15 @@ def test_html_renders_in_a_headless_browser(built, tmp_path):
     assert probe["text"], "the run named like a script must show as text"
     assert len(probe["images"]) == len(PLOTS) and all(i["ok"] and i["w"] > 100 for i in probe["images"])
     assert [line for line in run.stderr.splitlines() if ":CONSOLE" in line] == []
+
+
+def test_translation_curves_without_greedy_bleu_fall_back_to_perplexity(tmp_path):
+    """A sweep that skips the greedy validation BLEU (trainer.valid_bleu=false) still gets its learning-curve panel."""
+    rec = record("transformer", "multi30k", 1, scores=(20.0, 50.0))
+    rec["curves"]["valid"] = [{"step": 10 * k, "train_seconds": 20.0 * k, "valid_ppl": 40.0 / k} for k in (1, 2, 3)]
+    root = tmp_path / "records"
+    write_records(root, [rec])
+    fig, _ = plots.learning_curves(reports.load([root]).curves)
+    assert fig is not None
+    (ax,) = [a for a in fig.axes if a.get_title()]
+    assert ax.get_title() == "multi30k" and ax.get_ylabel() == "valid perplexity"
