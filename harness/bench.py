@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from .bench_decode import NoEOS, RecomputePrefix, decode_batches, newstest_like_
 from .bench_timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary, sync,
                            time_interleaved)
 from .profile import count_flops
+from .record import cpu_name
 from .train import autocast_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,15 +326,7 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int = 8192, reps
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def git_commit() -> str | None:
