@@ -8,11 +8,13 @@ Suites (``--suite``):
 - ``train``: per architecture, one training step (forward, label-smoothed cross-entropy,
   backward, Adam step) of seqbench's model against its plain-PyTorch twin of the same size
   (``harness.baselines``), on the same random batch (``batch`` sentences of ``src_len`` +
-  ``tgt_len`` tokens, no padding, a shared vocabulary).
+  ``tgt_len`` tokens, no padding, a shared vocabulary). seqbench's step uses its trainer's
+  loss (``harness.loss``, fused backward), the baseline ``F.cross_entropy``; ``--plain-loss``
+  gives both ``F.cross_entropy`` and so compares the models alone.
 - ``lm``: seqbench's LSTM language model against the PyTorch examples' word-level language
   model at the example's size (emsize = nhid = 200, 2 layers, dropout 0.2, untied, bptt 35 x
-  batch 20, WikiText-2's 33,278 words), both with the example's loss (cross-entropy, no
-  smoothing) and Adam.
+  batch 20, WikiText-2's 33,278 words), with cross-entropy without smoothing (the example's
+  ``log_softmax`` + ``nll_loss``; seqbench's fused loss unless ``--plain-loss``) and Adam.
 - ``decode``: per architecture, beam search (beam 4, alpha 0.6) with the cached incremental
   decoder against the same search recomputing the whole prefix with the model's full forward
   at every step (``harness.bench_decode``), on random sources of newstest2014-like lengths
@@ -47,6 +49,7 @@ from models.common import PAD
 
 from .baselines import BASELINE_NAMES, WordLanguageModel, build_baseline
 from .bench_decode import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
+from .loss import smoothed_cross_entropy
 from .bench_timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary, sync,
                            time_interleaved)
 from .profile import count_flops
@@ -117,21 +120,28 @@ def training_step(model, loss_of, *, device, precision, compile_model):
     return step, opt, autocast
 
 
-def seq2seq_loss(batch, smoothing: float = 0.1):
+def seq2seq_loss(batch, smoothing: float = 0.1, fused: bool = False):
+    """Mean label-smoothed cross-entropy over the target tokens: seqbench's fused loss (``fused``, what its
+    trainer runs) or ``F.cross_entropy``."""
     src, lengths, tgt_in, tgt_out = batch
+    n_tokens = int((tgt_out != PAD).sum())
 
     def loss_of(fwd, autocast):
         with autocast():
             logits = fwd(src, lengths, tgt_in)
+        if fused:
+            return smoothed_cross_entropy(logits, tgt_out, smoothing, PAD) / n_tokens
         return F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD,
                                label_smoothing=smoothing)
     return loss_of
 
 
-def lm_loss(tokens, targets):
+def lm_loss(tokens, targets, fused: bool = False):
     def loss_of(fwd, autocast):
         with autocast():
             logits = fwd(tokens)
+        if fused:
+            return smoothed_cross_entropy(logits, targets) / targets.numel()
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     return loss_of
 
@@ -189,7 +199,7 @@ def train_suite(args, device, precision, ceiling) -> list[dict]:
     rows = []
     for arch, cfg in presets(args.preset, args.models):
         pair = [(lambda n: label(arch, cfg, n), lambda: models.build(cfg, translation_task(V)),
-                 lambda m: seq2seq_loss(batch)),
+                 lambda m: seq2seq_loss(batch, fused=not args.plain_loss)),
                 (lambda n: f"{BASELINE_NAMES[arch]} ({n / 1e6:.2f}M)", lambda: build_baseline(cfg, V),
                  lambda m: seq2seq_loss(batch))]
         row = compare_training("train", pair, B * T, args, device, precision, ceiling)
@@ -207,7 +217,7 @@ def lm_suite(args, device, precision, ceiling) -> list[dict]:
     cfg = {"name": "lstm", "preset": "wlm", "d_model": D, "n_layers": 2, "dropout": 0.2, "tie_output": False}
     task = SimpleNamespace(family="lm", vocab_size=V)
     pair = [(lambda n: f"seqbench LSTM LM ({n / 1e6:.2f}M)", lambda: models.build(cfg, task),
-             lambda m: lm_loss(tokens, targets)),
+             lambda m: lm_loss(tokens, targets, fused=not args.plain_loss)),
             (lambda n: f"examples word_language_model ({n / 1e6:.2f}M)", lambda: WordLanguageModel(V, D, D, 2, 0.2),
              lambda m: word_lm_loss(m, tokens, targets))]
     row = compare_training("lm", pair, B * T, args, device, precision, ceiling)
@@ -295,7 +305,8 @@ TITLES = {
 
 def report(rows: list[dict], meta: dict) -> str:
     out = [f"device={meta['device']} ({meta['device_name']}) threads={meta['threads']} precision={meta['precision']} "
-           f"compile={meta['compile']} torch={meta['torch']} preset={meta['preset']}",
+           f"compile={meta['compile']} torch={meta['torch']} preset={meta['preset']} seqbench loss="
+           f"{'F.cross_entropy' if meta['plain_loss'] else 'harness.loss (fused)'}",
            "tok/s = target tokens per second (median over rounds); ratio = seqbench / baseline speed (>1: seqbench "
            "faster); peak memory ratio = seqbench / baseline peak bytes of one call (resident state + the call's "
            f"peak allocation; {meta['memory_method']}); FLOP ratio = counted FLOPs per step, seqbench / baseline"]
@@ -346,6 +357,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (train and lm suites)")
+    ap.add_argument("--plain-loss", action="store_true",
+                    help="seqbench's training step with F.cross_entropy instead of its fused loss (compares the "
+                         "models alone)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds per pair")
     ap.add_argument("--steps", type=int, default=None, help="calls per round (default: 3 train, 10 lm)")
@@ -395,7 +409,8 @@ def main(argv=None) -> list[dict]:
         run = {"train": train_suite, "lm": lm_suite, "decode": decode_suite}[suite]
         rows += run(argparse.Namespace(**{**vars(args), "steps": steps}), device, precision, ceiling)
     meta = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
-            "precision": precision, "compile": args.compile, "torch": torch.__version__, "preset": args.preset,
+            "precision": precision, "compile": args.compile, "plain_loss": args.plain_loss, "torch": torch.__version__,
+            "preset": args.preset,
             "git_commit": git_commit(), "ceiling_flops": ceiling,
             "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda"
             else "CPU allocator events from torch.profiler(profile_memory=True)",

@@ -139,17 +139,9 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         check_eval_settings(cfg)  # before training, so a typo never costs a run
         rec["environment"] = {**record.environment(device), "processes": d.world}
         record.write(path, rec)
-        if cfg.trainer.get("threads"):
-            torch.set_num_threads(int(cfg.trainer.threads))
-        random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-        train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
-        task = tasks.build(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
-        rec["task"] = task.describe()
-        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        model = models.build(model_cfg, task)
+        train_cfg, task, model, identity = _build(cfg, rec)
         rec["model"] = {"name": cfg.model.name, "preset": cfg.model.get("preset"), "form": model.form,
                         "paper": cfg.model.get("paper"), "parameters": models.count_parameters(model)}
-        identity = {"model": model_cfg, "task": rec["task"]["name"], "vocab": _vocab(task)}
         if followers_waiting:
             distributed.broadcast(None)  # set-up done: the followers build the same task (cached tokenizer) and model
             followers_waiting = False
@@ -205,15 +197,7 @@ def _follow(cfg: DictConfig, d: distributed.Dist) -> dict:
         error = distributed.broadcast(None)
         if error is not None:
             raise RuntimeError(f"rank 0 failed while setting up the job: {error}")
-        if cfg.trainer.get("threads"):
-            torch.set_num_threads(int(cfg.trainer.threads))
-        random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-        train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
-        task = tasks.build(OmegaConf.to_container(cfg.task, resolve=True),
-                           OmegaConf.to_container(cfg.data, resolve=True))
-        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        model = models.build(model_cfg, task)
-        identity = {"model": model_cfg, "task": task.describe()["name"], "vocab": _vocab(task)}
+        train_cfg, task, model, identity = _build(cfg)
         trainer = Trainer(model, task, train_cfg, out_dir, device, seed=cfg.seed, identity=identity,
                           should_stop=StopFlag(), dist=d)
         try:
@@ -223,6 +207,26 @@ def _follow(cfg: DictConfig, d: distributed.Dist) -> dict:
         return {"status": "ok", "rank": d.rank, "steps": progress.step}
     finally:
         distributed.shutdown()
+
+
+def _build(cfg: DictConfig, rec: dict | None = None):
+    """Threads, seeds, trainer settings, task, model and checkpoint identity of a job, the same on every rank.
+
+    ``rec`` (rank 0's record) gets the task's description as soon as the task exists, so a
+    failed model build still records which task it was for.
+    """
+    if cfg.trainer.get("threads"):
+        torch.set_num_threads(int(cfg.trainer.threads))
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+    train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    task = tasks.build(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
+    described = task.describe()
+    if rec is not None:
+        rec["task"] = described
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model = models.build(model_cfg, task)
+    identity = {"model": model_cfg, "task": described["name"], "vocab": _vocab(task)}
+    return train_cfg, task, model, identity
 
 
 def _vocab(task) -> dict:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import models
@@ -22,6 +21,7 @@ import models
 from . import checkpoint, distributed
 from .distributed import SINGLE, Dist
 from .io import remove_stale_temps
+from .loss import smoothed_cross_entropy
 from .probes import evaluate_probe
 from .evaluate import evaluate_translation, mean_nll, sync
 
@@ -204,8 +204,7 @@ class Trainer:
         """
         with self.autocast():
             logits = self.forward(**batch.inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(), ignore_index=batch.ignore_index,
-                               label_smoothing=self.cfg.label_smoothing, reduction="sum")
+        loss = smoothed_cross_entropy(logits, batch.target, self.cfg.label_smoothing, batch.ignore_index)
         self.scaler.scale(loss * (self.dist.world / (n_tokens or batch.n_tokens))).backward()
         if self.cfg.clip_norm > 0:
             self.scaler.unscale_(self.opt)

@@ -7,6 +7,7 @@ perplexity is per word, ``<eos>`` included.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,10 @@ class LMTask:
         return len(self.streams[split]) - 1
 
     def batches(self, split: str, max_tokens: int, epoch: int = 0, shuffle: bool = False, seed: int = 0) -> list[Batch]:
+        if max_tokens < self.bptt:
+            warnings.warn(f"batches of at most {max_tokens} tokens are smaller than one task.bptt={self.bptt} "
+                          f"sequence: each batch holds one {self.bptt}-token sequence; raise trainer.max_tokens "
+                          f"(or eval.max_tokens) to a multiple of {self.bptt}, or lower task.bptt", stacklevel=2)
         batch_size = max(1, max_tokens // self.bptt)
         return lm_batches(self.streams[split], self.bptt, batch_size, shuffle, seed, epoch)
 

@@ -106,6 +106,8 @@ def test_lm_batches_predict_every_token_once(data_root):
     assert sum(b.n_tokens for b in batches) == t.n_predicted("valid")
     first = batches[0]
     assert (first.inputs["tokens"][0, 1:] == first.target[0, :-1]).all()
+    with pytest.warns(UserWarning, match="smaller than one task.bptt=50 sequence"):
+        assert {b.target.shape for b in t.batches("valid", 30)[:-1]} == {(1, 50)}
 
 
 def test_synthetic_reverse_is_reversed():

@@ -8,8 +8,10 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from harness import job
+from harness.loss import smoothed_cross_entropy
 from harness.train import TrainConfig, lr_factor
 from tests.conftest import ROOT
 from tests.test_models import ARCHS
@@ -65,6 +67,40 @@ def test_nan_loss_fails_the_job_with_the_step(make_cfg, tmp_path):
 def test_no_budget_is_a_clear_error():
     with pytest.raises(ValueError, match="no training budget"):
         TrainConfig(max_seconds=None)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_fused_loss_matches_cross_entropy_in_value_and_gradient(smoothing):
+    torch.manual_seed(0)
+    logits = torch.randn(5, 7, 11, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 11, (5, 7))
+    target[0, :3] = target[4, 6] = 1  # ignored positions
+    ref = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=1, label_smoothing=smoothing,
+                          reduction="sum")
+    (ref_grad,) = torch.autograd.grad(ref * 0.3, logits)
+    ours = smoothed_cross_entropy(logits, target, smoothing, ignore_index=1)
+    (grad,) = torch.autograd.grad(ours * 0.3, logits)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-9)
+    assert grad[0, :3].abs().max() == 0 and grad[4, 6].abs().max() == 0
+
+
+def test_fused_loss_takes_low_precision_logits_and_refuses_a_second_backward():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 9, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, 9, (6,))
+    loss = smoothed_cross_entropy(logits, target, 0.1)
+    ref = F.cross_entropy(logits.float(), target, label_smoothing=0.1, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    loss.backward(retain_graph=True)
+    assert logits.grad.dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        loss.backward()
+    with pytest.raises(ValueError, match=r"label smoothing must be in \[0, 1\)"):
+        smoothed_cross_entropy(logits, target, 1.0)
+    with pytest.raises(ValueError, match="disagree"):
+        smoothed_cross_entropy(logits, target[:5], 0.1)
 
 
 def test_inverse_sqrt_schedule_matches_the_paper():

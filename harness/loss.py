@@ -1,0 +1,68 @@
+"""Label-smoothed cross-entropy with a fused backward pass: the training loss of every seqbench job.
+
+Same value and gradient as ``F.cross_entropy(logits.float(), target, ignore_index=...,
+label_smoothing=eps, reduction="sum")`` (``tests/test_train.py`` checks both), computed with less
+work over the (tokens x vocabulary) matrix, which is the largest tensor of a translation or
+language-model step. For row i with target y_i (rows whose target is ``ignore_index`` count
+zero) and log-probabilities lp = log_softmax(z_i):
+
+    loss_i = -(1 - eps) lp[y_i] - (eps / V) sum_v lp[v]
+    d loss_i / d z_i = softmax(z_i) - q_i,   q_i = (1 - eps) onehot(y_i) + eps / V
+
+PyTorch's autograd reaches that gradient in four passes over the matrix (a zero-filled
+gradient for the NLL term, an expanded one for the smoothing term, their sum, and the
+log-softmax backward); here the backward is ``exp`` of the saved log-probabilities, one
+subtract-and-scale pass and a scatter into the target column. The log-softmax is taken in
+fp32 from logits of any dtype (no fp32 copy of bf16/fp16 logits is kept), and the gradient
+comes back in the logits' dtype.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class _SmoothedCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, smoothing: float, ignore_index: int) -> torch.Tensor:
+        logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (N,V)
+        keep = target != ignore_index
+        safe = target.masked_fill(~keep, 0)
+        per_row = logp.gather(1, safe[:, None]).squeeze(1) * (1.0 - smoothing)
+        if smoothing:
+            per_row = per_row + logp.sum(dim=-1) * (smoothing / logp.size(1))
+        ctx.save_for_backward(logp, safe, keep)
+        ctx.smoothing, ctx.dtype, ctx.spent = smoothing, logits.dtype, False
+        return -(per_row * keep).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.spent:
+            raise RuntimeError("smoothed_cross_entropy's backward reuses its saved log-probabilities as the gradient "
+                               "and runs once per forward; to backpropagate twice (retain_graph=True), compute "
+                               "the loss again or use F.cross_entropy")
+        ctx.spent = True
+        logp, safe, keep = ctx.saved_tensors
+        eps, V = ctx.smoothing, logp.size(1)
+        weight = (keep * grad_out)[:, None].float()  # (N,1): d loss / d loss_i
+        grad = logp.exp_()  # in place: the log-probabilities' memory becomes the gradient's
+        if eps:
+            grad.sub_(eps / V)
+        grad.mul_(weight)
+        grad.scatter_add_(1, safe[:, None], weight * -(1.0 - eps))
+        return grad.to(ctx.dtype), None, None, None
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0,
+                           ignore_index: int = -100) -> torch.Tensor:
+    """Summed label-smoothed cross-entropy of ``logits`` (..., V) against ``target`` (...), ignored targets excluded.
+
+    ``smoothing`` in [0, 1): the weight of the uniform distribution over the vocabulary in the
+    target distribution (``label_smoothing`` of ``F.cross_entropy``). Returns an fp32 scalar.
+    """
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"label smoothing must be in [0, 1); got {smoothing}")
+    if logits.shape[:-1] != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree: logits must be "
+                         "the target's shape plus a vocabulary dimension")
+    return _SmoothedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), target.reshape(-1), float(smoothing),
+                                       int(ignore_index))
