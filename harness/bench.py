@@ -22,8 +22,9 @@ Suites (``--suite``):
   eval mode, under ``--precision``'s autocast, never compiled.
 
 ``--preset``: ``small`` (the CPU comparison presets, ``conf/model/<arch>.yaml``), ``tiny`` (the
-same structure at test size: the ``*_tiny.yaml`` presets differ in structure) or any preset
-file name (``transformer_base``: that architecture only). Timing (``harness.bench_timing``):
+same structure at test size: the ``*_tiny.yaml`` presets differ in structure), ``paper`` (each
+architecture at its published size, ``PAPER``; 256 sentences x (50 + 50) tokens, 37k
+vocabulary) or any preset file name (``transformer_base``: that architecture only). Timing (``harness.bench_timing``):
 ``warmup`` calls each, then ``repeats`` interleaved rounds of ``steps`` calls each; the median
 over rounds, the spread as the interquartile range and the min-max of the per-round ratio.
 Tokens are target tokens: those scored by the loss (train, lm) or generated (decode). Ratios
@@ -70,11 +71,23 @@ SHAPES = {
 
 
 # -- configs ------------------------------------------------------------------------------------
+# --preset paper: each architecture at its published size, with what its plain twin lacks replaced by the
+# nearest thing it has (GNMT-sized RNNs: Luong attention, every encoder layer bidirectional, no residual
+# connections; ConvS2S: one shared vocabulary)
+RNN_AT_GNMT_SIZE = {"attention": "luong", "residual_from": None, "n_bidirectional_layers": None,
+                    "share_embeddings": True, "preset": "gnmt-size"}
+PAPER = {"transformer": ("transformer_base", {}),
+         "lstm": ("lstm_gnmt", RNN_AT_GNMT_SIZE),
+         "gru": ("lstm_gnmt", {**RNN_AT_GNMT_SIZE, "name": "gru"}),
+         "convs2s": ("convs2s_wmt_en_de", {"share_embeddings": True}),
+         "bytenet": ("bytenet_mt", {})}
+
+
 def load_preset(name: str) -> dict:
     path = ROOT / "conf" / "model" / f"{name}.yaml"
     if not path.is_file():
         valid = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise SystemExit(f"--preset {name}: no such preset; use tiny, small or one of {', '.join(valid)}")
+        raise SystemExit(f"--preset {name}: no such preset; use tiny, small, paper or one of {', '.join(valid)}")
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
@@ -88,6 +101,8 @@ def presets(preset: str, archs: list[str]) -> list[tuple[str, dict]]:
                 cfg.update({k: v for k, v in TINY.items() if k in cfg}, preset="tiny")
             out.append((arch, cfg))
         return out
+    if preset == "paper":
+        return [(arch, {**load_preset(PAPER[arch][0]), **PAPER[arch][1]}) for arch in archs]
     cfg = load_preset(preset)
     return [(cfg["name"], cfg)]
 
@@ -352,7 +367,9 @@ def git_commit() -> str | None:
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", default="train", choices=[*SUITES, "all"])
-    ap.add_argument("--preset", default="small", help="tiny, small or a preset file name (e.g. transformer_base)")
+    ap.add_argument("--preset", default="small",
+                    help="tiny, small, paper (every architecture at its published size) or a preset file name "
+                         "(e.g. transformer_base: that architecture only)")
     ap.add_argument("--models", default=",".join(ARCHS), help="comma-separated architectures (tiny/small presets)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="auto")

@@ -170,6 +170,16 @@ def test_parameter_counts_agree(arch, preset, vocab):
                         "bytenet": 8_575_872}[arch]
 
 
+@pytest.mark.parametrize("arch", bench.ARCHS)
+def test_paper_sizes_have_twins_of_equal_size(arch):
+    (_, cfg), = bench.presets("paper", [arch])
+    with torch.device("meta"):  # published sizes: count without allocating
+        sb, base = build_pair(arch, cfg, 37000)
+    assert models.count_parameters(sb) == models.count_parameters(base)
+    assert models.count_parameters(sb) > {"transformer": 60e6, "lstm": 150e6, "gru": 100e6, "convs2s": 150e6,
+                                          "bytenet": 100e6}[arch]
+
+
 def test_lm_parameter_counts_agree_at_the_examples_size():
     cfg = {"name": "lstm", "d_model": 200, "n_layers": 2, "dropout": 0.2, "tie_output": False}
     n_sb = models.count_parameters(models.build(cfg, SimpleNamespace(family="lm", vocab_size=33278)))
