@@ -5,9 +5,11 @@
 position's logits. It has the ``encode``/``decode_step`` interface, and its state (source,
 lengths, prefix) is batch-first, so ``harness.decode.beam_search`` runs it unchanged and
 reorders it like any cache: both modes do the same search and, as the tests check, find the
-same hypotheses. ``NoEOS`` masks the end-of-sentence token so that every hypothesis runs to
-its length limit: an untrained model stops at random, and the benchmark should time the same,
-realistic number of steps in both modes.
+same hypotheses. None of its entries is named ``src_*``, so the search reorders all of them at
+every step: the comparison also checks the cached search, which moves the per-sentence
+``src_*`` entries only when it drops sentences. ``NoEOS`` masks the end-of-sentence token so
+that every hypothesis runs to its length limit: an untrained model stops at random, and the
+benchmark should time the same, realistic number of steps in both modes.
 """
 from __future__ import annotations
 
@@ -27,12 +29,12 @@ class RecomputePrefix:
         self.max_target_positions = getattr(model, "max_target_positions", None)
 
     def encode(self, src, src_lengths):
-        return {"src": src, "src_lengths": src_lengths, "prefix": src.new_empty(src.size(0), 0)}
+        return {"source": src, "lengths": src_lengths, "prefix": src.new_empty(src.size(0), 0)}
 
     def decode_step(self, prev, state, step):
         """prev (B,) -> logits (B,V) of position ``step``, from forward(src, lengths, prefix (B,step+1))."""
         prefix = torch.cat([state["prefix"], prev[:, None]], dim=1)
-        logits = self.model(state["src"], state["src_lengths"], prefix)[:, -1]
+        logits = self.model(state["source"], state["lengths"], prefix)[:, -1]
         return logits, {**state, "prefix": prefix}
 
 

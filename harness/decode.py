@@ -2,12 +2,17 @@
 
 Works for every ``Seq2Seq`` model: it only calls ``encode``, ``decode_step``
 and reorders the decoder state with ``reorder_state``, so each prefix is
-computed once (cached), never recomputed.
+computed once (cached), never recomputed. Beam search moves the per-sentence
+(``src_*``) state entries only when it drops finished sentences. Parametrized
+weights (ConvS2S's weight normalisation) are computed once per search
+(``torch.nn.utils.parametrize.cached``), not at every step; the cache ends with
+the search, so weights updated by training are never stale.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from models.common import BOS, EOS, reorder_state
 
@@ -23,6 +28,7 @@ def length_penalty(length: int, alpha: float) -> float:
 
 
 @torch.no_grad()
+@parametrize.cached()
 def greedy(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: list[int]) -> list[list[int]]:
     """Arg-max decoding. Returns token ids per sentence, without BOS/EOS."""
     state = model.encode(src, src_lengths)
@@ -41,12 +47,15 @@ def greedy(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: list[in
                 keep.append(row)
         if not keep:
             break
-        idx = torch.tensor(keep, device=src.device)
-        state, prev, active = reorder_state(state, idx), tok[idx], [active[r] for r in keep]
+        if len(keep) < len(active):
+            idx = torch.tensor(keep, device=src.device)
+            state, tok, active = reorder_state(state, idx), tok[idx], [active[r] for r in keep]
+        prev = tok
     return out
 
 
 @torch.no_grad()
+@parametrize.cached()
 def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: list[int], beam: int = 4,
                 lenpen: float = 0.6) -> list[list[int]]:
     """Batched beam search; a sentence ends once it has ``beam`` finished hypotheses.
@@ -97,7 +106,8 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: li
             break
         idx = torch.tensor(rows, device=dev)
         prev = torch.tensor(toks, device=dev)
-        state, hist = reorder_state(state, idx), torch.cat([hist[idx], prev[:, None]], dim=1)
+        state = reorder_state(state, idx, within_sentences=len(keep_sents) == len(sents))
+        hist = torch.cat([hist[idx], prev[:, None]], dim=1)
         scores = torch.tensor(new_scores, device=dev).view(len(keep_sents), K)
         sents = keep_sents
     return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Dropout, LanguageModel, Seq2Seq, causal_conv_pad, check_odd_kernel, padding_mask
+from .common import Dropout, LanguageModel, Seq2Seq, causal_conv_pad, check_odd_kernel, conv_step, padding_mask
 
 
 class ResidualBlock(nn.Module):
@@ -58,7 +58,7 @@ class ResidualBlock(nn.Module):
     def step(self, x, buf):
         """One new position x (B,1,D) with buf (B,D/2,left) of past conv inputs -> (y, new buf)."""
         h = torch.cat([buf, self.conv_input(x)], dim=2)  # (B,D/2,left+1)
-        return self.finish(x, self.conv(h)), h[:, :, 1:]
+        return self.finish(x, conv_step(self.conv, h)[:, :, None]), h[:, :, 1:]
 
 
 def make_blocks(n_layers, d_model, kernel_size, dilations, dropout, causal) -> nn.ModuleList:
@@ -142,14 +142,14 @@ class ByteNet(Seq2Seq):
 
     def encode(self, src, src_lengths):
         memory = self.run_encoder(src, src_lengths)
-        state = {"memory": memory}
+        state = {"src_memory": memory}
         for i, block in enumerate(self.decoder):
             state[f"buf{i}"] = memory.new_zeros(memory.size(0), block.conv.in_channels, block.left)
         return state
 
     def decode_step(self, prev, state, step):
         """prev (B,) tokens at position ``step`` -> logits (B,V) for that position."""
-        memory = state["memory"]
+        memory = state["src_memory"]
         if step < memory.size(1):
             source = memory[:, step : step + 1]  # (B,1,D)
         else:

@@ -18,6 +18,14 @@ as dimension 0, so one beam search can reorder any model's cache with
 :func:`reorder_state`. ``decode_step`` at ``step=t`` receives ``tgt_in[:, t]``
 and must return exactly ``forward(...)[:, t]``.
 
+Entries named ``src_*`` (:data:`SOURCE_PREFIX`) are per sentence: ``encode``
+computes them from the source alone and ``decode_step`` passes them on
+unchanged. Every other entry is per hypothesis: ``decode_step`` may replace it.
+Beam search repeats each sentence's rows for its hypotheses, so the ``src_*``
+rows of one sentence's hypotheses are equal; while it only permutes hypotheses
+within their sentences it leaves them in place (``reorder_state(...,
+within_sentences=True)``), and selects them only when it drops sentences.
+
 Every language model (``LanguageModel``) implements ``forward(tokens (B,T))
 -> logits (B,T,V)`` as ``head(blocks(embed(tokens)))`` where ``mixing_blocks()``
 returns the ordered position-mixing blocks, each ``(B,T,D) -> (B,T,D)``.
@@ -32,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
+SOURCE_PREFIX = "src_"  # names of the per-sentence decoder-state entries
 
 
 class Seq2Seq(nn.Module):
@@ -88,9 +97,28 @@ class LanguageModel(nn.Module):
         return self.head(x)
 
 
-def reorder_state(state: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Select rows ``index`` (dim 0) of every tensor in a decoder state."""
-    return {k: v.index_select(0, index) for k, v in state.items()}
+def reorder_state(state: dict[str, torch.Tensor], index: torch.Tensor, *,
+                  within_sentences: bool = False) -> dict[str, torch.Tensor]:
+    """Select rows ``index`` (dim 0) of every tensor in a decoder state.
+
+    ``within_sentences=True`` promises that, for every ``r``, rows ``r`` and ``index[r]`` are hypotheses
+    of the same sentence (the index permutes or repeats hypotheses within their sentences and drops no
+    sentence), so their per-sentence (``src_*``) entries are equal and are kept as they are; only the
+    per-hypothesis entries are selected.
+    """
+    return {k: v if within_sentences and k.startswith(SOURCE_PREFIX) else v.index_select(0, index)
+            for k, v in state.items()}
+
+
+def conv_step(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
+    """Output of ``conv`` at the last position of ``window`` (B,C_in,(k-1)d+1) -> (B,C_out).
+
+    One output position is a matrix product: the k taps (every d-th input, d the dilation), flattened
+    channel-major to (B, C_in k) as the weight (C_out, C_in, k) flattens to (C_out, C_in k). On CPU this
+    is several times faster than ``conv`` over the window.
+    """
+    taps = window[:, :, :: conv.dilation[0]]  # (B,C_in,k)
+    return F.linear(taps.reshape(taps.size(0), -1), conv.weight.flatten(1), conv.bias)
 
 
 def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

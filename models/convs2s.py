@@ -16,8 +16,10 @@ std 0.1, zero biases, weight normalisation on every convolution and linear layer
 Encoder convolutions are centred and padding positions are zeroed before each
 one, so extra source padding changes nothing; decoder convolutions are causal
 and ``decode_step`` keeps the last k-1 inputs of each layer, never recomputing
-the prefix. The language model is the decoder without attention or positions:
-a causal gated convolutional network in the style of Dauphin et al. (2017).
+the prefix; its convolution at the new position is one matrix product over the
+k-tap window (``conv_step``). The language model is the decoder without
+attention or positions: a causal gated convolutional network in the style of
+Dauphin et al. (2017).
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Dropout, LanguageModel, LearnedPositions, Seq2Seq, check_odd_kernel, padding_mask
+from .common import Dropout, LanguageModel, LearnedPositions, Seq2Seq, check_odd_kernel, conv_step, padding_mask
 
 SQRT_HALF = math.sqrt(0.5)
 
@@ -92,8 +94,8 @@ class GLUConv(nn.Module):
         self.pad = (kernel_size - 1, 0) if causal else ((kernel_size - 1) // 2, kernel_size // 2)
 
     def step(self, window: torch.Tensor) -> torch.Tensor:
-        """The output for the last of exactly k inputs: (B,k,C_in) -> (B,1,C)."""
-        return F.glu(self.conv(window.transpose(1, 2)), dim=1).transpose(1, 2)
+        """The output for the last of exactly k inputs: (B,C_in,k) -> (B,1,C)."""
+        return F.glu(conv_step(self.conv, window), dim=-1)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(F.pad(x.transpose(1, 2), self.pad))  # (B,2C,T)
@@ -163,9 +165,9 @@ class DecoderLayer(nn.Module):
         return self.block(x, self.conv(self.drop(x)), g, memory)
 
     def step(self, x, buffer, g=None, memory=None):
-        """One position x (B,1,C_in) after the previous k-1 inputs ``buffer`` (B,k-1,C_in)."""
-        window = torch.cat([buffer, x], dim=1)  # (B,k,C_in)
-        return self.block(x, self.conv.step(self.drop(window)), g, memory), window[:, 1:]
+        """One position x (B,1,C_in) after the previous k-1 inputs ``buffer`` (B,C_in,k-1)."""
+        window = torch.cat([buffer, x.transpose(1, 2)], dim=2)  # (B,C_in,k)
+        return self.block(x, self.conv.step(self.drop(window)), g, memory), window[:, :, 1:]
 
 
 class OutputHead(nn.Module):
@@ -256,16 +258,16 @@ class ConvS2S(Seq2Seq):
         return self.head(x)
 
     def encode(self, src, src_lengths):
-        state = dict(zip(("z", "ze", "src_pad", "src_scale"), self.run_encoder(src, src_lengths)))
+        state = dict(zip(("src_z", "src_ze", "src_pad", "src_scale"), self.run_encoder(src, src_lengths)))
         for i, layer in enumerate(self.decoder):
             conv = layer.conv
             c_in = conv.conv.in_channels
-            state[f"buf{i}"] = state["z"].new_zeros(src.size(0), conv.kernel_size - 1, c_in)  # (B,k-1,C_in)
+            state[f"buf{i}"] = state["src_z"].new_zeros(src.size(0), c_in, conv.kernel_size - 1)  # (B,C_in,k-1)
         return state
 
     def decode_step(self, prev, state, step):
         """prev (B,) tokens at position ``step`` -> logits (B,V) for that position."""
-        memory = Memory(state["z"], state["ze"], state["src_pad"], state["src_scale"])
+        memory = Memory(state["src_z"], state["src_ze"], state["src_pad"], state["src_scale"])
         state = dict(state)
         g = self.tgt_embed(prev[:, None], offset=step)  # (B,1,E)
         x = self.dec_in(g)  # (B,1,C)

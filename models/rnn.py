@@ -142,7 +142,8 @@ class RNNSeq2Seq(Seq2Seq):
             x, final = layer.run(x)
             finals.append(final)
         memory, _ = pad_packed_sequence(x, batch_first=True, total_length=src.size(1))  # (B,S,D)
-        state = {"memory": memory, "keys": self.attn.keys(memory), "pad_mask": padding_mask(src_lengths, src.size(1))}
+        state = {"src_memory": memory, "src_keys": self.attn.keys(memory),
+                 "src_pad": padding_mask(src_lengths, src.size(1))}
         for k, (name, bridge) in enumerate(zip(self.state_names, self.bridge)):
             enc = torch.stack([finals[j][k] for j in self.bridge_from], dim=1)  # (B,L_dec,D)
             state[name] = torch.tanh(bridge(enc))
@@ -151,7 +152,7 @@ class RNNSeq2Seq(Seq2Seq):
         return state
 
     def attend(self, q, state):
-        return self.attn(q, state["keys"], state["memory"], state["pad_mask"])
+        return self.attn(q, state["src_keys"], state["src_memory"], state["src_pad"])
 
     def attentional(self, context, h):
         """tanh(W_c [c; h]) (B,T,D), the attentional vector fed to the output layer."""

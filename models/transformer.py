@@ -201,11 +201,11 @@ class TransformerSeq2Seq(Seq2Seq):
 
     def encode(self, src, src_lengths):
         memory, mask = self.run_encoder(src, src_lengths)
-        state = {"mem_mask": mask}
+        state = {"src_mask": mask}
         B, H = src.size(0), self.decoder[0].self_attn.h
         empty = memory.new_zeros(B, H, 0, self.decoder[0].self_attn.dh)
         for i, layer in enumerate(self.decoder):
-            state[f"ck{i}"], state[f"cv{i}"] = layer.cross_attn.project_kv(memory)
+            state[f"src_k{i}"], state[f"src_v{i}"] = layer.cross_attn.project_kv(memory)
             state[f"k{i}"], state[f"v{i}"] = empty, empty
         return state
 
@@ -218,7 +218,7 @@ class TransformerSeq2Seq(Seq2Seq):
                 out, state[f"k{i}"], state[f"v{i}"] = layer.self_attn.step(z, state[f"k{i}"], state[f"v{i}"])
                 return out
             y = layer.r[0](y, self_attn)
-            y = layer.r[1](y, lambda z: layer.cross(z, state[f"ck{i}"], state[f"cv{i}"], state["mem_mask"]))
+            y = layer.r[1](y, lambda z: layer.cross(z, state[f"src_k{i}"], state[f"src_v{i}"], state["src_mask"]))
             y = layer.r[2](y, layer.ff)
         return self.proj(self.dec_norm(y))[:, 0], state
 

@@ -1,6 +1,7 @@
 """Scoring and decoding: sacreBLEU parity, perplexity, beam search."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -10,11 +11,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 import models
 import tasks
+from harness.bench_decode import NoEOS, RecomputePrefix
 from harness.decode import beam_search, greedy, max_lengths
 from harness.evaluate import evaluate_lm, score_translations
+from models.common import BOS, SOURCE_PREFIX, reorder_state
 from tests.test_models import ARCHS, build, preset
 
 
@@ -53,16 +57,103 @@ def test_perplexity_is_exp_of_mean_nll(data_root):
     assert math.isclose(got["perplexity"], math.exp(nll / n), rel_tol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_beam_size_one_equals_greedy(arch):
-    model = build(arch, "translation")
-    g = torch.Generator().manual_seed(5)
+def sources(seed=5):
+    """Six padded sources (B,S) of lengths 9, 8, 7, 5, 3, 2 and their lengths (B,)."""
+    g = torch.Generator().manual_seed(seed)
     src = torch.randint(4, 23, (6, 9), generator=g)
     lengths = torch.tensor([9, 8, 7, 5, 3, 2])
     for b, n in enumerate(lengths):
         src[b, n:] = 0
+    return src, lengths
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_beam_size_one_equals_greedy(arch):
+    model = build(arch, "translation")
+    src, lengths = sources()
     limits = max_lengths(lengths, 1.5, 3)
     assert beam_search(model, src, lengths, limits, beam=1) == greedy(model, src, lengths, limits)
+
+
+class Spy:
+    """Passes decoding through to ``decoder``, recording at each step the rows, the storage of each
+    per-sentence (``src_*``) state entry, and the logits."""
+
+    def __init__(self, decoder):
+        self.decoder, self.steps = decoder, []
+
+    def encode(self, src, src_lengths):
+        return self.decoder.encode(src, src_lengths)
+
+    def decode_step(self, prev, state, step):
+        logits, new_state = self.decoder.decode_step(prev, state, step)
+        source = {k: v.data_ptr() for k, v in state.items() if k.startswith(SOURCE_PREFIX)}
+        self.steps.append((prev.size(0), source, logits))
+        return logits, new_state
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("eos", [True, False])
+def test_beam_search_moves_per_sentence_state_only_when_sentences_end(arch, eos, monkeypatch):
+    """Sentences ending at different steps give the hypotheses of reordering the whole state at every step,
+    and of recomputing the prefix; the ``src_*`` entries are copied only at the steps that drop sentences."""
+    model = build(arch, "translation")
+    src, lengths = sources()
+    limits = max_lengths(lengths, 1.5, 3)  # 16, 15, 13, 10, 7, 6: without EOS each sentence ends at its own step
+    wrap = (lambda d: d) if eos else NoEOS
+    spy = Spy(wrap(model))
+    hyps = beam_search(spy, src, lengths, limits, beam=3)
+    assert hyps == beam_search(wrap(RecomputePrefix(model)), src, lengths, limits, beam=3)
+    with monkeypatch.context() as m:  # the search as it was: every entry reordered at every step
+        m.setattr("harness.decode.reorder_state", lambda state, index, **_: reorder_state(state, index))
+        assert hyps == beam_search(wrap(model), src, lengths, limits, beam=3)
+    rows = [r for r, _, _ in spy.steps]
+    assert any(b < a for a, b in zip(rows, rows[1:-1]))  # a sentence ended while others went on
+    if not eos:
+        assert [len(h) for h in hyps] == limits
+    for (a, before, _), (b, after, _) in zip(spy.steps, spy.steps[1:]):
+        moved = [before[k] != after[k] for k in before]
+        assert all(moved) if b < a else not any(moved)
+
+
+def test_decoding_computes_each_weight_norm_once():
+    """ConvS2S's weight-normalised weights are computed once per search, not at every step."""
+    model = build("convs2s", "translation")
+    norms = [m for m in model.modules() if isinstance(m, parametrize.ParametrizationList)]
+    calls = []
+    for m in norms:
+        m.register_forward_hook(lambda *_: calls.append(1))
+    src, lengths = sources()
+    limits = max_lengths(lengths, 1.5, 3)
+    for search in (greedy, beam_search):
+        calls.clear()
+        spy = Spy(NoEOS(model))
+        search(spy, src, lengths, limits)
+        assert len(spy.steps) == max(limits) and 0 < len(calls) <= len(norms)
+
+
+def test_weight_norm_cache_ends_with_the_search():
+    """After an optimizer step the next search decodes with the new weights, not those cached by the last one."""
+    model = build("convs2s", "translation")
+    src, lengths = sources()
+    limits = max_lengths(lengths, 1.5, 3)
+
+    def first_logits():
+        spy = Spy(model)
+        beam_search(spy, src, lengths, limits, beam=2)
+        return spy.steps[0][2][::2]  # the first of each sentence's two rows
+
+    before = first_logits()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tgt = torch.randint(4, 23, (6, 5), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(model(src, lengths, tgt).flatten(0, 1), tgt.roll(-1, 1).flatten()).backward()
+    assert all(p.grad is not None for p in model.parameters())  # training computed the weights afresh
+    opt.step()
+    after = first_logits()
+    with torch.no_grad():  # a copy's weights are computed afresh, whatever any cache holds for the model's
+        expected = copy.deepcopy(model)(src, lengths, torch.full((6, 1), BOS))[:, 0]
+    torch.testing.assert_close(after, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(after, before, atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 import models
-from models.common import BOS, EOS, PAD, reorder_state
+from models.common import BOS, EOS, PAD, SOURCE_PREFIX, conv_step, reorder_state
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 ARCHS = sorted(models.MODELS)
@@ -101,6 +101,38 @@ def test_incremental_decoding_equals_forward(arch):
     for t in range(tgt.size(1)):
         logits, state = model.decode_step(tgt[:, t], state, t)
         torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_step_passes_the_per_sentence_state_on(arch):
+    """Every architecture has ``src_*`` entries (beam search leaves them in place), and decoding never changes them."""
+    model = build(arch, "translation")
+    src, lengths, tgt = batch()
+    state = model.encode(src, lengths)
+    source = {k: v for k, v in state.items() if k.startswith(SOURCE_PREFIX)}
+    assert source and len(source) < len(state)
+    for t in range(3):
+        _, state = model.decode_step(tgt[:, t], state, t)
+        assert all(state[k] is v for k, v in source.items())
+
+
+def test_reorder_within_sentences_keeps_the_per_sentence_entries():
+    state = {"src_memory": torch.arange(4.0), "h": torch.arange(4.0)}
+    index = torch.tensor([1, 1, 2, 3])
+    within = reorder_state(state, index, within_sentences=True)
+    assert within["src_memory"] is state["src_memory"] and within["h"].tolist() == [1, 1, 2, 3]
+    assert reorder_state(state, index)["src_memory"].tolist() == [1, 1, 2, 3]
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+@pytest.mark.parametrize("weight_norm", [False, True])
+def test_conv_step_equals_the_convolution_at_the_last_position(dilation, weight_norm):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 10, 3, dilation=dilation)
+    if weight_norm:
+        conv = torch.nn.utils.parametrizations.weight_norm(conv)
+    window = torch.randn(4, 2 * dilation + 1, 6).transpose(1, 2)  # (B,C_in,(k-1)d+1), not contiguous
+    torch.testing.assert_close(conv_step(conv, window), conv(window)[:, :, 0], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
