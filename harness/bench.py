@@ -135,29 +135,37 @@ def training_step(model, loss_of, *, device, precision, compile_model):
     return step, opt, autocast
 
 
+def token_loss(target, *, smoothing: float = 0.0, ignore_index: int = -100, fused: bool = False):
+    """logits (..., V) -> mean label-smoothed cross-entropy over ``target``'s scored tokens: seqbench's
+    fused loss (``fused``, what its trainer runs) or ``F.cross_entropy``."""
+    n_tokens = int((target != ignore_index).sum())  # once, not in the timed step
+
+    def loss(logits):
+        if fused:
+            return smoothed_cross_entropy(logits, target, smoothing, ignore_index) / n_tokens
+        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=ignore_index,
+                               label_smoothing=smoothing)
+    return loss
+
+
 def seq2seq_loss(batch, smoothing: float = 0.1, fused: bool = False):
-    """Mean label-smoothed cross-entropy over the target tokens: seqbench's fused loss (``fused``, what its
-    trainer runs) or ``F.cross_entropy``."""
     src, lengths, tgt_in, tgt_out = batch
-    n_tokens = int((tgt_out != PAD).sum())
+    loss = token_loss(tgt_out, smoothing=smoothing, ignore_index=PAD, fused=fused)
 
     def loss_of(fwd, autocast):
         with autocast():
             logits = fwd(src, lengths, tgt_in)
-        if fused:
-            return smoothed_cross_entropy(logits, tgt_out, smoothing, PAD) / n_tokens
-        return F.cross_entropy(logits.flatten(0, 1).float(), tgt_out.flatten(), ignore_index=PAD,
-                               label_smoothing=smoothing)
+        return loss(logits)
     return loss_of
 
 
 def lm_loss(tokens, targets, fused: bool = False):
+    loss = token_loss(targets, fused=fused)
+
     def loss_of(fwd, autocast):
         with autocast():
             logits = fwd(tokens)
-        if fused:
-            return smoothed_cross_entropy(logits, targets) / targets.numel()
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return loss(logits)
     return loss_of
 
 

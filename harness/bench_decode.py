@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.common import EOS, PAD
+from models.common import EOS, PAD, padding_mask
 
 from .decode import beam_search, max_lengths
 
@@ -77,7 +77,7 @@ def source_batches(lengths: list[int], vocab: int, batch_sentences: int,
     for k in range(0, len(order), batch_sentences):
         lens = torch.tensor(order[k : k + batch_sentences])
         src = torch.randint(4, vocab, (len(lens), int(lens.max())), generator=g)
-        src[torch.arange(src.size(1))[None, :] >= lens[:, None]] = PAD
+        src[padding_mask(lens, src.size(1))] = PAD
         batches.append((src, lens))
     return batches
 
@@ -87,9 +87,6 @@ def decode_batches(decoder, batches, *, beam: int, lenpen: float, len_a: float, 
     """Beam search over every batch, length limits a*|s|+b as in ``harness.evaluate``."""
     hyps = []
     for src, lengths in batches:
-        limits = max_lengths(lengths, len_a, len_b)
-        cap = getattr(decoder, "max_target_positions", None)
-        if cap:
-            limits = [min(n, cap) for n in limits]
+        limits = max_lengths(lengths, len_a, len_b, decoder)
         hyps += beam_search(decoder, src.to(device), lengths.to(device), limits, beam=beam, lenpen=lenpen)
     return hyps

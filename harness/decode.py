@@ -17,9 +17,12 @@ from torch.nn.utils import parametrize
 from models.common import BOS, EOS, reorder_state
 
 
-def max_lengths(src_lengths: torch.Tensor, a: float, b: int) -> list[int]:
-    """Per-sentence output limit ``a * |src| + b`` (at least 1)."""
-    return [max(1, int(a * n + b)) for n in src_lengths.tolist()]
+def max_lengths(src_lengths: torch.Tensor, a: float, b: int, model=None) -> list[int]:
+    """Per-sentence output limit ``a * |src| + b`` (at least 1), never past ``model.max_target_positions``
+    (a model with learned positions) if the model has one."""
+    limits = [max(1, int(a * n + b)) for n in src_lengths.tolist()]
+    cap = getattr(model, "max_target_positions", None)
+    return [min(n, cap) for n in limits] if cap else limits
 
 
 def length_penalty(length: int, alpha: float) -> float:

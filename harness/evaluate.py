@@ -44,10 +44,7 @@ def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float =
         seqs = [sources[i] if len(sources[i]) else np.array([UNK]) for i in idx]
         lengths = torch.tensor([len(s) for s in seqs], device=device)
         src = pad_stack(seqs).to(device)
-        limits = max_lengths(lengths, max_len_a, max_len_b)
-        cap = getattr(model, "max_target_positions", None)
-        if cap:  # never decode past a model's learned positions
-            limits = [min(n, cap) for n in limits]
+        limits = max_lengths(lengths, max_len_a, max_len_b, model)
         if beam == 1:
             out = greedy(model, src, lengths, limits)
         else:

@@ -57,7 +57,7 @@ class LMTask:
         if max_tokens < self.bptt:
             warnings.warn(f"batches of at most {max_tokens} tokens are smaller than one task.bptt={self.bptt} "
                           f"sequence: each batch holds one {self.bptt}-token sequence; raise trainer.max_tokens "
-                          f"(or eval.max_tokens) to a multiple of {self.bptt}, or lower task.bptt", stacklevel=2)
+                          f"to a multiple of {self.bptt}, or lower task.bptt", stacklevel=2)
         batch_size = max(1, max_tokens // self.bptt)
         return lm_batches(self.streams[split], self.bptt, batch_size, shuffle, seed, epoch)
 
