@@ -1,9 +1,10 @@
-"""Benchmarks in one process: seqbench against plain PyTorch (training), cached against recomputed decoding.
+"""Benchmarks in one process: seqbench against plain PyTorch (training), bf16 against fp32 (training), cached
+against recomputed decoding.
 
     python -m harness.bench --suite all --preset small --device cpu --repeats 7 --json bench.json
     python -m harness.bench --preset transformer_base --device cuda --precision bf16 --compile
 
-Suites (``--suite``):
+Suites (``--suite``; ``all`` runs every one):
 
 - ``train``: per architecture, one training step (forward, label-smoothed cross-entropy,
   backward, Adam step) of seqbench's model against its plain-PyTorch twin of the same size
@@ -15,6 +16,11 @@ Suites (``--suite``):
   model at the example's size (emsize = nhid = 200, 2 layers, dropout 0.2, untied, bptt 35 x
   batch 20, WikiText-2's 33,278 words), with cross-entropy without smoothing (the example's
   ``log_softmax`` + ``nll_loss``; seqbench's fused loss unless ``--plain-loss``) and Adam.
+- ``precision``: per architecture, seqbench's training step (the ``train`` suite's, on its batch)
+  under bf16 autocast against the same step in fp32, each on its own copy of the model (the same
+  initial weights); ratio = bf16 speed / fp32 speed (>1: bf16 faster), whatever ``--precision``
+  says. Whether the CPU has native bf16 matrix instructions (``harness.precision``) is printed
+  with the table.
 - ``decode``: per architecture, beam search (beam 4, alpha 0.6) with the cached incremental
   decoder against the same search recomputing the whole prefix with the model's full forward
   at every step (``harness.bench_decode``), on random sources of newstest2014-like lengths
@@ -53,13 +59,14 @@ from .bench_decode import NoEOS, RecomputePrefix, decode_batches, newstest_like_
 from .loss import smoothed_cross_entropy
 from .bench_timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary, sync,
                            time_interleaved)
+from .precision import autocast_for, cpu_has_bf16_matmul, resolve_precision
 from .profile import count_flops
 from .record import cpu_name
-from .train import autocast_for
+from .train import TrainConfig, adam
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")
-SUITES = ("train", "lm", "decode")
+SUITES = ("train", "lm", "precision", "decode")
 TINY = {"d_model": 32, "n_layers": 2, "d_ff": 64, "n_heads": 4, "channels": 32}  # over the small presets
 # defaults per --preset: translation batch (sentences, src_len, tgt_len, vocab), LM (batch, bptt, vocab,
 # emsize = nhid), decoding (sentences, sentences per batch, mean and sd of source lengths)
@@ -121,10 +128,10 @@ def label(arch: str, cfg: dict, n_params: int) -> str:
 
 # -- training steps ---------------------------------------------------------------------------
 def training_step(model, loss_of, *, device, precision, compile_model):
-    """A closure running one training step (forward, loss, backward, Adam step), and its optimizer."""
+    """A closure running one training step (forward, loss, backward, Adam step), and its optimizer (the trainer's)."""
     model.to(device).train()
     fwd = torch.compile(model) if compile_model else model
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=device.type == "cuda")
+    opt = adam(model.parameters(), TrainConfig(lr=1e-4, betas=(0.9, 0.98), eps=1e-9, max_steps=1), device)
     _, autocast = autocast_for(device, precision)
 
     def step():
@@ -184,13 +191,13 @@ def word_lm_loss(model: WordLanguageModel, tokens, targets):
 
 def compare_training(suite: str, pair, tokens: int, args, device, precision, ceiling) -> dict:
     """Time, count and measure a (seqbench, baseline) pair, each (name given the parameter count, model
-    factory, loss factory given the model)."""
+    factory, loss factory given the model); ``precision``: both contenders', or a pair of them."""
     contenders, extra = [], []
-    for name, make, make_loss in pair:
+    for (name, make, make_loss), each in zip(pair, (precision,) * 2 if isinstance(precision, str) else precision):
         torch.manual_seed(args.seed)
         model = make().to(device)
         loss_of = make_loss(model)
-        step, opt, autocast = training_step(model, loss_of, device=device, precision=precision,
+        step, opt, autocast = training_step(model, loss_of, device=device, precision=each,
                                             compile_model=args.compile)
         contenders.append(Contender(name(models.count_parameters(model)), step, tokens))
         extra.append((model, opt, autocast, loss_of))
@@ -213,12 +220,18 @@ def compare_training(suite: str, pair, tokens: int, args, device, precision, cei
     return row
 
 
-def train_suite(args, device, precision, ceiling) -> list[dict]:
+def translation_batch(args, device) -> tuple[torch.Tensor, ...]:
+    """(src, lengths, tgt_in, tgt_out) of ``batch`` random sentences, ``src_len`` + ``tgt_len`` tokens, no padding."""
     B, S, T, V = args.batch, args.src_len, args.tgt_len, args.vocab
     g = torch.Generator().manual_seed(args.seed)
     src = torch.randint(4, V, (B, S), generator=g)
     tgt = torch.randint(4, V, (B, T + 1), generator=g)
-    batch = tuple(t.to(device) for t in (src, torch.full((B,), S), tgt[:, :-1], tgt[:, 1:]))
+    return tuple(t.to(device) for t in (src, torch.full((B,), S), tgt[:, :-1], tgt[:, 1:]))
+
+
+def train_suite(args, device, precision, ceiling) -> list[dict]:
+    B, S, T, V = args.batch, args.src_len, args.tgt_len, args.vocab
+    batch = translation_batch(args, device)
     rows = []
     for arch, cfg in presets(args.preset, args.models):
         pair = [(lambda n: label(arch, cfg, n), lambda: models.build(cfg, translation_task(V)),
@@ -247,6 +260,24 @@ def lm_suite(args, device, precision, ceiling) -> list[dict]:
     row.update(arch="lstm", preset="wlm", shape=f"{B} x {T} (bptt), vocab {V}, emsize = nhid = {D}")
     progress(row)
     return [row]
+
+
+def precision_suite(args, device, precision, ceiling) -> list[dict]:
+    """seqbench's training step in bf16 (autocast) against fp32, per architecture; no MFU (two dtypes, two
+    ceilings)."""
+    B, S, T, V = args.batch, args.src_len, args.tgt_len, args.vocab
+    batch = translation_batch(args, device)
+    rows = []
+    for arch, cfg in presets(args.preset, args.models):
+        pair = [(lambda n, p=p: f"{label(arch, cfg, n)} {p}", lambda: models.build(cfg, translation_task(V)),
+                 lambda m: seq2seq_loss(batch, fused=not args.plain_loss)) for p in ("bf16", "fp32")]
+        row = compare_training("precision", pair, B * T, args, device, ("bf16", "fp32"), None)
+        n_params = row["stats"]["seqbench"]["params"]
+        row.update(model=label(arch, cfg, n_params), baseline="the same step in fp32", precision="bf16", arch=arch,
+                   preset=cfg.get("preset"), shape=f"{B} x ({S} + {T}), vocab {V}")
+        rows.append(row)
+        progress(row)
+    return rows
 
 
 # -- decoding ---------------------------------------------------------------------------------
@@ -319,8 +350,21 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def precision_table(rows: list[dict]) -> str:
+    lines = ["| model | fp32 tok/s | bf16 tok/s | speed ratio bf16 / fp32 | spread | peak memory ratio bf16 / fp32 |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        low, fp32 = r["stats"]["seqbench"], r["stats"]["baseline"]
+        spread = (f"IQR {low['iqr_pct']:.1f}% / {fp32['iqr_pct']:.1f}%; ratio {r['ratio_min']:.2f}-"
+                  f"{r['ratio_max']:.2f} over {len(r['ratio_rounds'])} rounds")
+        lines.append(f"| {r['model']} | {fp32['tokens_per_s']:,.0f} | {low['tokens_per_s']:,.0f} | {r['ratio']:.2f} | "
+                     f"{spread} | {r['memory_ratio']:.2f} ({mb(low['peak_bytes'])} / {mb(fp32['peak_bytes'])} MiB) |")
+    return "\n".join(lines)
+
+
 TITLES = {
     "train": "Training step (forward + backward + Adam), seqbench vs plain PyTorch",
+    "precision": "seqbench's training step, bf16 autocast vs fp32 (ratio > 1: bf16 faster)",
     "lm": "Language-model training step, seqbench LSTM LM vs PyTorch examples word_language_model",
     "decode": "Beam search, cached incremental decoding vs recomputing the prefix (ratio = speedup of caching)",
 }
@@ -336,11 +380,16 @@ def report(rows: list[dict], meta: dict) -> str:
     for suite in SUITES:
         suite_rows = [r for r in rows if r["suite"] == suite]
         if suite_rows:
-            out += ["", f"### {TITLES[suite]}", "", f"{suite_rows[0]['shape']}", "", markdown_table(suite_rows)]
+            table = precision_table(suite_rows) if suite == "precision" else markdown_table(suite_rows)
+            out += ["", f"### {TITLES[suite]}", "", f"{suite_rows[0]['shape']}", "", table]
+            if suite == "precision" and meta["device"] == "cpu":
+                out += ["", f"CPU bf16 matrix instructions (AMX-BF16 or AVX512-BF16): "
+                            f"{'yes' if meta['cpu_bf16_matmul'] else 'no (bf16 emulated)'}; precision=auto on this "
+                            f"CPU: {meta['auto_precision']}"]
             if suite == "decode":
                 out += ["", "speedup of caching >= 3x: " + ", ".join(
                     f"{r['arch']} {'yes' if r['ratio'] >= 3 else 'NO'} ({r['ratio']:.1f}x)" for r in suite_rows)]
-            if meta.get("ceiling_flops") and suite != "decode":
+            if meta.get("ceiling_flops") and suite in ("train", "lm"):
                 out += [""] + [f"MFU {r['model']}: {r['stats']['seqbench']['mfu']:.1%}, {r['baseline']}: "
                                f"{r['stats']['baseline']['mfu']:.1%}" for r in suite_rows]
     return "\n".join(out)
@@ -380,7 +429,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(e.g. transformer_base: that architecture only)")
     ap.add_argument("--models", default=",".join(ARCHS), help="comma-separated architectures (tiny/small presets)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--precision", default="auto",
+                    help="auto (bf16 where the GPU or CPU multiplies bf16 natively, else fp32), fp32, bf16, fp16; "
+                         "the precision suite always compares bf16 with fp32")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models (train and lm suites)")
     ap.add_argument("--plain-loss", action="store_true",
                     help="seqbench's training step with F.cross_entropy instead of its fused loss (compares the "
@@ -431,10 +482,11 @@ def main(argv=None) -> list[dict]:
     rows = []
     for suite in suites:
         steps = args.steps or (10 if suite == "lm" else 3)
-        run = {"train": train_suite, "lm": lm_suite, "decode": decode_suite}[suite]
+        run = {"train": train_suite, "lm": lm_suite, "precision": precision_suite, "decode": decode_suite}[suite]
         rows += run(argparse.Namespace(**{**vars(args), "steps": steps}), device, precision, ceiling)
     meta = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
             "precision": precision, "compile": args.compile, "plain_loss": args.plain_loss, "torch": torch.__version__,
+            "cpu_bf16_matmul": cpu_has_bf16_matmul(), "auto_precision": resolve_precision("auto", device),
             "preset": args.preset,
             "git_commit": git_commit(), "ceiling_flops": ceiling,
             "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda"

@@ -16,6 +16,17 @@ from torch.nn.utils import parametrize
 
 from models.common import BOS, EOS, reorder_state
 
+MAX_SOURCE_TOKENS = 1024  # eval.decoding.max_source_tokens unless set (fairseq's default max_source_positions)
+
+
+def long_sources(lengths: list[int], cap: int | None) -> list[int]:
+    """Line numbers (1-based) of the sources longer than ``cap`` tokens, which decoding cuts to ``cap``.
+
+    The cap bounds the cost of a test set whatever its lines: decoding runs to ``a * |src| + b`` steps, each
+    attending over the source, so one 100k-character line would take minutes and gigabytes on its own.
+    """
+    return [i + 1 for i, n in enumerate(lengths) if cap and n > cap]
+
 
 def max_lengths(src_lengths: torch.Tensor, a: float, b: int, model=None) -> list[int]:
     """Per-sentence output limit ``a * |src| + b`` (at least 1), never past ``model.max_target_positions``

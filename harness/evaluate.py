@@ -1,26 +1,32 @@
-"""Evaluation: sacreBLEU/chrF for translation, perplexity for language models."""
+"""Evaluation: a translation task's metrics (harness/metrics.py: sacreBLEU, error rates), perplexity (and bits
+per character for a character LM) for language models."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sacrebleu.metrics import BLEU, CHRF
 
 from models.common import UNK
 from tasks.batching import pad_stack
 
-from .decode import beam_search, greedy, max_lengths
+from . import metrics as scoring
+from .decode import MAX_SOURCE_TOKENS, beam_search, greedy, long_sources, max_lengths
+from .precision import autocast_for
+
+log = logging.getLogger("seqbench.evaluate")
 
 
-def score_translations(hyps: list[str], refs: list[str]) -> dict:
-    """Corpus BLEU and chrF (sacrebleu defaults: 13a tokenization, chrF2) with their signatures."""
-    bleu, chrf = BLEU(), CHRF()
-    b, c = bleu.corpus_score(hyps, [refs]), chrf.corpus_score(hyps, [refs])
-    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
-            "chrf_signature": str(chrf.get_signature()), "bleu_detail": str(b)}
+def score_translations(hyps: list[str], refs: list[str], names: tuple[str, ...] = ("bleu", "chrf")) -> dict:
+    """The named metrics (sacrebleu's with their signatures), always with corpus BLEU: validation curves use it."""
+    return scoring.score(_with_bleu(names), hyps, refs)
+
+
+def _with_bleu(names) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(("bleu", *names)))
 
 
 def sync(device: torch.device) -> None:
@@ -30,25 +36,39 @@ def sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float = 0.6, max_len_a: float = 1.2,
-              max_len_b: int = 10, batch_sentences: int = 128, limit: int | None = None) -> tuple[list[str], float]:
-    """Decode a split (sorted by length into batches); returns hypotheses in corpus order and seconds."""
+              max_len_b: int = 10, batch_sentences: int = 128, limit: int | None = None,
+              precision: str = "fp32", max_source_tokens: int | None = MAX_SOURCE_TOKENS,
+              check_stop=None) -> tuple[list[str], float]:
+    """Decode a split (sorted by length into batches); returns hypotheses in corpus order and seconds.
+
+    A source longer than ``max_source_tokens`` is decoded from its first ``max_source_tokens`` tokens (None: no
+    cap; see :func:`harness.decode.long_sources`). ``check_stop()`` runs before each batch and raises to end
+    decoding early (a signal asked the job to stop).
+
+    ``precision``: the autocast the search runs under, one context per batch of sentences (so a weight is
+    cast to bf16 once per batch, not at every step); the job passes the trainer's resolved precision.
+    """
     model.eval()
+    _, autocast = autocast_for(device, precision)
     sources = task.sources(split)[:limit]
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     hyps: list[str] = [""] * len(sources)
     sync(device)
     start = time.perf_counter()
     for k in range(0, len(order), batch_sentences):
+        if check_stop:
+            check_stop()
         idx = order[k : k + batch_sentences]
         # an empty source line is read as one unknown token, so it still gets a (scored) hypothesis
-        seqs = [sources[i] if len(sources[i]) else np.array([UNK]) for i in idx]
+        seqs = [sources[i][:max_source_tokens] if len(sources[i]) else np.array([UNK]) for i in idx]
         lengths = torch.tensor([len(s) for s in seqs], device=device)
         src = pad_stack(seqs).to(device)
         limits = max_lengths(lengths, max_len_a, max_len_b, model)
-        if beam == 1:
-            out = greedy(model, src, lengths, limits)
-        else:
-            out = beam_search(model, src, lengths, limits, beam=beam, lenpen=lenpen)
+        with autocast():
+            if beam == 1:
+                out = greedy(model, src, lengths, limits)
+            else:
+                out = beam_search(model, src, lengths, limits, beam=beam, lenpen=lenpen)
         for i, ids in zip(idx, out):
             hyps[i] = task.detokenize(ids)
     sync(device)
@@ -58,29 +78,50 @@ def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float =
 LENGTH_BUCKETS = (10, 20, 30, 40, 60)  # upper bounds, in source subwords
 
 
-def bleu_by_length(hyps: list[str], refs: list[str], src_lengths: list[int]) -> list[dict]:
-    """Corpus BLEU per source-length bucket (for the quality-by-length plot)."""
+def scores_by_length(hyps: list[str], refs: list[str], src_lengths: list[int],
+                     names: tuple[str, ...] = ("bleu",)) -> list[dict]:
+    """The named metrics per source-length bucket (for the quality-by-length plot)."""
     rows, low = [], 0
     for high in (*LENGTH_BUCKETS, None):
         idx = [i for i, n in enumerate(src_lengths) if n > low and (high is None or n <= high)]
         if idx:
-            score = BLEU().corpus_score([hyps[i] for i in idx], [[refs[i] for i in idx]]).score
+            h, r = [hyps[i] for i in idx], [refs[i] for i in idx]
             rows.append({"bucket": f"{low + 1}-{high}" if high else f">{low}", "low": low + 1, "n": len(idx),
-                         "bleu": score})
+                         **{n: scoring.METRICS[n].value(h, r) for n in names}})
         low = high or low
     return rows
 
 
-def evaluate_translation(model, task, split: str, device, decoding: dict) -> dict:
-    """Decode ``split`` and score against the raw references."""
-    hyps, seconds = translate(model, task, split, device, **decoding)
+def evaluate_translation(model, task, split: str, device, decoding: dict, check_stop=None) -> dict:
+    """Decode ``split`` and score against the raw references with the task's metrics (exact match always).
+
+    Sources cut to ``max_source_tokens`` for decoding are counted (``truncated_sources``) and named in a warning.
+    """
+    hyps, seconds = translate(model, task, split, device, **decoding, check_stop=check_stop)
     refs = task.references(split)[: len(hyps)]
-    out = score_translations(hyps, refs)
-    out["by_length"] = bleu_by_length(hyps, refs, [len(s) for s in task.sources(split)[: len(hyps)]])
+    names = getattr(task, "metrics", ("bleu", "chrf"))
+    out = score_translations(hyps, refs, names)
+    out["by_length"] = scores_by_length(hyps, refs, [len(s) for s in task.sources(split)[: len(hyps)]],
+                                        _with_bleu(names))
     out.update(sentences=len(hyps), decode_seconds=seconds, sentences_per_second=len(hyps) / max(seconds, 1e-9),
-               exact_match=sum(h == r for h, r in zip(hyps, refs)) / max(1, len(hyps)),
+               exact_match=scoring.exact_match(hyps, refs),
                samples=[{"ref": r, "hyp": h} for h, r in list(zip(hyps, refs))[:5]])
+    out.update(_truncation(task.sources(split)[: len(hyps)], decoding.get("max_source_tokens", MAX_SOURCE_TOKENS),
+                           split))
     return out, hyps
+
+
+def _truncation(sources: list, cap: int | None, split: str) -> dict:
+    """``truncated_sources`` (how many lines decoding cut to ``cap`` tokens) and, if any, a warning naming them."""
+    long = long_sources([len(s) for s in sources], cap)
+    if not long:
+        return {"truncated_sources": 0}
+    lines = ", ".join(map(str, long[:5])) + (", ..." if len(long) > 5 else "")
+    warning = (f"{len(long)} of {len(sources)} {split} source lines (line {lines}) are longer than {cap} tokens and "
+               f"were decoded from their first {cap} tokens only; raise eval.decoding.max_source_tokens (null: no "
+               "cap) to decode them whole")
+    log.warning(warning)
+    return {"truncated_sources": len(long), "warning": warning}
 
 
 @torch.no_grad()
@@ -99,6 +140,37 @@ def mean_nll(model, task, split: str, device, max_tokens: int, autocast=None) ->
     return total / max(count, 1), count
 
 
+class Diverged(RuntimeError):
+    """A model's loss is too large for its perplexity to be a number: training diverged."""
+
+
+def perplexity(nll: float) -> float | None:
+    """exp(nll), or None when it overflows a float (nll above ~709.8 nats: a diverged model) or nll is not finite.
+
+    None rather than inf: records are strict JSON, which has no infinity.
+    """
+    try:
+        return math.exp(nll) if math.isfinite(nll) else None
+    except OverflowError:
+        return None
+
+
+def check_converged(metrics: dict) -> None:
+    """Raise :class:`Diverged` naming the splits whose perplexity overflowed (see :func:`evaluate_lm`)."""
+    bad = {split: m["nll"] for split, m in metrics.items() if m.get("diverged")}
+    if bad:
+        losses = ", ".join(f"{split} {'not finite' if nll is None else f'{nll:.4g}'}" for split, nll in bad.items())
+        raise Diverged(f"the model diverged: its loss ({losses} nats per token) puts the perplexity beyond any "
+                       "number (recorded as null, diverged: true). Lower trainer.lr, set trainer.clip_norm or "
+                       "lengthen trainer.warmup_steps, and rerun in a new output folder")
+
+
 def evaluate_lm(model, task, split: str, device, max_tokens: int) -> dict:
+    """Mean NLL per token and perplexity; bits per character too when every token is one character."""
     nll, count = mean_nll(model, task, split, device, max_tokens)
-    return {"nll": nll, "perplexity": math.exp(nll), "tokens": count}
+    out = {"nll": nll if math.isfinite(nll) else None, "perplexity": perplexity(nll), "tokens": count}
+    if out["perplexity"] is None:
+        out["diverged"] = True
+    if "bpc" in getattr(task, "metrics", ()):
+        out["bpc"] = nll / math.log(2)
+    return out

@@ -1,4 +1,5 @@
-"""Failure isolation for sweeps on SLURM: jobs that SLURM ends without a result.
+"""Failure isolation for sweeps: jobs that SLURM ends without a result, jobs a stopped sweep never ran, and the
+sweep's exit status.
 
 A job killed by SIGKILL (the OOM killer, ``scancel --signal=KILL``), by a node failure or by a
 cancellation cannot write its own record: it stays at status ``running``, and Hydra's submitit
@@ -6,29 +7,35 @@ launcher raises on it, ending the sweep without a report. With :class:`RecordLos
 still waits for every job, then such a job's record is marked ``failed`` with SLURM's final state
 (a record is written if the job never got to write one) and the sweep finishes: the other jobs'
 records and the report are produced, and the report lists the failure.
+
+A sweep ends with exit status 1, after its report, when it was stopped (a job ``interrupted``) or when no
+job finished ``ok``: a script or scheduler running it sees the failure without reading the records.
 """
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from . import record
+from .job import job_name
 
 log = logging.getLogger("seqbench.launcher")
 
 
 class RecordLostJobs(Callback):
-    """Hydra callback (``conf/config.yaml``): failure isolation for sweeps through a submitit launcher.
+    """Hydra callback (``conf/config.yaml``): failure isolation for sweeps, and their exit status.
 
     While the sweep runs, a submitit job's ``results()`` that would raise (the job ended without a
     result) writes the job's ``failed`` record instead and returns an empty result, so the launcher
     carries on with the other jobs and the sweep ends with its report. Launchers other than
-    submitit's are untouched.
+    submitit's are untouched. At the end (after the report, which Hydra's reverse order of
+    ``on_multirun_end`` builds first) the sweep exits with status 1 if :func:`sweep_problem` finds one.
     """
 
     def __init__(self):
@@ -57,6 +64,40 @@ class RecordLostJobs(Callback):
             from submitit.core.core import Job
 
             Job.results, self._stock = self._stock, None
+        problem = sweep_problem(Path(str(config.hydra.sweep.dir)))
+        if problem:
+            raise SystemExit(f"[seqbench] {problem}")  # Hydra's callbacks catch Exception only: this ends the sweep
+
+
+def sweep_problem(sweep_dir: Path) -> str | None:
+    """Why a finished sweep must exit non-zero: it was stopped before every job ran, or no job finished ``ok``."""
+    statuses = Counter()
+    for path in sweep_dir.glob(f"*/{record.RECORD_NAME}"):
+        try:
+            statuses[json.loads(path.read_text(encoding="utf-8")).get("status")] += 1
+        except (OSError, ValueError):
+            statuses["unreadable"] += 1
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items(), key=str)) or "no job records"
+    if statuses["interrupted"]:
+        return (f"the sweep was stopped before it finished ({counts}): rerun the same command with "
+                f"hydra.sweep.dir={sweep_dir} to finish it (the interrupted jobs resume from their checkpoints)")
+    if not statuses["ok"]:
+        return f"no job of the sweep finished ok ({counts}); the records in {sweep_dir} hold each job's error"
+    return None
+
+
+def mark_not_started(cfg: DictConfig, out_dir: Path, reason: str) -> dict:
+    """Record a sweep job that never ran, the sweep having stopped: ``interrupted``, so that the report lists it
+    and rerunning the sweep in its folder runs it."""
+    out_dir = Path(out_dir)
+    rec = {"status": "interrupted", "error": f"not started: {reason}", "seed": cfg.get("seed"),
+           "config": OmegaConf.to_container(cfg),
+           "job": {"name": job_name(cfg), "sweep": cfg.get("sweep_name"), "output_dir": str(out_dir),
+                   "started": None, "finished": record.now()}}
+    record.write(out_dir / record.RECORD_NAME, rec)
+    record.scrub_files(out_dir)  # Hydra's copies of the config
+    print(f"[seqbench] {rec['job']['name']}: not started | {reason}")
+    return rec
 
 
 def _lost(job, err: Exception, sweep_dir: Path) -> JobReturn:

@@ -1,10 +1,11 @@
 """Evaluation of the long-range probes (tasks/probes.py): answer accuracy overall and by distance."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
+
+from .evaluate import perplexity
 
 
 def accuracy_by_distance(predicted: torch.Tensor, target: torch.Tensor, distance: torch.Tensor,
@@ -52,4 +53,4 @@ def evaluate_probe(model, task, split: str, device, max_tokens: int) -> dict:
     mean_nll = nll / max(count, 1)
     return {"accuracy": (predicted == targets).double().mean().item() if count else float("nan"),
             "accuracy_by_distance": accuracy_by_distance(predicted, targets, distances),
-            "nll": mean_nll, "perplexity": math.exp(min(mean_nll, 50.0)), "tokens": count}
+            "nll": mean_nll, "perplexity": perplexity(mean_nll), "tokens": count}

@@ -78,18 +78,37 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def train_flops_per_token(model, batch) -> float:
-    """FLOPs of one forward+backward on ``batch`` (matmuls, convs, attention, recurrences), per target token."""
+FLOPS_BATCHES = 8  # batches measured: enough to cover the spread of lengths in a length-bucketed epoch
+# what the record's flops_per_token counts (costs.flops_convention)
+CONVENTION = ("forward+backward of one training step per target token, token-weighted over up to "
+              f"{FLOPS_BATCHES} batches spread over the first epoch; 2 FLOPs per multiply-add; causal "
+              "attention counted in full (torch's FLOP counter counts QK^T and AV over every query-key pair, "
+              "is_causal and masks ignored); embeddings, norms and elementwise ops not counted")
+
+
+def sample_batches(batches: list, k: int = FLOPS_BATCHES) -> list:
+    """Up to ``k`` batches evenly spaced over ``batches`` (the first and the last included): deterministic,
+    and spread over the epoch's lengths rather than one batch's, which may be all short or all long sentences."""
+    n = len(batches)
+    if n <= k:
+        return list(batches)
+    return [batches[round(i * (n - 1) / (k - 1))] for i in range(k)]
+
+
+def train_flops_per_token(model, batches: list) -> float:
+    """FLOPs of one forward+backward (matmuls, convs, attention, recurrences) per target token over ``batches``:
+    their total FLOPs over their total tokens, the token-weighted mean of each batch's per-token figure,
+    which is what the epoch's steps cost on average when ``batches`` are a sample of it."""
     was_training, rng = model.training, torch.get_rng_state()
     model.train()
 
-    def step():
+    def step(batch):
         logits = model(**batch.inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(), ignore_index=batch.ignore_index)
         loss.backward()
 
-    flops = count_flops(step)
+    flops = sum(count_flops(lambda: step(batch)) for batch in batches)
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     torch.set_rng_state(rng)  # measuring must not change the run's random stream
-    return flops / max(1, batch.n_tokens)
+    return flops / max(1, sum(batch.n_tokens for batch in batches))

@@ -26,11 +26,11 @@ import torch
 import yaml
 
 from .io import _atomic, write_json
+from .secrets import REDACTED, env_secrets, is_secret_name, scrub  # noqa: F401 (scrub: record.scrub for jobs)
 
 SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
 PACKAGES = ("torch", "hydra-core", "sacrebleu", "sentencepiece", "numpy", "wandb", "submitit")
-SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
 def now() -> str:
@@ -83,38 +83,14 @@ def peak_memory_bytes(device: torch.device) -> dict:
             "peak_memory_kind": "process_max_rss"}
 
 
-def _is_secret_name(name: str) -> bool:
-    return any(m in str(name).upper() for m in SECRET_MARKERS)
-
-
-def env_secrets() -> set[str]:
-    """Values of environment variables whose names mark a secret (8 characters or more)."""
-    return {v for k, v in os.environ.items() if _is_secret_name(k) and len(v) >= 8}
-
-
-def scrub(obj):
-    """Drop values whose key names a secret, and any value equal to a secret in the environment."""
-    secrets = env_secrets()
-    def walk(x, key=""):
-        if isinstance(x, dict):
-            return {k: ("<redacted>" if any(m in str(k).upper() for m in SECRET_MARKERS) and isinstance(v, str)
-                        else walk(v, k)) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        if isinstance(x, str):
-            for s in secrets:
-                x = x.replace(s, "<redacted>")
-        return x
-    return walk(obj)
-
-
 SCRUB_SUFFIXES = (".yaml", ".yml", ".log", ".json", ".txt")
 
 
 def _secret_values(text: str) -> set[str]:
     """String values given to secret-named keys in a YAML dump, or in ``key=value`` override strings in it.
 
-    The rule is :func:`scrub`'s: a string under a key naming a secret (numbers such as max_tokens stay).
+    The rule is :func:`scrub`'s: a string under a key naming a secret (numbers such as max_tokens stay); an
+    interpolation (``${oc.env:HF_TOKEN}``) only names where the secret is, and stays.
     """
     try:
         doc = yaml.safe_load(text)
@@ -125,7 +101,7 @@ def _secret_values(text: str) -> set[str]:
     def walk(x):
         if isinstance(x, dict):
             for k, v in x.items():
-                if _is_secret_name(k) and isinstance(v, str):
+                if is_secret_name(k) and isinstance(v, str):
                     found.add(v)
                 walk(v)
         elif isinstance(x, list):
@@ -133,7 +109,7 @@ def _secret_values(text: str) -> set[str]:
                 walk(v)
         elif isinstance(x, str) and "=" in x:  # an override: [+|++|~]key.path=value
             key, value = x.split("=", 1)
-            if _is_secret_name(key.lstrip("+~").rsplit(".", 1)[-1]):
+            if is_secret_name(key.lstrip("+~").rsplit(".", 1)[-1]):
                 try:
                     value = yaml.safe_load(value)
                 except yaml.YAMLError:
@@ -141,7 +117,7 @@ def _secret_values(text: str) -> set[str]:
                 if isinstance(value, str):
                     found.add(value)
     walk(doc)
-    return {v for v in found if len(v) >= 4 and v not in ("???", "<redacted>")}
+    return {v for v in found if len(v) >= 4 and v not in ("???", REDACTED) and "${" not in v}
 
 
 def scrub_files(folder: str | os.PathLike, extra: tuple[str, ...] = (), max_bytes: int = 50 << 20) -> list[Path]:
@@ -149,7 +125,9 @@ def scrub_files(folder: str | os.PathLike, extra: tuple[str, ...] = (), max_byte
 
     Hydra writes the command-line overrides and the composed config into ``.hydra/overrides.yaml``,
     ``.hydra/config.yaml`` and ``.hydra/hydra.yaml`` (and a sweep's ``multirun.yaml``) before the job
-    runs, so a key passed as ``+logger.api_key=...`` lands there verbatim. This replaces, in every
+    runs, so a key passed as ``+logger.api_key=...`` would land there verbatim (``run.py`` moves such
+    values into the environment first: :func:`secrets.hide_in_environment`; this catches the rest,
+    such as a key written into a config file). This replaces, in every
     ``.yaml/.yml/.log/.json/.txt`` file under ``folder`` (recursively; checkpoints are left alone),
     each secret-looking value: values of environment variables named like a secret, values given to
     secret-named keys (``*key*``, ``*token*``, ``*secret*``, ``*password*``) in any of those files,
@@ -173,7 +151,7 @@ def scrub_files(folder: str | os.PathLike, extra: tuple[str, ...] = (), max_byte
     for p, text in texts.items():
         new = text
         for s in secrets:
-            new = new.replace(s, "<redacted>")
+            new = new.replace(s, REDACTED)
         if new == text:
             continue
         data = new.encode("utf-8", errors="surrogateescape")

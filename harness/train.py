@@ -6,7 +6,6 @@ step k and resumed logs exactly what an uninterrupted run logs.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -22,8 +21,9 @@ from . import checkpoint, distributed
 from .distributed import SINGLE, Dist
 from .io import remove_stale_temps
 from .loss import smoothed_cross_entropy
+from .precision import autocast_for
 from .probes import evaluate_probe
-from .evaluate import evaluate_translation, mean_nll, sync
+from .evaluate import evaluate_translation, mean_nll, perplexity, sync
 
 log = logging.getLogger("seqbench.train")
 
@@ -54,12 +54,14 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
     eval_every: int = 1000
+    save_every: int | None = None  # steps between weight snapshots <out>/ckpt/step_<k>.pt (eval.checkpoint=average)
+    save_every_seconds: float | None = None  # or seconds of training between them
     valid_bleu: bool = True  # greedy BLEU on valid at each evaluation (translation)
     log_every: int = 100
     on_nonfinite: str = "fail"  # fail | skip
     resume: bool = True
     progress: bool = True
-    threads: int | None = None
+    threads: int | str | None = "auto"  # auto (the free cores) | null (torch's default) | a number
 
     def __new__(cls, *args, **kwargs):
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
@@ -83,6 +85,9 @@ class TrainConfig:
             raise ValueError(f"trainer.schedule={self.schedule!r}; valid: inverse_sqrt, constant, cosine")
         if self.schedule == "cosine" and not self.max_steps:
             raise ValueError("trainer.schedule=cosine needs trainer.max_steps")
+        if not (self.threads in ("auto", None) or (type(self.threads) is int and self.threads >= 1)):
+            raise ValueError(f"trainer.threads={self.threads!r}; valid: auto (the cores free at the start), null "
+                             "(torch's default) or a positive integer")
         if self.on_nonfinite not in ("fail", "skip"):
             raise ValueError(f"trainer.on_nonfinite={self.on_nonfinite!r}; valid: fail, skip")
         self.betas = tuple(self.betas)
@@ -104,14 +109,12 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def autocast_for(device: torch.device, precision: str):
-    """A context factory for mixed precision: bf16 on capable GPUs under 'auto', fp32 on CPU."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp32":
-        return precision, contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return precision, lambda: torch.autocast(device.type, dtype=dtype)
+def adam(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam with the trainer's settings, fused on CPU and CUDA: one pass per tensor over weight, gradient and
+    both moments, where the unfused CPU update makes about seven (and allocates), cheap in flops but a larger
+    share of the step the faster the model's own work gets (bf16)."""
+    return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            fused=device.type in ("cpu", "cuda"))
 
 
 @dataclass
@@ -124,9 +127,12 @@ class Progress:
     tokens: int = 0
     train_seconds: float = 0.0
     best_valid_nll: float = float("inf")
+    snapshot_seconds: float = 0.0  # train_seconds at the last weight snapshot (trainer.save_every_seconds)
     skipped_steps: list[int] = field(default_factory=list)
     log: list[dict] = field(default_factory=list)  # training loss curve
     evals: list[dict] = field(default_factory=list)  # validation curve
+    # set when a resumed run found best.pt deleted: the best evaluation it lost, and which one best.pt holds now
+    best_recreated: dict | None = None
 
 
 class Trainer:
@@ -134,15 +140,15 @@ class Trainer:
 
     def __init__(self, model, task, cfg: TrainConfig, out_dir: Path, device: torch.device, *, seed: int,
                  identity: dict, tracker=None, decoding: dict | None = None, should_stop=lambda: False,
-                 dist: Dist = SINGLE):
+                 dist: Dist = SINGLE, keep_snapshots: int | None = None):
         models.check_form(model, task)
+        self.keep_snapshots = keep_snapshots  # weight snapshots kept (the last N); None: all
         self.model, self.task, self.cfg, self.device = model.to(device), task, cfg, device
         self.dist, self._stop_agreed = dist, False
         self.out_dir, self.seed, self.identity = Path(out_dir), seed, identity
         self.tracker, self.decoding, self.should_stop = tracker, dict(decoding or {}), should_stop
-        self.precision, self.autocast = autocast_for(device, cfg.precision)
-        self.opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                    weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+        self.precision, self.autocast = autocast_for(device, cfg.precision)  # resolved: never "auto"
+        self.opt = adam(model.parameters(), cfg, device)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         wrapped = model
@@ -167,7 +173,8 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         if self.dist.main:
-            for stale in remove_stale_temps(self.out_dir, ".*.pt.*.tmp"):  # a checkpoint write cut by SIGKILL
+            for stale in [*remove_stale_temps(self.out_dir, ".*.pt.*.tmp"),  # a checkpoint write cut by SIGKILL
+                          *remove_stale_temps(self.out_dir / checkpoint.SNAPSHOTS, ".*.pt.*.tmp")]:
                 log.warning("removed %s, left by an interrupted checkpoint write", stale)
         path = self.out_dir / "last.pt"
         if not (self.cfg.resume and path.is_file()):
@@ -185,6 +192,60 @@ class Trainer:
             torch.manual_seed(self.seed + 7919 * self.dist.rank + ckpt["progress"]["step"])
         self.p = Progress(**ckpt["progress"])
         self.resumed_from = self.p.step
+        self._forget_deleted_best()
+
+    def _forget_deleted_best(self) -> None:
+        """best.pt was written before but is gone (deleted, e.g. as its load error advises for a corrupt one).
+
+        The best evaluation so far is lost with it, so the next evaluation writes best.pt whatever its loss;
+        if training is already over, :meth:`_recreate_best` writes it from the final model. Rank 0 decides:
+        every rank must take the same (collective) checkpoint writes.
+        """
+        gone = self.dist.main and bool(self.p.evals) and not (self.out_dir / "best.pt").is_file()
+        if not distributed.broadcast(gone):
+            return
+        lost = min(self.p.evals, key=lambda row: row["valid_nll"])
+        self.p.best_recreated = {"lost": {"step": lost["step"], "valid_nll": lost["valid_nll"]},
+                                 "from_step": self.p.step, "evals_before": len(self.p.evals)}
+        self.p.best_valid_nll = float("inf")
+        if self.dist.main:
+            log.warning("best.pt is missing (it held step %d, valid_nll %.4g); the next evaluation writes a new one",
+                        lost["step"], lost["valid_nll"])
+
+    def _recreate_best(self) -> None:
+        """After training, say in ``best_recreated`` which evaluation best.pt holds since it went missing.
+
+        With no evaluation since (training was already over), best.pt is written from the final model:
+        last.pt's, evaluated at this step.
+        """
+        p, note = self.p, self.p.best_recreated
+        if note is None:
+            return
+        since = p.evals[note["evals_before"]:]
+        if not since:
+            since = [p.evals[-1]]
+            if "step" not in note:
+                p.best_valid_nll = since[0]["valid_nll"]
+                self.save("best.pt")
+        best = min(since, key=lambda row: row["valid_nll"])
+        if note.get("step") != best["step"]:
+            note.update(step=best["step"], valid_nll=best["valid_nll"])
+            self.save("last.pt")  # its progress says what best.pt holds, for a later resume
+
+    def snapshot(self, *, final: bool = False) -> None:
+        """Every ``save_every`` steps or ``save_every_seconds`` of training, and at its end (``final``): the
+        weights as ``ckpt/step_<k>.pt`` (rank 0), the checkpoints ``eval.checkpoint=average`` averages."""
+        c, p = self.cfg, self.p
+        if not (c.save_every or c.save_every_seconds):
+            return
+        due = final or (c.save_every and p.step % c.save_every == 0) or (
+            c.save_every_seconds and p.train_seconds - p.snapshot_seconds >= c.save_every_seconds)
+        if not due or (final and checkpoint.snapshot_path(self.out_dir, p.step).is_file()):
+            return
+        p.snapshot_seconds = p.train_seconds
+        if self.dist.main:
+            checkpoint.save_snapshot(self.out_dir, model=self.model, identity=self.identity, progress=p.__dict__,
+                                     keep=self.keep_snapshots)
 
     # -- budget ------------------------------------------------------------------------------
     def budget_left(self, n_batches: int) -> bool:
@@ -235,10 +296,10 @@ class Trainer:
     def _validate(self) -> dict:
         nll, _ = mean_nll(self.model, self.task, "valid", self.device, self.cfg.max_tokens, self.autocast)
         row = {"step": self.p.step, "train_seconds": round(self.p.train_seconds, 3), "tokens": self.p.tokens,
-               "valid_nll": nll, "valid_ppl": math.exp(min(nll, 50))}
+               "valid_nll": nll, "valid_ppl": perplexity(nll)}  # None (null) where exp overflows: diverged
         if self.task.family == "translation" and self.cfg.valid_bleu:
             scores, _ = evaluate_translation(self.model, self.task, "valid", self.device,
-                                             {**self.decoding, "beam": 1})
+                                             {"precision": self.precision, **self.decoding, "beam": 1})
             row["valid_bleu_greedy"] = scores["bleu"]
         if getattr(self.task, "kind", None) == "probe":
             row["valid_accuracy"] = evaluate_probe(self.model, self.task, "valid", self.device,
@@ -332,6 +393,7 @@ class Trainer:
                         if window[1]:  # a window of skipped steps only logs no loss
                             self.log(total, window[1], window[2], bar)
                         window = [torch.zeros((), device=self.device), 0, 0.0]
+                    self.snapshot()
                     if p.step % cfg.eval_every == 0:
                         self.evaluate_and_save()
                 if not self.budget_left(len(batches)):
@@ -347,4 +409,6 @@ class Trainer:
             bar.close()
         if not p.evals or p.evals[-1]["step"] != p.step:
             self.evaluate_and_save()
+        self.snapshot(final=True)
+        self._recreate_best()
         return p

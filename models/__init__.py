@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,6 +22,17 @@ MODELS: dict[str, tuple[type[Seq2Seq], type[LanguageModel]]] = {
 
 # config keys that describe a preset rather than a hyperparameter
 META_KEYS = ("name", "preset", "paper")
+
+# architecture -> hyperparameters its language-model form takes (so one preset serves both forms) but does not
+# use: encoder, attention and source-side settings, the shared source/target vocabulary, the unfolding bound
+LM_IGNORES: dict[str, tuple[str, ...]] = {
+    "transformer": ("share_embeddings",),
+    "lstm": ("bidirectional", "n_bidirectional_layers", "attention", "input_feed", "share_embeddings"),
+    "gru": ("bidirectional", "n_bidirectional_layers", "attention", "input_feed", "share_embeddings"),
+    "convs2s": ("max_positions", "share_embeddings"),
+    "bytenet": ("share_embeddings", "unfold_a", "unfold_b"),
+}
+log = logging.getLogger("seqbench")
 
 
 def model_class(name: str, family: str) -> type[nn.Module]:
@@ -54,7 +66,22 @@ def build(cfg: Mapping[str, Any], task) -> nn.Module:
                                  f"holds a sequence of {longest} positions (tokens + BOS/EOS); raise "
                                  f"model.max_positions {fix}")
         return cls(task.src_vocab_size, task.tgt_vocab_size, PAD, **hparams)
-    return cls(task.vocab_size, **hparams)
+    model = cls(task.vocab_size, **hparams)
+    model.warnings = ignored_settings(cfg["name"], cls, hparams)
+    for warning in model.warnings:
+        log.warning(warning)
+    return model
+
+
+def ignored_settings(name: str, cls, hparams: Mapping[str, Any]) -> list[str]:
+    """One message per seq2seq-only setting of a language-model form given a value other than its default.
+
+    The LM form accepts them (a translation preset runs on an LM task unchanged) but they have no effect, so
+    ``model.attention=bahdanau task=wikitext2`` would otherwise train the same model as ``attention=luong``.
+    """
+    changed = [k for k in LM_IGNORES.get(name, ()) if k in hparams and hparams[k] != valid_default(cls, k)]
+    return [f"model.{k}={hparams[k]!r} has no effect on {cls.__name__}, the language-model form of {name!r} "
+            "(it applies to the translation form only); the model was built without it" for k in changed]
 
 
 def valid_default(cls, name: str):

@@ -11,13 +11,16 @@ import importlib.util
 from pathlib import Path
 from typing import Iterable
 
+import pandas as pd
+
 from . import tables
-from .load import Records, load
+from .load import Records, for_display, load
 from .render import write_html, write_markdown
 from .sections import all_sections
 
 __all__ = ["build", "load"]
 TITLE = "seqbench comparison report"
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
 
 
 def build(record_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
@@ -28,7 +31,7 @@ def build(record_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
     records = load(record_dirs)
     if len(records.runs):
         write_tables(records, out)
-    sections = all_sections(records, record_dirs, out / "plots")
+    sections = all_sections(for_display(records), record_dirs, out / "plots")  # long names cut; tables keep them
     write_markdown(out / "report.md", TITLE, sections)
     write_html(out / "report.html", TITLE, sections)
     return out / "report.html"
@@ -42,7 +45,7 @@ def write_tables(records: Records, out: Path) -> None:
              "influence_by_distance": tables.by_distance(records.influence, "grad_norm")}
     frames.update({name: frame for name, frame in extra.items() if len(frame)})
     for name, frame in frames.items():
-        frame.to_csv(out / f"{name}.csv", index=False)
+        spreadsheet_safe(frame).to_csv(out / f"{name}.csv", index=False)
     if importlib.util.find_spec("pyarrow") is not None:
         runs = records.runs
         try:
@@ -50,3 +53,16 @@ def write_tables(records: Records, out: Path) -> None:
         except (TypeError, ValueError, ImportError):  # a column of mixed types: store it as text
             runs.astype({c: "string" for c in runs.columns if runs[c].dtype == object}).to_parquet(
                 out / "runs.parquet", index=False)
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame for a CSV file: text cells a spreadsheet would run as a formula get a leading ``'``.
+
+    A record's strings (a preset named ``=HYPERLINK(...)``, an error starting with ``-``) would otherwise
+    run when the CSV is opened in a spreadsheet (CSV injection; the prefix is OWASP's advice). Numbers
+    stay numbers; the Parquet table keeps every string exactly.
+    """
+    def cell(v):
+        return "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v
+    return frame.assign(**{c: frame[c].map(cell) for c in frame.columns
+                           if not pd.api.types.is_numeric_dtype(frame[c])})

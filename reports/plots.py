@@ -20,6 +20,8 @@ from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
+from harness.metrics import METRICS
+
 from . import tables
 from .load import Records
 
@@ -28,10 +30,7 @@ PALETTE = {"lstm": "#0173b2", "gru": "#56b4e9", "convs2s": "#029e73", "bytenet":
            "transformer": "#d55e00"}
 FALLBACK = ("#cc78bc", "#949494", "#ca9161", "#fbafe4", "#ece133")  # unknown names, picked by a stable hash
 SHADES = (-0.35, 0.4, -0.6, 0.65, -0.15, 0.2)  # variants: towards black (<0) or white (>0), in this order
-# the quality each family is judged by: (runs column, axis label, higher is better)
-QUALITY = {"translation": ("test_bleu", "test BLEU", True), "lm": ("test_ppl", "test perplexity", False),
-           "probe": ("test_accuracy", "test accuracy", True)}
-# validation curves: the first column with data, per family
+# validation curves: the first column with data, per family (greedy BLEU only for tasks scored by BLEU)
 CURVE = {"translation": [("valid_bleu_greedy", "valid BLEU (greedy)"), ("valid_ppl", "valid perplexity")],
          "lm": [("valid_ppl", "valid perplexity")],
          "probe": [("valid_accuracy", "valid accuracy"), ("valid_ppl", "valid perplexity")]}
@@ -152,7 +151,10 @@ def panels(data: pd.DataFrame, prepare, draw, missing: str, caption: str, by: st
 
 def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
     def prepare(d):
+        scored = {m.name for m in tables.task_metrics(d)}
         for y, label in CURVE.get(d["family"].iloc[0], CURVE["lm"]):
+            if y == "valid_bleu_greedy" and "bleu" not in scored:
+                continue
             if y in d and len(line := _numeric(d, "train_seconds", y)):
                 return line, y, label
         return None
@@ -168,9 +170,13 @@ def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
 
 
 def quality_against(runs: pd.DataFrame, pal: dict | None, x_of, missing: str, caption: str, front: bool = False):
-    """Final test quality (per family) against a cost column ``x_of(d)``, one point per run, one panel per task."""
+    """Final test quality (the task's first metric) against a cost column ``x_of(d)``, one point per run, one panel
+    per task; the Pareto front follows the metric's direction."""
     def prepare(d):
-        y, label, higher = QUALITY.get(d["family"].iloc[0], QUALITY["lm"])
+        quality = tables.task_metrics(d)
+        if not quality:
+            return None
+        y, label, higher = f"test_{quality[0].name}", f"test {quality[0].label}", quality[0].higher_is_better
         x = x_of(d)
         d = _numeric(d, x, y)
         return (d, x, y, label, higher) if len(d) else None
@@ -239,15 +245,18 @@ def throughput(runs: pd.DataFrame, pal: dict | None = None):
 
 def quality_by_length(by_length: pd.DataFrame, pal: dict | None = None):
     def prepare(d):
-        d = _numeric(d, "bleu")
-        if d.empty:
+        metric = next((m for m in [*tables.task_metrics(d), METRICS["bleu"]] if m.name in d
+                       and len(_numeric(d, m.name))), None)
+        if metric is None:
             return None
+        d = _numeric(d, metric.name)
         order = list(dict.fromkeys(d["bucket"]))
-        return d.assign(bucket=pd.Categorical(d["bucket"], categories=order, ordered=True))
+        return d.assign(bucket=pd.Categorical(d["bucket"], categories=order, ordered=True)), metric
 
-    def draw(ax, task, d):
-        _mean_lines(ax, d, "bucket", "bleu", pal)
-        _label(ax, task, "source length bucket", "test BLEU")
+    def draw(ax, task, p):
+        d, metric = p
+        _mean_lines(ax, d, "bucket", metric.name, pal)
+        _label(ax, task, "source length bucket", f"test {metric.label}")
 
     return panels(by_length, prepare, draw, "no records carry metrics.test.by_length",
                   "mean over seeds, band = standard deviation")

@@ -2,7 +2,9 @@
 
 A document is a list of ``Section``s, each a list of blocks (``Note``, ``Table``, ``Plot``); both writers
 walk the same list, so the two files always say the same thing. Every string from a record is
-escaped (``html.escape`` in HTML; ``|``, ``<`` and newlines in Markdown tables).
+escaped (``html.escape`` in HTML; in Markdown ``<``, ``>``, ``&`` as entities, the characters of links,
+images, emphasis and code with a backslash, line breaks as spaces, and ``|`` in tables), and no table cell
+is longer than ``CELL_LIMIT`` characters.
 """
 from __future__ import annotations
 
@@ -17,6 +19,9 @@ from .plots import Plot
 
 # no scripts, no external loads: images are data: URIs; a record string can never run code
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+# backslash-escaped in Markdown: with [ ] escaped no link or image can open, so ( ) stay readable
+MD_ESCAPE = str.maketrans({c: "\\" + c for c in "\\`*[]!~$"})
+CELL_LIMIT = 1000  # characters of one table cell
 CSS = """
 body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; display: block; overflow-x: auto; }
@@ -83,7 +88,7 @@ def _md_block(b, root: Path) -> list[str]:
         if b.frame.empty:
             return head + ["*(none)*"]
         cols = [_cell(c) for c in b.frame.columns]
-        rows = [[_cell(v) for v in r] for r in b.frame.itertuples(index=False)]
+        rows = [[_cell(_clip(v)) for v in r] for r in b.frame.itertuples(index=False)]
         return head + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + \
             ["| " + " | ".join(r) + " |" for r in rows]
     if isinstance(b, Plot):
@@ -104,8 +109,8 @@ def _html_block(b) -> str:
             return f'<table class="{_h(b.kind)}">{caption}<tr><td class="note">(none)</td></tr></table>'
         head = "".join(f"<th>{_h(c)}</th>" for c in b.frame.columns)
         # 'mean ± std' stays on one line
-        rows = "".join("<tr>" + "".join(f"<td>{_h(v).replace(' ± ', '&nbsp;±&nbsp;')}</td>" for v in r) + "</tr>"
-                       for r in b.frame.itertuples(index=False))
+        rows = "".join("<tr>" + "".join(f"<td>{_h(_clip(v)).replace(' ± ', '&nbsp;±&nbsp;')}</td>" for v in r)
+                       + "</tr>" for r in b.frame.itertuples(index=False))
         return f'<table class="{_h(b.kind)}">{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
     if isinstance(b, Plot):
         if b.skipped:
@@ -125,8 +130,14 @@ def _h(v) -> str:
 
 
 def _md(v) -> str:
-    """Record text as literal Markdown: raw HTML is shown, not interpreted."""
-    return _str(v).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("\n", " ")
+    """Record text as literal Markdown: raw HTML is shown, not interpreted; no link, image or emphasis opens."""
+    text = _str(v).translate(MD_ESCAPE).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+
+
+def _clip(v):
+    """A table cell cut to CELL_LIMIT characters (a huge record string would make the report that large)."""
+    return v[:CELL_LIMIT] + "…" if isinstance(v, str) and len(v) > CELL_LIMIT else v
 
 
 def _cell(v) -> str:

@@ -26,9 +26,10 @@ def all_sections(records: Records, dirs: list[Path], plot_dir: Path) -> list[Sec
 
 def overview(records: Records, dirs: list[Path]) -> Section:
     runs = records.runs
+    skipped = [Note(n, "warning") for n in records.notes]  # copies counted once, files that are no records
     if runs.empty:
         return Section("Overview", [Note(f"No result records (record.json) found under: "
-                                         f"{', '.join(map(str, dirs))}.", "warning")])
+                                         f"{', '.join(map(str, dirs))}.", "warning"), *skipped])
     training, analysis = runs[runs["kind"] == "train"], tables.analyses(runs)
     status = training["status"].fillna("?").value_counts().sort_index()
     tasks = ", ".join(sorted(training["task"].dropna().astype(str).unique())) or "?"
@@ -43,7 +44,8 @@ def overview(records: Records, dirs: list[Path]) -> Section:
     return Section("Overview", [
         Note(counts, "text"),
         Note(f"Records read from: {', '.join(map(str, dirs))}. Built {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
-             "Quality is mean ± sample standard deviation over seeds (n runs); costs are means.", "note")])
+             "Quality is mean ± sample standard deviation over seeds (n runs); costs are means.", "note"),
+        *skipped])
 
 
 def fairness(runs: pd.DataFrame) -> Section:
@@ -65,10 +67,13 @@ def results(runs: pd.DataFrame) -> list[Section]:
     """A heading, then one section per task: its fairness warnings above its summary table."""
     summ = tables.summary(runs)
     warnings = tables.fairness_warnings(runs)
+    for task, msgs in tables.task_warnings(tables.ok(runs)).items():
+        warnings.setdefault(task, []).extend(msgs)
     sections = [Section("Results per task and architecture", [] if len(summ) else [Note("no finished runs")])]
     for task in sorted(summ["task"].unique()):
         sections.append(Section(f"Task {task}", [*(Note(m, "warning") for m in warnings.get(task, [])),
-                                                 Table(tables.summary_display(summ, task))], level=3))
+                                                 Table(tables.summary_display(summ, task),
+                                                       tables.summary_caption(summ, task))], level=3))
     return sections
 
 

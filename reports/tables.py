@@ -10,21 +10,21 @@ import math
 
 import pandas as pd
 
+from harness.metrics import METRICS, Metric
+
 from .load import BUDGET_KEYS
 
-# rows of one summary group: same task, architecture (variant and preset), device and budget; seeds are pooled
-GROUP = ["task", "family", "arch", "model", "label", "preset", "device_name", "budget"]
-# quality columns per task family: (runs column, label, format)
-QUALITY = {"translation": [("test_bleu", "test BLEU", "{:.2f}"), ("test_chrf", "test chrF", "{:.2f}")],
-           "lm": [("test_ppl", "test perplexity", "{:.2f}")],
-           "probe": [("test_accuracy", "test accuracy", "{:.3f}")]}
+# rows of one summary group: same task (and metrics), architecture (variant and preset), device and budget;
+# seeds are pooled
+GROUP = ["task", "family", "metrics", "arch", "model", "label", "preset", "device_name", "budget"]
+QUALITY = [f"test_{name}" for name in METRICS]  # every metric a record may hold; a task shows its own
 COSTS = [("parameters", "parameters", "{:,.0f}"), ("train_flops", "train FLOPs", "{:.2e}"),
          ("train_seconds", "train s", "{:.1f}"), ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
          ("decode_sentences_per_second", "decode sentences/s", "{:,.1f}"),
          ("peak_memory_mib", "peak memory MiB", "{:,.0f}")]
 # settings that must match for a fair comparison: (runs column, label)
 SETTINGS = [*[(k, f"trainer.{k}") for k in BUDGET_KEYS], ("preset", "model preset"), ("precision", "precision"),
-            ("device_name", "device"), ("torch", "torch version")]
+            ("device_name", "device"), ("torch", "torch version"), ("tokenization", "tokenization")]
 
 
 def ok(runs: pd.DataFrame) -> pd.DataFrame:
@@ -54,7 +54,7 @@ def with_groups(runs: pd.DataFrame) -> pd.DataFrame:
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
     """Per task x architecture (x device x budget): quality mean and sample std over seeds, mean costs."""
-    metrics = [c for f in QUALITY.values() for c, _, _ in f]
+    metrics = QUALITY
     agg = {"n": ("job", "size"), "seeds": ("seed", lambda s: ", ".join(str(_plain(v)) for v in sorted(s.dropna())))}
     for c in metrics:
         agg[f"{c}_mean"], agg[f"{c}_std"] = (c, "mean"), (c, "std")
@@ -68,17 +68,55 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
     return done.groupby(GROUP, sort=True, dropna=False).agg(**agg).reset_index()
 
 
+def task_metrics(rows: pd.DataFrame) -> list[Metric]:
+    """The metrics of one task's rows (runs or summary), in the task's order; else every metric with a value."""
+    names = [n for text in rows.get("metrics", pd.Series(dtype=object)).dropna().astype(str)
+             for n in text.split(",") if n in METRICS]
+    if not names:
+        names = [n for n in METRICS if any(pd.to_numeric(rows.get(c), errors="coerce").notna().any()
+                                           for c in (f"test_{n}", f"test_{n}_mean") if c in rows)]
+    return [METRICS[n] for n in dict.fromkeys(names)]
+
+
+def best_first(rows: pd.DataFrame, metric: Metric, column: str) -> pd.DataFrame:
+    """Rows sorted by ``column`` (a metric's values), best first whichever way the metric runs; gaps last."""
+    values = pd.to_numeric(rows[column], errors="coerce")
+    order = values.sort_values(ascending=not metric.higher_is_better, na_position="last", kind="stable").index
+    return rows.loc[order]
+
+
 def summary_display(summ: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One task's summary as strings: quality as ``mean ± std`` with n, then the costs."""
+    """One task's summary as strings, best first by its first metric: quality as ``mean ± std`` with n, then costs."""
     rows = summ[summ["task"] == task]
-    family = rows["family"].iloc[0] if len(rows) else "?"
+    quality = task_metrics(rows)
+    if quality:
+        rows = best_first(rows, quality[0], f"test_{quality[0].name}_mean")
     out = pd.DataFrame({"architecture": rows["arch"], "device": rows["device_name"], "budget": rows["budget"],
                         "n": rows["n"], "seeds": rows["seeds"]})
-    for c, label, fmt in QUALITY.get(family, [q for qs in QUALITY.values() for q in qs]):
-        out[label] = [pm(m, s, fmt) for m, s in zip(rows[f"{c}_mean"], rows[f"{c}_std"])]
+    for m in quality:
+        c = f"test_{m.name}"
+        out[f"test {m.label}"] = [pm(v, s, m.fmt) for v, s in zip(rows[f"{c}_mean"], rows[f"{c}_std"])]
     for c, label, fmt in COSTS:
         out[label] = rows[c].map(lambda v, fmt=fmt: num(v, fmt))
     return out.reset_index(drop=True)
+
+
+def summary_caption(summ: pd.DataFrame, task: str) -> str:
+    """What the task's quality columns mean: which way is better, the sort order, and the best mean of each."""
+    rows = summ[summ["task"] == task]
+    quality = task_metrics(rows)
+    if not quality:
+        return ""
+    ways = [f"{way} is better for {', '.join(m.label for m in quality if m.higher_is_better == up)}"
+            for way, up in (("higher", True), ("lower", False)) if any(m.higher_is_better == up for m in quality)]
+    best = []
+    for m in quality:
+        top = best_first(rows, m, f"test_{m.name}_mean").iloc[0]
+        if not _missing(top[f"test_{m.name}_mean"]):
+            best.append(f"test {m.label} {m.fmt.format(top[f'test_{m.name}_mean'])} ({top['arch']}, "
+                        f"{top['device_name']})")
+    return (f"Quality: mean ± std over seeds; {'; '.join(ways)}. Rows sorted by test {quality[0].label}, best "
+            f"first. Best: {'; '.join(best) or 'none'}.")
 
 
 def by_distance(frame: pd.DataFrame, value: str) -> pd.DataFrame:
@@ -100,8 +138,9 @@ def by_distance(frame: pd.DataFrame, value: str) -> pd.DataFrame:
 
 
 def table2_display(summ: pd.DataFrame) -> pd.DataFrame:
-    """Measured rows of the Table 2 layout: BLEU and training cost in FLOPs, per translation task."""
-    rows = summ[summ["family"] == "translation"]
+    """Measured rows of the Table 2 layout: BLEU and training cost in FLOPs, per translation task scored by BLEU."""
+    rows = summ[(summ["family"] == "translation") & summ["metrics"].astype(str).str.split(",").map(
+        lambda names: "bleu" in names)]
     return pd.DataFrame({"task": rows["task"], "architecture": rows["arch"], "device": rows["device_name"],
                          "n": rows["n"], "test BLEU": [pm(m, s) for m, s in zip(rows["test_bleu_mean"],
                                                                                    rows["test_bleu_std"])],
@@ -144,6 +183,15 @@ def fairness_warnings(runs: pd.DataFrame) -> dict[str, list[str]]:
     return out
 
 
+def task_warnings(runs: pd.DataFrame) -> dict[str, list[str]]:
+    """Per task, what its records' task descriptions warn about (e.g. a vocabulary capped at what the data allows)."""
+    out = {}
+    for task, texts in (runs.dropna(subset=["task_warnings"]).groupby("task")["task_warnings"]
+                        if "task_warnings" in runs else []):
+        out[task] = list(dict.fromkeys(f"task {task}: {w}" for text in texts for w in json.loads(text)))
+    return out
+
+
 def failures(runs: pd.DataFrame) -> pd.DataFrame:
     bad = runs[runs["status"] != "ok"] if len(runs) else runs
     return pd.DataFrame({"job": bad.get("job"), "status": bad.get("status"), "error": bad.get("error"),
@@ -161,7 +209,7 @@ def appendix(runs: pd.DataFrame) -> pd.DataFrame:
 
 def signatures(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for col, metric in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF")):
+    for col, metric in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF"), ("ter_signature", "TER")):
         for sig, n in runs[col].dropna().value_counts().sort_index().items() if col in runs else []:
             rows.append({"metric": metric, "sacrebleu signature": sig, "runs": n})
     return pd.DataFrame(rows, columns=["metric", "sacrebleu signature", "runs"])

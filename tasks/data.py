@@ -135,10 +135,25 @@ def require_path(path, task: str, files: str) -> None:
                         "(absolute, or relative to the data root)")
 
 
+def display_name(folder: Path, label: str | None, task: str) -> str:
+    """The name a task reading your folder goes by in records and reports: ``label`` if given, else the folder's
+    base name (the full path stays in the record's config)."""
+    return str(label) if label not in (None, "") else folder.name or task
+
+
 def read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 text file, without line endings; a clear error on bad bytes."""
+    """Lines of a UTF-8 text file, split at ``\\n`` only (a CRLF's ``\\r`` removed, a leading BOM dropped).
+
+    These are the lines ``wc -l`` and every line-aligned tool count: ``str.splitlines()`` (and universal
+    newlines) would also split at U+2028, U+0085, form feeds, ``\\x1c``-``\\x1e`` and a lone ``\\r``, shifting
+    every later pair of a parallel corpus when one side holds such a character.
+    A clear error on bad bytes.
+    """
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().decode("utf-8").removeprefix("\ufeff").split("\n")
+        if lines[-1] == "":  # the text after the last newline (or an empty file)
+            lines.pop()
+        return [line[:-1] if line.endswith("\r") else line for line in lines]
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not valid UTF-8 (byte {err.start}: {err.reason}); re-encode it as UTF-8") from err
     except OSError as err:  # unreadable, a folder, vanished

@@ -1,22 +1,68 @@
-"""Word-level language modelling: WikiText-2, WikiText-103, PTB and any text files.
+"""Language modelling: WikiText-2, WikiText-103, PTB and any text files.
 
-Each line is split on whitespace and ends with ``<eos>`` (as in the published
-setups and PyTorch's word_language_model); blank lines contribute one ``<eos>``.
-The vocabulary is the training split's word types (plus ``<unk>`` if absent);
-perplexity is per word, ``<eos>`` included.
+``task.tokenizer`` splits the text: ``whitespace`` (the default; words as in the published setups and
+PyTorch's word_language_model), ``char`` (characters, spaces included) or ``bpe``/``unigram``
+(sentencepiece subwords, tasks/tokenizers.py). Each line ends with an end-of-line token (``<eos>`` for
+words); blank lines contribute just that token. Words keep the published vocabulary: the training split's
+types in order of first occurrence, plus ``<unk>`` if absent. Perplexity is per token, the line ends
+included; a character LM also reports bits per character (``bpc``: the mean NLL per character in bits,
+each line end counting as one character).
 """
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from harness import metrics as scoring
+
+from . import tokenizers
 from .batching import Batch, lm_batches
-from .data import DataError, read_lines, require_path, resolve
+from .data import DataError, display_name, read_lines, require_path, resolve, sha256
 
 SPLITS = ("train", "valid", "test")
 EOS_WORD, UNK_WORD = "<eos>", "<unk>"
+
+
+class Words:
+    """The word vocabulary of the published word-level setups: every training word type, first occurrence first.
+
+    ``min_count`` and ``vocab_size`` (at most that many entries, the most frequent kept) leave rare words out;
+    they read as ``<unk>``.
+    """
+
+    kind = "whitespace"
+
+    def __init__(self, train_lines: list[str], vocab_size: int | None = None, min_count: int = 1):
+        counts = Counter(w for line in train_lines for w in line.split() + [EOS_WORD])  # first-occurrence order
+        kept = [w for w, n in counts.items() if n >= min_count or w == EOS_WORD]
+        self.warnings = []
+        room = None if vocab_size is None else vocab_size - (UNK_WORD not in kept)
+        if room is not None and len(kept) > room:
+            frequent = set(sorted(kept, key=lambda w: (w not in (EOS_WORD, UNK_WORD), -counts[w]))[:room])
+            self.warnings.append(f"task.vocab_size={vocab_size} keeps the {room} most frequent of the {len(kept)} "
+                                 "word types; the others read as <unk>. Raise task.vocab_size to keep them.")
+            kept = [w for w in kept if w in frequent]
+        self.itos = kept + ([UNK_WORD] if UNK_WORD not in kept else [])
+        self.stoi = {w: i for i, w in enumerate(self.itos)}
+        self.eos_id = self.stoi[EOS_WORD]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, lines: list[str]) -> list[np.ndarray]:
+        get, unk = self.stoi.get, self.stoi[UNK_WORD]
+        return [np.fromiter((get(w, unk) for w in line.split()), dtype=np.int64) for line in lines]
+
+
+def stream(tokenizer, lines: list[str]) -> np.ndarray:
+    """One split as a single token stream: each line's tokens, then the end-of-line id."""
+    eos = np.array([tokenizer.eos_id], dtype=np.int64)
+    parts = [part for ids in tokenizer.encode(lines) for part in (ids, eos)]
+    return np.concatenate(parts).astype(np.int64) if parts else eos[:0]
 
 
 class LMTask:
@@ -24,30 +70,27 @@ class LMTask:
 
     family = "lm"
 
-    def __init__(self, name: str, lines: dict[str, list[str]], bptt: int = 128):
+    def __init__(self, name: str, lines: dict[str, list[str]], bptt: int = 128, tokenizer=None,
+                 path: Path | None = None):
         if bptt < 1:
             raise ValueError(f"task.bptt must be >= 1; got {bptt}")
-        self.name, self.bptt = name, bptt
-        words = {s: [w for line in lines[s] for w in line.split() + [EOS_WORD]] for s in SPLITS}
-        vocab = list(dict.fromkeys(words["train"]))  # first-occurrence order: deterministic
-        if UNK_WORD not in vocab:
-            vocab.append(UNK_WORD)
-        self.itos = vocab
-        self.stoi = {w: i for i, w in enumerate(vocab)}
-        unk = self.stoi[UNK_WORD]
-        self.streams = {s: np.fromiter((self.stoi.get(w, unk) for w in words[s]), dtype=np.int64,
-                                       count=len(words[s])) for s in SPLITS}
+        self.name, self.bptt, self.path = name, bptt, path
+        self.tokenizer = tokenizer if tokenizer is not None else Words(lines["train"])
+        self.metrics = scoring.defaults("lm", self.tokenizer.kind)
+        self.streams = {s: stream(self.tokenizer, lines[s]) for s in SPLITS}
         for s in SPLITS:
             if len(self.streams[s]) < 2:
                 raise DataError(f"task {name}: the {s} split has fewer than 2 tokens")
 
     @property
     def vocab_size(self) -> int:
-        return len(self.itos)
+        return self.tokenizer.vocab_size
 
     def describe(self) -> dict:
+        about = {"path": None if self.path is None else str(self.path), "warnings": self.tokenizer.warnings}
         return {"name": self.name, "family": self.family, "vocab": self.vocab_size, "bptt": self.bptt,
-                "tokens": {s: int(len(self.streams[s])) for s in SPLITS}}
+                "tokens": {s: int(len(self.streams[s])) for s in SPLITS}, "segmentation": self.tokenizer.kind,
+                "metrics": list(self.metrics), **{k: v for k, v in about.items() if v}}
 
     def n_predicted(self, split: str) -> int:
         """Tokens scored in a pass over a split (all but the first)."""
@@ -62,32 +105,52 @@ class LMTask:
         return lm_batches(self.streams[split], self.bptt, batch_size, shuffle, seed, epoch)
 
 
-def _load(name: str, root: Path, files: dict[str, str], download: bool, bptt: int) -> LMTask:
+def _load(name: str, root: Path, files: dict[str, str], download: bool, bptt: int, cache_dir: Path | None,
+          tokenizer: str, vocab_size: int | None, min_count: int, path: Path | None = None) -> LMTask:
+    tokenizers.check_settings(tokenizer, vocab_size, min_count)
     lines = {}
     for split, rel in files.items():
         lines[split] = read_lines(resolve(root, rel, download))
         if not any(line.strip() for line in lines[split]):
             raise DataError(f"{root / rel} holds no words; split '{split}' needs text")
-    return LMTask(name, lines, bptt)
+    if tokenizer == "whitespace":
+        tok = Words(lines["train"], vocab_size, min_count)
+    else:
+        key = {"data": [sha256(root / files["train"])], "side": "lm"}
+        tok = tokenizers.build(tokenizer, lines["train"], Path(cache_dir or root / "cache"), key, vocab_size,
+                               min_count)
+    return LMTask(name, lines, bptt, tok, path)
 
 
-def wikitext2(root: Path, cache_dir: Path = None, *, bptt: int = 128, download: bool = True) -> LMTask:
+def wikitext2(root: Path, cache_dir: Path = None, *, bptt: int = 128, tokenizer: str = "whitespace",
+              vocab_size: int | None = None, min_count: int = 1, download: bool = True) -> LMTask:
     """WikiText-2 (Merity et al. 2016), tokenized v1 files."""
-    return _load("wikitext2", root, {s: f"wikitext-2/{s}.txt" for s in SPLITS}, download, bptt)
+    return _load("wikitext2", root, {s: f"wikitext-2/{s}.txt" for s in SPLITS}, download, bptt, cache_dir,
+                 tokenizer, vocab_size, min_count)
 
 
-def wikitext103(root: Path, cache_dir: Path = None, *, bptt: int = 128, download: bool = True) -> LMTask:
+def wikitext103(root: Path, cache_dir: Path = None, *, bptt: int = 128, tokenizer: str = "whitespace",
+                vocab_size: int | None = None, min_count: int = 1, download: bool = True) -> LMTask:
     """WikiText-103 (Merity et al. 2016): wiki.{train,valid,test}.tokens under wikitext-103/."""
-    return _load("wikitext103", root, {s: f"wikitext-103/wiki.{s}.tokens" for s in SPLITS}, download, bptt)
+    return _load("wikitext103", root, {s: f"wikitext-103/wiki.{s}.tokens" for s in SPLITS}, download, bptt,
+                 cache_dir, tokenizer, vocab_size, min_count)
 
 
-def ptb(root: Path, cache_dir: Path = None, *, bptt: int = 128, download: bool = True) -> LMTask:
+def ptb(root: Path, cache_dir: Path = None, *, bptt: int = 128, tokenizer: str = "whitespace",
+        vocab_size: int | None = None, min_count: int = 1, download: bool = True) -> LMTask:
     """Penn Treebank, Mikolov's preprocessed version (10k vocabulary)."""
-    return _load("ptb", root, {s: f"ptb/ptb.{s}.txt" for s in SPLITS}, download, bptt)
+    return _load("ptb", root, {s: f"ptb/ptb.{s}.txt" for s in SPLITS}, download, bptt, cache_dir, tokenizer,
+                 vocab_size, min_count)
 
 
-def text_files(root: Path, cache_dir: Path = None, *, path: str, bptt: int = 128, download: bool = False) -> LMTask:
-    """Any folder with train.txt, valid.txt and test.txt (relative to the data root or absolute)."""
+def text_files(root: Path, cache_dir: Path = None, *, path: str, bptt: int = 128, tokenizer: str = "whitespace",
+               vocab_size: int | None = None, min_count: int = 1, label: str | None = None,
+               download: bool = False) -> LMTask:
+    """Any folder with train.txt, valid.txt and test.txt (relative to the data root or absolute).
+
+    The task is named after the folder (or ``label``); the record keeps the full path.
+    """
     require_path(path, "text_files", "train.txt, valid.txt and test.txt")
     folder = (root / path).resolve()
-    return _load(f"text_files:{path}", folder, {s: f"{s}.txt" for s in SPLITS}, False, bptt)
+    return _load(display_name(folder, label, "text_files"), folder, {s: f"{s}.txt" for s in SPLITS}, False, bptt,
+                 cache_dir, tokenizer, vocab_size, min_count, folder)

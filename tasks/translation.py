@@ -1,27 +1,25 @@
 """Translation tasks: Multi30k, WMT14 En-De, any parallel text files, and synthetic copy/reverse.
 
-Text is split into subwords by sentencepiece (BPE or unigram; one joint or two
-separate vocabularies), trained once on the training split and cached under
-the cache folder keyed by its settings and the training data's checksum.
-Hypotheses are detokenized back to plain text and scored against the raw
-references, so BLEU is comparable with published sacreBLEU numbers.
+Text is split by ``task.tokenizer`` (tasks/tokenizers.py: sentencepiece BPE or unigram subwords, the
+whitespace-separated tokens as written, or characters; one joint or two separate vocabularies), built once
+from the training split and cached under the cache folder keyed by its settings and the training data's
+checksum. Hypotheses are detokenized back to plain text and scored against the raw references (whitespace
+tokens: single-spaced), so BLEU is comparable with published sacreBLEU numbers; ``task.metrics`` chooses
+the scores (harness/metrics.py).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 
-from models.common import BOS, EOS, PAD, UNK
+from harness import metrics as scoring
+from models.common import UNK
 
+from . import tokenizers
 from .batching import Batch, token_budget_batches, translation_batch
-from .data import DataError, read_lines, require_path, resolve, sha256
+from .data import DataError, display_name, read_lines, require_path, resolve, sha256
 
 SPLITS = ("train", "valid", "test")
 EMPTY_SOURCE = np.array([UNK], dtype=np.int32)
@@ -35,59 +33,16 @@ class Corpus:
     tgt: dict[str, list[str]]
 
 
-class Subwords:
-    """A trained sentencepiece model (one side or joint), with our fixed special ids."""
-
-    def __init__(self, model_file: Path):
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    def encode(self, lines: list[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(lines)]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.sp.decode([i for i in ids if i not in (PAD, BOS, EOS)])
-
-    @classmethod
-    def train(cls, lines: list[str], cache_dir: Path, key: dict) -> Subwords:
-        """Train (or load from the cache) a sentencepiece model on ``lines``."""
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        model_file = cache_dir / "spm" / f"{digest}.model"
-        if model_file.is_file():
-            return cls(model_file)
-        try:
-            model_file.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=model_file.parent) as tmp:
-                text = Path(tmp) / "train.txt"
-                text.write_text("\n".join(lines) + "\n", encoding="utf-8")
-                spm.SentencePieceTrainer.train(
-                    input=str(text), model_prefix=str(Path(tmp) / "m"), vocab_size=key["vocab_size"],
-                    model_type=key["model_type"], character_coverage=1.0, pad_id=PAD, bos_id=BOS, eos_id=EOS,
-                    unk_id=UNK, input_sentence_size=2_000_000, shuffle_input_sentence=True,
-                    num_threads=os.cpu_count() or 1, minloglevel=2,
-                )
-                (model_file.parent / f"{digest}.json").write_text(json.dumps(key, indent=1, sort_keys=True))
-                os.replace(Path(tmp) / "m.model", model_file)
-        except OSError as err:  # not writable, a path through a file, disk full, ...
-            raise DataError(
-                f"cannot write the tokenizer cache under {cache_dir}: {type(err).__name__}: {err}. Point "
-                "data.cache_dir at a writable folder (or make the data root writable)."
-            ) from err
-        return cls(model_file)
-
-
 class TranslationTask:
-    """Parallel text, subword-encoded, served as token-budget batches."""
+    """Parallel text, encoded by the task's tokenizers, served as token-budget batches."""
 
     family = "translation"
 
     def __init__(self, name: str, corpus: Corpus, src_tok, tgt_tok, src_lang: str, tgt_lang: str,
-                 max_len: int = 256):
+                 max_len: int = 256, metrics: tuple[str, ...] = ("bleu", "chrf"), path: Path | None = None):
         self.name, self.src_lang, self.tgt_lang, self.max_len = name, src_lang, tgt_lang, max_len
         self.corpus, self.src_tok, self.tgt_tok = corpus, src_tok, tgt_tok
+        self.metrics, self.path = metrics, path
         self.src_ids = {s: src_tok.encode(corpus.src[s]) for s in SPLITS}
         self.tgt_ids = {s: tgt_tok.encode(corpus.tgt[s]) for s in SPLITS}
         lens = [(len(a), len(b)) for a, b in zip(self.src_ids["train"], self.tgt_ids["train"])]
@@ -112,7 +67,8 @@ class TranslationTask:
         return {"name": self.name, "family": self.family, "pair": f"{self.src_lang}-{self.tgt_lang}",
                 "sizes": {s: len(self.corpus.src[s]) for s in SPLITS}, "train_pairs_used": len(self.train_keep),
                 "train_pairs_dropped": len(self.corpus.src["train"]) - len(self.train_keep),  # empty or > max_len
-                "src_vocab": self.src_vocab_size, "tgt_vocab": self.tgt_vocab_size, "max_len": self.max_len}
+                "src_vocab": self.src_vocab_size, "tgt_vocab": self.tgt_vocab_size, "max_len": self.max_len,
+                "metrics": list(self.metrics), **_about(self.src_tok, self.tgt_tok, self.path)}
 
     def examples(self, split: str) -> np.ndarray:
         return self.train_keep if split == "train" else np.arange(len(self.src_ids[split]))
@@ -131,10 +87,20 @@ class TranslationTask:
         return self.src_ids[split]
 
     def references(self, split: str) -> list[str]:
-        return self.corpus.tgt[split]
+        canonical = getattr(self.tgt_tok, "canonical", None)  # whitespace tokens: single-spaced, as decoded
+        return [canonical(r) for r in self.corpus.tgt[split]] if canonical else self.corpus.tgt[split]
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tgt_tok.decode(ids)
+
+
+def _about(src_tok, tgt_tok, path: Path | None) -> dict:
+    """The tokenizer kind, its warnings (e.g. a capped vocabulary) and the data folder, where there are such."""
+    about = {"segmentation": getattr(tgt_tok, "kind", None),  # records redact strings under *token* keys
+             "warnings": list(dict.fromkeys(getattr(src_tok, "warnings", []) + getattr(tgt_tok, "warnings", [])))}
+    if path is not None:
+        about["path"] = str(path)
+    return {k: v for k, v in about.items() if v}
 
 
 def load_parallel(root: Path, files: dict[str, tuple[str, str]], download: bool) -> Corpus:
@@ -152,54 +118,65 @@ def load_parallel(root: Path, files: dict[str, tuple[str, str]], download: bool)
 
 
 def build_translation(name: str, corpus: Corpus, files: list[Path], cache_dir: Path, src_lang: str, tgt_lang: str,
-                      vocab_size: int, model_type: str = "bpe", joint_vocab: bool = True, max_len: int = 256):
-    """Train/load the subword models for a corpus and build the task."""
-    if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"task.model_type={model_type!r}; valid: bpe, unigram")
-    base = {"model_type": model_type, "vocab_size": vocab_size, "data": [sha256(f) for f in files]}
+                      *, vocab_size: int | None, tokenizer: str = "bpe", min_count: int = 1, joint_vocab: bool = True,
+                      max_len: int = 256, metrics=None, path: Path | None = None):
+    """Build (or load from the cache) the tokenizers for a corpus and build the task."""
+    chosen = scoring.choose(metrics, tokenizer)
+    tokenizers.check_settings(tokenizer, vocab_size, min_count)  # before hashing large training files
+    data = [sha256(f) for f in files]
+
+    def train(lines: list[str], side: str):
+        return tokenizers.build(tokenizer, lines, cache_dir, {"data": data, "side": side}, vocab_size, min_count)
+
     if joint_vocab:
-        tok = Subwords.train(corpus.src["train"] + corpus.tgt["train"], cache_dir, {**base, "side": "joint"})
-        src_tok = tgt_tok = tok
+        src_tok = tgt_tok = train(corpus.src["train"] + corpus.tgt["train"], "joint")
     else:
-        src_tok = Subwords.train(corpus.src["train"], cache_dir, {**base, "side": src_lang})
-        tgt_tok = Subwords.train(corpus.tgt["train"], cache_dir, {**base, "side": tgt_lang})
-    return TranslationTask(name, corpus, src_tok, tgt_tok, src_lang, tgt_lang, max_len)
+        src_tok, tgt_tok = train(corpus.src["train"], src_lang), train(corpus.tgt["train"], tgt_lang)
+    return TranslationTask(name, corpus, src_tok, tgt_tok, src_lang, tgt_lang, max_len, chosen, path)
 
 
 def multi30k(root: Path, cache_dir: Path, *, src_lang: str = "en", tgt_lang: str = "de", vocab_size: int = 8000,
-             model_type: str = "bpe", joint_vocab: bool = True, max_len: int = 256, download: bool = True):
+             tokenizer: str = "bpe", min_count: int = 1, joint_vocab: bool = True, max_len: int = 256, metrics=None,
+             download: bool = True):
     """Multi30k task 1 (Elliott et al. 2016); test = test_2016_flickr."""
     if {src_lang, tgt_lang} != {"en", "de"}:
         raise ValueError(f"multi30k has en and de; got src_lang={src_lang!r}, tgt_lang={tgt_lang!r}")
     stems = {"train": "train", "valid": "val", "test": "test_2016_flickr"}
-    return _from_folder("multi30k", root, cache_dir, "multi30k", stems, src_lang, tgt_lang, vocab_size, model_type,
-                        joint_vocab, max_len, download)
+    return _from_folder("multi30k", root, cache_dir, "multi30k", stems, src_lang, tgt_lang, download,
+                        vocab_size=vocab_size, tokenizer=tokenizer, min_count=min_count, joint_vocab=joint_vocab,
+                        max_len=max_len, metrics=metrics)
 
 
 def wmt14_en_de(root: Path, cache_dir: Path, *, src_lang: str = "en", tgt_lang: str = "de", vocab_size: int = 37000,
-                model_type: str = "bpe", joint_vocab: bool = True, max_len: int = 256, download: bool = True):
+                tokenizer: str = "bpe", min_count: int = 1, joint_vocab: bool = True, max_len: int = 256,
+                metrics=None, download: bool = True):
     """WMT14 En-De: your training files, newstest2013 valid, newstest2014 (full, 3003) test."""
     stems = {"train": "train", "valid": "newstest2013", "test": "newstest2014"}
-    return _from_folder("wmt14_en_de", root, cache_dir, "wmt14-en-de", stems, src_lang, tgt_lang, vocab_size,
-                        model_type, joint_vocab, max_len, download)
+    return _from_folder("wmt14_en_de", root, cache_dir, "wmt14-en-de", stems, src_lang, tgt_lang, download,
+                        vocab_size=vocab_size, tokenizer=tokenizer, min_count=min_count, joint_vocab=joint_vocab,
+                        max_len=max_len, metrics=metrics)
 
 
-def _from_folder(name, root, cache_dir, folder, stems, src_lang, tgt_lang, vocab_size, model_type, joint_vocab,
-                 max_len, download):
+def _from_folder(name, root, cache_dir, folder, stems, src_lang, tgt_lang, download, **settings):
     """A published corpus: ``<root>/<folder>/<stem>.<lang>`` per split."""
     files = {s: (f"{folder}/{stem}.{src_lang}", f"{folder}/{stem}.{tgt_lang}") for s, stem in stems.items()}
     corpus = load_parallel(root, files, download)
     return build_translation(name, corpus, [root / f for f in files["train"]], cache_dir, src_lang, tgt_lang,
-                             vocab_size, model_type, joint_vocab, max_len)
+                             **settings)
 
 
 def parallel_files(root: Path, cache_dir: Path, *, path: str, src_lang: str = "src", tgt_lang: str = "tgt",
-                   vocab_size: int = 8000, model_type: str = "bpe", joint_vocab: bool = True, max_len: int = 256,
-                   download: bool = False):
-    """Any folder with {train,valid,test}.{src_lang,tgt_lang} (relative to the data root or absolute)."""
+                   vocab_size: int | None = 8000, tokenizer: str = "bpe", min_count: int = 1, joint_vocab: bool = True,
+                   max_len: int = 256, metrics=None, label: str | None = None, download: bool = False):
+    """Any folder with {train,valid,test}.{src_lang,tgt_lang} (relative to the data root or absolute).
+
+    The task is named after the folder (or ``label``); the record keeps the full path.
+    """
     require_path(path, "parallel_files", f"{{train,valid,test}}.{{{src_lang},{tgt_lang}}}")
     folder = (root / path).resolve()
     files = {s: (f"{s}.{src_lang}", f"{s}.{tgt_lang}") for s in SPLITS}
     corpus = load_parallel(folder, files, download=False)
-    return build_translation(f"parallel_files:{path}", corpus, [folder / f for f in files["train"]], cache_dir,
-                             src_lang, tgt_lang, vocab_size, model_type, joint_vocab, max_len)
+    return build_translation(display_name(folder, label, "parallel_files"), corpus,
+                             [folder / f for f in files["train"]], cache_dir, src_lang, tgt_lang,
+                             vocab_size=vocab_size, tokenizer=tokenizer, min_count=min_count, joint_vocab=joint_vocab,
+                             max_len=max_len, metrics=metrics, path=folder)

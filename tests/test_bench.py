@@ -140,14 +140,22 @@ def test_baseline_trains_one_step_at_tiny_size(arch):
 
 
 def test_word_language_model_trains_one_step_carrying_its_hidden_state():
+    """As in the examples: the first step starts from zeros, the next from the last one's final state, detached."""
     model = WordLanguageModel(V, 16, 16, 2, 0.2)
     text = torch.randint(0, V, (4, 9), generator=torch.Generator().manual_seed(0))
     loss_of = bench.word_lm_loss(model, text[:, :-1], text[:, 1:])
+    seen = []  # (hidden state given, hidden state returned) of each forward pass
+    model.register_forward_hook(lambda module, args, out: seen.append((args[1], out[1])))
     step, _, _ = bench.training_step(model, loss_of, device=CPU, precision="fp32", compile_model=False)
     before = [p.detach().clone() for p in model.parameters()]
     step()
-    step()  # the second step starts from the first one's (detached) final state
+    step()
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    (first_in, first_out), (second_in, _) = seen
+    assert [h.shape for h in first_in] == [(2, 4, 16)] * 2 and not any(h.any() for h in first_in)
+    assert all(h.abs().sum() > 0 for h in first_out)
+    assert all(torch.equal(given, last) for given, last in zip(second_in, first_out))
+    assert all(h.grad_fn is None and not h.requires_grad for h in second_in)  # no backward into the first step
 
 
 def test_baselines_refuse_configs_they_do_not_replicate():
@@ -306,22 +314,59 @@ def test_cli_runs_every_suite_at_tiny_size(tmp_path, capsys):
     data = json.loads(out.read_text())
     rows = data["rows"]
     assert [(r["suite"], r["arch"]) for r in rows] == [
-        *[("train", a) for a in bench.ARCHS], ("lm", "lstm"), *[("decode", a) for a in bench.ARCHS]]
+        *[("train", a) for a in bench.ARCHS], ("lm", "lstm"), *[("precision", a) for a in bench.ARCHS],
+        *[("decode", a) for a in bench.ARCHS]]
     for r in rows:
         sb, base = r["stats"]["seqbench"], r["stats"]["baseline"]
         assert sb["tokens_per_s"] > 0 and base["tokens_per_s"] > 0 and r["ratio"] > 0
         assert sb["peak_bytes"] > 0 and base["peak_bytes"] > 0 and len(r["ratio_rounds"]) == 1
-        assert f"| {r['model']} | {r['baseline']} |" in printed
+        if r["suite"] != "precision":
+            assert f"| {r['model']} | {r['baseline']} |" in printed
         if r["suite"] == "decode":
             assert r["same_hypotheses"] is True
             # EOS masked and limits |s|: as many target tokens as source tokens
             assert sb["tokens"] == base["tokens"] == sum(newstest_like_lengths(4, mean=8.0, sd=4.0, seed=0))
         else:
             assert r["flop_ratio"] == 1.0  # the twins do the same matmuls
-            assert sb["tokens"] == (4 * 10 if r["suite"] == "train" else 4 * 8)
+            assert sb["tokens"] == (4 * 8 if r["suite"] == "lm" else 4 * 10)
     assert {r["stats"]["seqbench"]["params"] for r in rows if r["suite"] == "train"} == {
         models.count_parameters(models.build(tiny(a), bench.translation_task(V))) for a in bench.ARCHS}
     assert data["meta"]["device"] == "cpu" and data["meta"]["args"]["repeats"] == 1
+
+
+def test_precision_suite_times_every_architecture_in_bf16_against_fp32(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    bench.main(["--suite", "precision", "--preset", "tiny", "--device", "cpu", "--threads", "1", "--repeats", "1",
+                "--steps", "1", "--warmup", "0", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "| model | fp32 tok/s | bf16 tok/s | speed ratio bf16 / fp32 |" in printed
+    assert "CPU bf16 matrix instructions (AMX-BF16 or AVX512-BF16): " in printed
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [r["arch"] for r in rows] == list(bench.ARCHS)
+    for r in rows:
+        assert r["suite"] == "precision" and r["precision"] == "bf16" and r["ratio"] > 0
+        n = models.count_parameters(models.build(tiny(r["arch"]), bench.translation_task(V)))
+        assert r["model"] == f"{r['arch']} tiny ({n / 1e6:.2f}M)" and f"| {r['model']} |" in printed
+        bf16, fp32 = r["stats"]["seqbench"], r["stats"]["baseline"]
+        assert bf16["params"] == fp32["params"] == n  # two copies of one model
+        assert bf16["tokens"] == fp32["tokens"] == 4 * 10 and len(r["ratio_rounds"]) == 1
+        assert r["flop_ratio"] == 1.0 and "mfu" not in bf16
+    assert data["meta"]["threads"] == 1 and data["meta"]["cpu_bf16_matmul"] in (True, False)
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_training_step_runs_the_model_at_its_precision(precision, dtype):
+    """The precision suite's two contenders: seqbench's step under bf16 autocast, and in fp32."""
+    model = models.build(tiny("transformer"), bench.translation_task(V))
+    seen = []
+    model.register_forward_hook(lambda module, inputs, logits: seen.append(logits.dtype))
+    step, opt, _ = bench.training_step(model, bench.seq2seq_loss(seq2seq_batch(), fused=True), device=CPU,
+                                       precision=precision, compile_model=False)
+    step()
+    assert seen == [dtype]
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 weights, whatever the precision
+    assert opt.defaults["fused"] is True  # the trainer's Adam
 
 
 def test_cli_keeps_the_single_preset_form():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import subprocess
@@ -18,7 +19,7 @@ import tasks
 from harness.bench_decode import NoEOS, RecomputePrefix
 from harness.decode import beam_search, greedy, max_lengths
 from harness.evaluate import evaluate_lm, score_translations
-from models.common import BOS, SOURCE_PREFIX, reorder_state
+from models.common import BOS, EOS, SOURCE_PREFIX, reorder_state
 from tests.test_models import ARCHS, build, preset
 
 
@@ -156,26 +157,53 @@ def test_weight_norm_cache_ends_with_the_search():
     assert not torch.allclose(after, before, atol=1e-3)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_beam_finds_at_least_the_greedy_score(arch):
-    """With no length penalty, the beam's best finished hypothesis is never worse than greedy's."""
-    model = build(arch, "translation")
-    g = torch.Generator().manual_seed(7)
-    src = torch.randint(4, 23, (4, 6), generator=g)
-    lengths = torch.full((4,), 6)
+@functools.cache
+def copy_model(arch: str):
+    """A tiny model trained (100 steps, no dropout) to copy eight sources of 6 tokens, and those sources.
 
-    def logprob(b, hyp):
-        tgt = torch.tensor([[1] + hyp])
-        out = torch.tensor(hyp + [2])
+    A model sure of its answers: greedy decoding copies each source and ends with EOS.
+    """
+    model = build(arch, "translation", dropout=0.0).train()
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, 23, (8, 6), generator=g)
+    lengths = torch.full((8,), 6)
+    tgt_in = torch.cat([torch.full((8, 1), BOS), src], dim=1)
+    tgt_out = torch.cat([src, torch.full((8, 1), EOS)], dim=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(100):
+        opt.zero_grad()
+        F.cross_entropy(model(src, lengths, tgt_in).flatten(0, 1), tgt_out.flatten()).backward()
+        opt.step()
+    return model.eval(), src, lengths
+
+
+# The search ends a sentence once it holds `beam` finished hypotheses (as fairseq does), whether or not a live
+# hypothesis would score better: on the copy-trained Transformer, EOS candidates ranked among the top four of
+# their steps (after 1, 1, 2 and 5 tokens) fill sentence 0's four places one step before the copy
+# (log-probability -0.09) ends, and beam 4 returns the best of them ([8], log-probability -5.7).
+EARLY_STOP = pytest.mark.xfail(strict=True, reason="beam search stops at `beam` finished hypotheses even when a "
+                                                   "live one (here greedy's) scores better")
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=EARLY_STOP) if a == "transformer" else a for a in ARCHS])
+@pytest.mark.parametrize("lenpen", [0.0, 0.6])
+def test_beam_finds_at_least_the_greedy_score(arch, lenpen):
+    """On a model that ends its greedy hypotheses with EOS, the beam's choice scores at least as well as greedy's
+    (log-probability with EOS over GNMT's ((5 + |Y|) / 6) ** lenpen, |Y| counting EOS)."""
+    model, src, lengths = copy_model(arch)
+
+    def score(b, hyp):
+        tgt = torch.tensor([[BOS] + hyp])
+        out = torch.tensor(hyp + [EOS])
         with torch.no_grad():
             lp = F.log_softmax(model(src[b : b + 1], lengths[b : b + 1], tgt)[0].double(), -1)
-        return lp[torch.arange(len(out)), out].sum().item()
+        return lp[torch.arange(len(out)), out].sum().item() / ((5 + len(out)) / 6) ** lenpen
 
-    limits = [30] * 4
-    for b, (gh, bh) in enumerate(zip(greedy(model, src, lengths, limits),
-                                     beam_search(model, src, lengths, limits, beam=4, lenpen=0.0))):
-        if len(gh) < 30:  # greedy finished with EOS
-            assert logprob(b, bh) >= logprob(b, gh) - 1e-6
+    limits = [30] * 8
+    greedy_hyps = greedy(model, src, lengths, limits)
+    assert greedy_hyps == src.tolist()  # every greedy hypothesis ends with EOS, right after the copy
+    for b, hyp in enumerate(beam_search(model, src, lengths, limits, beam=4, lenpen=lenpen)):
+        assert score(b, hyp) >= score(b, greedy_hyps[b]) - 1e-6, (b, hyp)
 
 
 def test_decoding_never_runs_past_learned_positions():

@@ -58,6 +58,8 @@ def test_forward_backward(arch, family):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and not p.grad.abs().sum() > 0], \
+        "parameters that take no part in the loss"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -73,6 +75,40 @@ def test_causality(arch, family):
         out = run(changed)
         torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-5, rtol=0)
         assert not torch.allclose(out[:, t:], base[:, t:]), "changing token t changed nothing after it"
+
+
+RESTRICTED = "transformer_restricted_tiny"  # restricted self-attention: each position sees itself and r back
+
+
+def reach(fn, x: torch.Tensor, t: int, changed: torch.Tensor) -> list[int]:
+    """The positions whose output changes when position t of the input ``x`` (B,T,...) becomes ``changed``."""
+    other = x.clone()
+    other[:, t] = changed
+    with torch.no_grad():
+        diff = (fn(other) - fn(x)).abs().flatten(2).amax(dim=(0, 2))
+    return [i for i, d in enumerate(diff.tolist()) if d > 1e-6]
+
+
+def test_restricted_attention_sees_its_window_and_nothing_ahead():
+    """Window r = 4, two layers: token t reaches outputs t..t+2r through the model and t..t+r through each
+    block; never position t-1 (one token ahead of it) nor any earlier one."""
+    cfg = preset(RESTRICTED)
+    r, layers, T = cfg["attn_window"], cfg["n_layers"], 16
+    assert (r, layers) == (4, 2)
+    model = build("transformer", "lm", **{k: v for k, v in cfg.items() if k != "preset"})
+    tokens = torch.randint(4, V, (2, T), generator=torch.Generator().manual_seed(0))
+    x = model.embed(tokens).detach()
+    for t in range(T):
+        other_token = (tokens[:, t] + 1 - 4) % (V - 4) + 4
+        assert reach(model, tokens, t, other_token) == list(range(t, min(T, t + layers * r + 1)))
+        for block in model.mixing_blocks():
+            assert reach(block, x, t, x[:, t] + torch.randn(x[:, t].shape)) == list(range(t, min(T, t + r + 1)))
+
+
+def test_restricted_attention_is_refused_by_the_encoder_decoder():
+    """The encoder-decoder form takes no window: the setting fails loudly instead of being ignored."""
+    with pytest.raises(TypeError, match=r"TransformerSeq2Seq does not take \['attn_window'\]"):
+        build("transformer", "translation", attn_window=4)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -101,6 +137,32 @@ def test_incremental_decoding_equals_forward(arch):
     for t in range(tgt.size(1)):
         logits, state = model.decode_step(tgt[:, t], state, t)
         torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_incremental_decoding_equals_forward_under_bf16_autocast(arch):
+    """What beam search runs under precision=bf16 (trainer.precision=auto on CPUs with bf16 instructions).
+
+    bf16 keeps 8 significant bits: the cached steps must match the full forward pass in bf16 to within a few
+    units in the last place of the largest logit, and both the fp32 forward pass to within bf16's error
+    through the layers (measured on the tiny presets: under 1% of the largest logit).
+    """
+    model = build(arch, "translation")
+    src, lengths, tgt = batch(T=9)
+    with torch.no_grad():
+        reference = model(src, lengths, tgt)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            full = model(src, lengths, tgt)
+            state = model.encode(src, lengths)
+            steps = []
+            for t in range(tgt.size(1)):
+                logits, state = model.decode_step(tgt[:, t], state, t)
+                steps.append(logits)
+    cached = torch.stack(steps, dim=1)
+    assert full.dtype == cached.dtype == torch.bfloat16
+    scale = reference.abs().max().item()
+    torch.testing.assert_close(cached.float(), full.float(), atol=2 ** -6 * scale, rtol=0)
+    torch.testing.assert_close(cached.float(), reference, atol=0.03 * scale, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

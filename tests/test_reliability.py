@@ -285,7 +285,7 @@ def test_language_model_cannot_be_asked_to_translate(tmp_path):
         evaluate_translation(lm, copy, "test", CPU, {"beam": 1})
     lm_task = tasks.build({"name": "text_files", "path": str(write_text_files(tmp_path / "txt"))}, {"root": tmp_path})
     s2s = s2s_cls(10, 10, 0, d_model=32, n_layers=1, n_heads=4, d_ff=64)
-    with pytest.raises(TypeError, match=r"is a 'seq2seq' model but task 'text_files.*' is a lm task that needs the "
+    with pytest.raises(TypeError, match=r"is a 'seq2seq' model but task 'txt' is a lm task that needs the "
                                         r"'lm' form"):
         Trainer(s2s, lm_task, cfg, tmp_path, CPU, seed=1, identity={})
     assert not list(tmp_path.glob("*.pt"))
@@ -350,17 +350,17 @@ def test_a_file_that_is_not_a_seqbench_checkpoint_is_refused(tmp_path):
         checkpoint.load(tmp_path / "best.pt", {})
 
 
-def test_bad_eval_checkpoint_keeps_the_training_and_a_fixed_rerun_reuses_it(make_cfg, tmp_path):
+def test_bad_eval_checkpoint_fails_before_training_and_the_fixed_rerun_trains_from_the_start(make_cfg, tmp_path):
+    """eval.checkpoint is checked before training, so a typo costs no training: no checkpoint is written, and
+    the corrected command in the same folder trains its two steps from step 0."""
     out = tmp_path / "run"
     rec = job.run(make_cfg(*TINY, "eval.checkpoint=middle"), out, raise_errors=False)
     assert rec["status"] == "failed" and "eval.checkpoint='middle'; valid: best, last" in rec["error"]
-    # job.py checks it after training today: the checkpoints survive, so the corrected command does not retrain.
-    # (Checked before training, as it should be, the first run writes no checkpoint and the fix trains from 0.)
-    trained = (out / "last.pt").is_file()
-    assert trained == (out / "best.pt").is_file()
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists() and not temp_files(out)
+    assert on_disk(out)["status"] == "failed"
     fixed = job.run(make_cfg(*TINY, "eval.checkpoint=last"), out)
     assert fixed["status"] == "ok" and fixed["costs"]["steps"] == 2
-    assert fixed["resumed_from_step"] == (2 if trained else None)
+    assert fixed["resumed_from_step"] is None
 
 
 class Payload:
@@ -393,20 +393,33 @@ def test_checkpoint_that_runs_code_is_refused_and_never_runs(tmp_path, where):
 
 def test_nonfinite_step_is_skipped_and_recorded(make_cfg, tmp_path, monkeypatch):
     """trainer.on_nonfinite=skip: a NaN loss skips that update (weights untouched), the job finishes ok."""
-    calls = []
+    calls = []  # (summed loss, scored target tokens) of each step
     loss_fn = train.smoothed_cross_entropy
 
-    def nan_on_second_step(*args, **kwargs):
-        calls.append(1)
-        loss = loss_fn(*args, **kwargs)
+    def nan_on_second_step(logits, target, smoothing, ignore_index):
+        loss = loss_fn(logits, target, smoothing, ignore_index)
+        calls.append((loss.item(), int((target != ignore_index).sum())))
         return loss * float("nan") if len(calls) == 2 else loss
 
+    weights = []  # the parameters after each step
+    train_step = train.Trainer.train_step
+
+    def keeping_weights(self, *args, **kwargs):
+        loss = train_step(self, *args, **kwargs)
+        weights.append([p.detach().clone() for p in self.model.parameters()])
+        return loss
+
     monkeypatch.setattr(train, "smoothed_cross_entropy", nan_on_second_step)
+    monkeypatch.setattr(train.Trainer, "train_step", keeping_weights)
     rec = job.run(make_cfg(*TINY, "trainer.max_steps=4", "trainer.on_nonfinite=skip"), tmp_path)
     assert rec["status"] == "ok" and rec["skipped_steps"] == [2]
+    assert len(calls) == len(weights) == 4
+    assert all(torch.equal(a, b) for a, b in zip(weights[0], weights[1]))  # step 2 left the weights as step 1 did
+    assert not all(torch.equal(a, b) for a, b in zip(weights[1], weights[2]))  # step 3 updated them
     steps = [r["step"] for r in rec["curves"]["train"]]
-    assert steps == [1, 3, 4]  # the skipped step logs no loss; every logged loss is finite
-    assert all(math.isfinite(r["loss"]) for r in rec["curves"]["train"])
+    assert steps == [1, 3, 4]  # the skipped step logs no loss; the others log their loss per token
+    assert [r["loss"] for r in rec["curves"]["train"]] == pytest.approx([calls[i][0] / calls[i][1] for i in (0, 2, 3)],
+                                                                       rel=1e-6)
     assert all(math.isfinite(r["valid_nll"]) for r in rec["curves"]["valid"])
     assert math.isfinite(rec["metrics"]["test"]["bleu"])
     identity = torch.load(tmp_path / "last.pt", weights_only=True)["identity"]

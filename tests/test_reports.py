@@ -5,13 +5,16 @@ import colorsys
 import html
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
-from matplotlib.colors import to_rgb
+from matplotlib.colors import to_hex, to_rgb
 from omegaconf import OmegaConf
 
 import reports
@@ -173,6 +176,73 @@ def test_every_plot_is_written_and_absent_data_is_noted(built):
     assert path.read_text().count('src="data:image/png;base64,') == len(PLOTS)
 
 
+def drawn_lines(fig) -> dict[str, list]:
+    """Per visible panel: (colour, x values, y values) of every line drawn with data (legend entries have none)."""
+    return {ax.get_title(): sorted((to_hex(line.get_color()), tuple(round(float(v), 6) for v in line.get_xdata()),
+                                    tuple(round(float(v), 6) for v in line.get_ydata()))
+                                   for line in ax.get_lines() if len(line.get_xdata()) and line.get_label()[0] == "_")
+            for ax in fig.axes if ax.get_visible()}
+
+
+def drawn_points(ax) -> list:
+    """(x, y, colour) of every point of the panel's first scatter."""
+    points = ax.collections[0]
+    return sorted((float(x), float(y), to_hex(c)) for (x, y), c in zip(points.get_offsets(), points.get_facecolors()))
+
+
+def curve(colour, ys, xs=(20.0, 40.0, 60.0)):
+    return colour, tuple(xs), tuple(round(y, 6) for y in ys)
+
+
+T_COL, L_COL = plots.PALETTE["transformer"], plots.PALETTE["lstm"]
+
+
+def test_plots_draw_the_fixture_values(tmp_path):
+    """Each training-run plot draws the values the fixture records hold (hand-computed means), in each
+    architecture's colour: the tidy tables it draws from are read right and nothing is dropped or pooled."""
+    records = reports.load([write_records(tmp_path, fixture_records())])
+    runs, pal = tables.ok(records.runs), plots.report_palette(records)
+    # validation curves: one line per run, valid BLEU = final BLEU * k / 3 at 20 k seconds (ppl x (4 - k) for LMs)
+    fig, _ = plots.learning_curves(records.curves, pal)
+    assert drawn_lines(fig) == {
+        "multi30k": sorted([*(curve(T_COL, [b * k / 3 for k in (1, 2, 3)]) for b in (20, 22, 24, 30)),
+                            *(curve(L_COL, [b * k / 3 for k in (1, 2, 3)]) for b in (10, 11, 15))]),
+        "wikitext2": sorted([*(curve(T_COL, [p * (4 - k) for k in (1, 2, 3)]) for p in (100, 110)),
+                             curve(L_COL, [150 * (4 - k) for k in (1, 2, 3)])])}
+    # Pareto: BLEU (perplexity) against training FLOPs; the run on the H100 (1e12 FLOPs, BLEU 30) dominates
+    fig, _ = plots.pareto(runs, pal)
+    mt, lm = (next(ax for ax in fig.axes if ax.get_title() == t) for t in ("multi30k", "wikitext2"))
+    assert drawn_points(mt) == sorted([(1.0e12, 20.0, T_COL), (1.2e12, 22.0, T_COL), (1.4e12, 24.0, T_COL),
+                                       (1.0e12, 30.0, T_COL), (1.0e12, 10.0, L_COL), (1.0e12, 11.0, L_COL),
+                                       (1.0e12, 15.0, L_COL)])
+    front = {t: [(tuple(line.get_xdata()), tuple(line.get_ydata())) for line in ax.get_lines()
+                 if line.get_label() == "Pareto front"] for t, ax in (("multi30k", mt), ("wikitext2", lm))}
+    assert front == {"multi30k": [((1.0e12, 1.4e12), (30.0, 30.0))],  # on to the costliest run
+                     "wikitext2": [((1.0e12, 1.0e12), (100.0, 100.0))]}  # lower perplexity is better
+    fig, _ = plots.quality_vs_parameters(runs, pal)
+    by_title = {ax.get_title(): drawn_points(ax) for ax in fig.axes if ax.get_visible()}
+    assert by_title == {"multi30k": sorted([*((2000.0, b, T_COL) for b in (20.0, 22.0, 24.0, 30.0)),
+                                            *((1000.0, b, L_COL) for b in (10.0, 11.0, 15.0))]),
+                        "wikitext2": sorted([(2000.0, 100.0, T_COL), (2000.0, 110.0, T_COL), (1000.0, 150.0, L_COL)])}
+    # throughput: mean tokens/s over seeds, one bar per architecture and device, error bar one standard deviation
+    fig, _ = plots.throughput(runs, pal)
+    bars = {ax.get_title(): {t.get_text(): (p.get_height(), to_hex(p.get_facecolor()))
+                             for t, p in zip(ax.get_xticklabels(), ax.patches)} for ax in fig.axes if ax.get_visible()}
+    assert {t: {k: h for k, (h, _) in b.items()} for t, b in bars.items()} == {
+        "multi30k": {"lstm-tiny\nx86_64": 1000.0, "transformer-tiny\nx86_64": 1100.0,
+                     "transformer-tiny\nNVIDIA H100 80GB HBM3": 9000.0},
+        "wikitext2": {"lstm-tiny": 1000.0, "transformer-tiny": 1000.0}}
+    for b in bars.values():  # seaborn's bars are a desaturated shade of the architecture's colour
+        assert all(same_hue(c, T_COL if k.startswith("transformer") else L_COL) for k, (_, c) in b.items()), b
+    errors = [tuple(line.get_ydata()) for line in fig.axes[0].get_lines() if tuple(line.get_xdata()) == (1.0, 1.0)]
+    assert errors == [(1000.0, 1200.0)]  # 1100 +- std(1000, 1100, 1200)
+    # BLEU by length bucket: the mean over seeds of (b + 2, b, b - 3)
+    fig, _ = plots.quality_by_length(records.by_length, pal)
+    assert drawn_lines(fig) == {"multi30k": sorted([curve(T_COL, [24.0, 22.0, 19.0], xs=(0.0, 1.0, 2.0)),
+                                                    curve(L_COL, [14.0, 12.0, 9.0], xs=(0.0, 1.0, 2.0))])}
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["1-10", "11-20", "21+"]
+
+
 def test_failures_are_listed_with_their_errors(built):
     path, out = built
     md = (out / "report.md").read_text()
@@ -223,7 +293,17 @@ def test_appendix_traces_every_run(built):
 def test_palette_is_fixed_per_architecture():
     assert plots.colour("transformer") == plots.PALETTE["transformer"]
     assert len(set(plots.PALETTE.values())) == 5
-    assert plots.colour("mamba") == plots.colour("mamba") and plots.colour("mamba") in plots.FALLBACK
+    # an unknown name: a pick from FALLBACK by its CRC-32 (mamba 4, rwkv 2), the same in every process, whatever
+    # Python's string-hash seed (a pick by hash() would change from run to run)
+    assert (plots.colour("mamba"), plots.colour("rwkv")) == (plots.FALLBACK[4], plots.FALLBACK[2])
+    for seed in ("1", "2"):
+        other = subprocess.run([sys.executable, "-c", "from reports import plots; print(plots.colour('mamba'), "
+                                "plots.colour('rwkv'))"], env={**os.environ, "PYTHONHASHSEED": seed},
+                               cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
+        assert other.stdout.split() == [plots.FALLBACK[4], plots.FALLBACK[2]]
+    # a variant has its architecture's colour here (the palette shades it), whatever the case; a longer name does not
+    assert plots.colour("transformer_restricted(r=4)") == plots.colour("Transformer") == plots.PALETTE["transformer"]
+    assert plots.colour("lstmx") != plots.PALETTE["lstm"]
 
 
 def test_pareto_front():
@@ -391,6 +471,34 @@ def test_analysis_plots_are_written_and_shown(analysed):
     axes = [ax for ax in fig.axes if ax.get_visible()]
     assert [ax.get_title() for ax in axes] == ["assoc_recall", "delayed_copy"]
     assert {ax.get_xscale() for ax in axes} == {"symlog"} and {ax.get_yscale() for ax in axes} == {"log"}
+
+
+def test_analysis_plots_draw_the_fixture_values(analysed):
+    """Accuracy and influence by distance (means over seeds, each run divided by its nearest distance, zero
+    influence left off the log axis), path length and forward throughput, each model in its own colour."""
+    _, _, root = analysed
+    records = reports.load([root])
+    pal = plots.report_palette(records)
+    V_COL = pal[RESTRICTED]
+    assert V_COL not in (T_COL, L_COL)
+    fig, _ = plots.accuracy_by_distance(records.by_distance, pal)
+    assert drawn_lines(fig) == {
+        "assoc_recall": sorted([curve(L_COL, [0.9, 0.3], xs=(2, 32)), curve(T_COL, [1.0, 0.9], xs=(2, 32))]),
+        "delayed_copy": sorted([curve(T_COL, [1.0, 0.9, 0.85, 0.7], xs=(1, 4, 16, 64)),
+                                curve(L_COL, [1.0, 0.35], xs=(1, 64)), curve(V_COL, [1.0, 0.4], xs=(1, 64))])}
+    fig, _ = plots.influence_by_distance(records.influence, pal)
+    assert drawn_lines(fig) == {
+        "assoc_recall": [curve(L_COL, [1.0, 1 / 3, 1 / 30, 1 / 300], xs=DISTANCES)],
+        "delayed_copy": sorted([curve(T_COL, [1.0, 0.9, 0.8, 0.7], xs=DISTANCES),
+                                curve(L_COL, [1.0, 0.1, 0.01], xs=DISTANCES[:3]),
+                                curve(V_COL, [1.0, 0.5], xs=DISTANCES[:2])])}
+    fig, _ = plots.path_length(records.path_length, pal)
+    assert drawn_lines(fig) == {"maximum path length": sorted([curve(T_COL, [1, 1, 1, 1], xs=NS),
+                                                               curve(V_COL, [2, 4, 8, 16], xs=NS),
+                                                               curve(L_COL, NS, xs=NS)])}
+    fig, _ = plots.throughput_by_length(records.path_length, pal)  # n / (1e-3 n / 8 s) = 8000 tokens/s
+    assert drawn_lines(fig) == {"forward pass on x86_64": sorted(curve(c, [8000.0] * 4, xs=NS)
+                                                                 for c in (T_COL, V_COL, L_COL))}
 
 
 def test_job_kind_tells_training_from_analysis():

@@ -1,0 +1,99 @@
+"""Secrets (API keys, tokens, passwords) kept out of everything a job writes.
+
+Torch-free: ``run.py`` rewrites its command line with it before Hydra starts, and the records,
+the wandb run and Hydra's config copies are scrubbed with it.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import MutableMapping
+
+SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+REDACTED = "<redacted>"
+ENV_PREFIX = "SEQBENCH_SECRET_"  # command-line secrets moved into the environment (the name marks them as secrets)
+
+
+def is_secret_name(name) -> bool:
+    """Whether a key or variable name marks a secret: one of its words ends in a marker (``api_key``, ``HF_TOKEN``,
+    ``apiKey``, ``DB_PASSWORD``); words that only contain one (``tokenizer``, ``max_tokens``, ``n_keys``) do not."""
+    words = re.split(r"[^A-Z0-9]+", re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(name)).upper())
+    return any(w.endswith(SECRET_MARKERS) for w in words if w)
+
+
+def env_secrets() -> set[str]:
+    """Values of environment variables whose names mark a secret (8 characters or more)."""
+    return {v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= 8}
+
+
+def scrub(obj):
+    """Drop values whose key names a secret, and any value equal to a secret in the environment."""
+    secrets = env_secrets()
+    def walk(x):
+        if isinstance(x, dict):
+            return {k: (REDACTED if is_secret_name(k) and isinstance(v, str) else walk(v)) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        if isinstance(x, str):
+            for s in secrets:
+                x = x.replace(s, REDACTED)
+        return x
+    return walk(obj)
+
+
+def _secret_override(arg: str) -> tuple[str, str] | None:
+    """``(key part, value)`` of a Hydra override that sets a secret-named key to a literal string, else None.
+
+    Numbers (``trainer.max_tokens=512``), interpolations (``${oc.env:HF_TOKEN}``), sweeps, deletions and
+    anything Hydra cannot parse are not secrets given in clear text.
+    """
+    if arg.startswith("-") or "=" not in arg:
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        override = OverridesParser.create().parse_override(arg)
+        if override.is_sweep_override() or not is_secret_name(override.key_or_group.rsplit(".", 1)[-1]):
+            return None
+        value = override.value()
+    except Exception:  # Hydra reports a malformed override itself
+        return None
+    if not isinstance(value, str) or "${" in value or value == REDACTED:
+        return None
+    return arg.split("=", 1)[0], value
+
+
+def hide_in_environment(args: list[str], environ: MutableMapping[str, str] = os.environ) -> list[str]:
+    """The command-line overrides with each secret value moved into an environment variable the config reads.
+
+    Hydra writes the command line into ``.hydra/{overrides,config,hydra}.yaml`` (and a sweep's
+    ``multirun.yaml``) before the job starts, and wandb stores it in its run metadata, so a key given as
+    ``+logger.api_key=...`` would sit in those files in clear text, even after a crash. Here it becomes
+    ``+logger.api_key=${oc.env:SEQBENCH_SECRET_LOGGER_API_KEY}`` with the value in that variable: the job's
+    config resolves to the same value, the files hold only the variable's name, and the value, now an
+    environment secret, is redacted from records and logs. Jobs started by a launcher inherit the variable.
+    """
+    out = []
+    for arg in args:
+        found = _secret_override(arg)
+        if found is None:
+            out.append(arg)
+            continue
+        key, value = found
+        var = ENV_PREFIX + re.sub(r"[^A-Za-z0-9]+", "_", key.split("@", 1)[0].lstrip("+~")).strip("_").upper()
+        environ[var] = value
+        out.append(f"{key}=${{oc.env:{var}}}")
+    return out
+
+
+def redact_args(args: list[str]) -> list[str]:
+    """A command line with secret values replaced by ``<redacted>``: for tools that store it (wandb's metadata)."""
+    secrets = sorted(env_secrets(), key=len, reverse=True)
+    out = []
+    for arg in args:
+        found = _secret_override(arg)
+        arg = f"{found[0]}={REDACTED}" if found else arg
+        for s in secrets:
+            arg = arg.replace(s, REDACTED)
+        out.append(arg)
+    return out

@@ -1,0 +1,243 @@
+"""Decoding, evaluation and the training loss against values derived outside the code under test.
+
+Each test pins one thing that a plausible slip would break while every other test still passes:
+the length penalty's exponent (hand-computed values, a stub decoder whose best hypothesis flips
+with the penalty, an exhaustive search), the output limits, the order of the translations (an
+oracle copy model decoded in small, length-sorted batches), the label smoothing the trainer
+applies (the logged loss against ``F.cross_entropy`` on the very logits of the step) and the
+fused loss's default and messages.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tasks
+from harness import job, train
+from harness.decode import beam_search, greedy, length_penalty, max_lengths
+from harness.evaluate import evaluate_translation
+from harness.loss import smoothed_cross_entropy
+from models.common import BOS, EOS, PAD, Seq2Seq
+
+A, B = 3, 4  # the stubs' two ordinary tokens (ids after PAD, BOS, EOS)
+V = 5
+NEVER = float("-inf")  # PAD and BOS: never emitted by the stubs
+
+
+class TableDecoder(Seq2Seq):
+    """A stub model: the logits at step t are ``table[sentence, t, prev]`` (V,), whatever else came before.
+
+    The source's first token names the sentence (its row of the table); the state holds it as a
+    per-sentence (``src_*``) entry, so beam search's reordering is exercised as with a real model.
+    """
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table  # (sentences, steps, V prev, V next)
+
+    def encode(self, src, src_lengths):
+        return {"src_sentence": src[:, 0].clone()}
+
+    def decode_step(self, prev, state, step):
+        step = min(step, self.table.size(1) - 1)
+        return self.table[state["src_sentence"], step, prev], state
+
+
+def one_sentence(steps: list[dict[int, float]]) -> TableDecoder:
+    """A prev-independent table for one sentence from per-step probabilities {token: p}."""
+    table = torch.full((1, len(steps), V, V), NEVER)
+    for t, probs in enumerate(steps):
+        for tok, p in probs.items():
+            table[0, t, :, tok] = math.log(p)
+    return TableDecoder(table)
+
+
+def sources(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sources (n,1) naming sentences 0..n-1."""
+    return torch.arange(n)[:, None], torch.ones(n, dtype=torch.long)
+
+
+# -- the length penalty ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("length,alpha,expected", [
+    (1, 0.6, 1.0),                 # (5 + 1) / 6 = 1: any exponent gives 1
+    (7, 1.0, 2.0),                 # (5 + 7) / 6 = 2
+    (7, 0.6, 2.0 ** 0.6),          # 1.515716566510398
+    (13, 0.5, math.sqrt(3.0)),     # (5 + 13) / 6 = 3
+    (25, 2.0, 25.0),               # (5 + 25) / 6 = 5, squared
+    (13, 0.0, 1.0),                # alpha = 0: no penalty
+])
+def test_length_penalty_equals_hand_computed_values(length, alpha, expected):
+    """GNMT's lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al. 2016, eq. 14)."""
+    assert length_penalty(length, alpha) == pytest.approx(expected, rel=1e-12)
+
+
+def test_output_limits_equal_hand_computed_values():
+    """int(a |src| + b), at least 1, capped at a model's learned target positions."""
+    assert max_lengths(torch.tensor([0, 1, 4, 10]), 1.2, 10) == [10, 11, 14, 22]  # 10, 11.2, 14.8, 22
+    assert max_lengths(torch.tensor([0, 1, 3]), 0.5, 0) == [1, 1, 1]  # 0, 0.5, 1.5: never below one token
+    capped = Seq2Seq()
+    capped.max_target_positions = 12
+    assert max_lengths(torch.tensor([1, 5]), 1.2, 10, capped) == [11, 12]  # 11.2, 16 -> 12
+    assert max_lengths(torch.tensor([1, 5]), 1.2, 10, Seq2Seq()) == [11, 16]  # no learned positions: no cap
+
+
+# Step by step, for one sentence (probabilities; PAD and BOS never):
+#   step 0:     A .98, B .015, EOS .005  -> every hypothesis starts with A
+#   step 1:     EOS .55, A .44, B .01    -> "A" ends here: the short hypothesis
+#   steps 2-9:  A .97, B .02, EOS .01    -> B outranks EOS, so no early end enters the beam
+#   step 10:    EOS .97, A .02, B .01    -> "A" * 10 ends here: the long hypothesis
+# short = [A]:      log .98 + log .55                   = -0.6180, |Y| = 2  (EOS counts), lp = 7/6
+# long  = [A] * 10: log .98 + log .44 + 9 log .97       = -1.1154, |Y| = 11,             lp = 16/6
+# alpha = 0:   -0.6180            > -1.1154             -> short
+# alpha = 0.5: -0.6180 / 1.0801 = -0.5722 > -1.1154 / 1.6330 = -0.6830 -> short
+# alpha = 1:   -0.6180 / 1.1667 = -0.5297 < -1.1154 / 2.6667 = -0.4183 -> long
+# An exponent of 2 alpha picks long at alpha = 0.5, -alpha or 0 pick short at alpha = 1.
+FLIP = [{A: .98, B: .015, EOS: .005}, {EOS: .55, A: .44, B: .01}, *[{A: .97, B: .02, EOS: .01}] * 8,
+        {EOS: .97, A: .02, B: .01}, {EOS: .97, A: .02, B: .01}]
+SHORT, LONG = [A], [A] * 10
+
+
+@pytest.mark.parametrize("lenpen,expected", [(0.0, SHORT), (0.5, SHORT), (1.0, LONG)])
+def test_length_penalty_decides_between_a_short_and_a_long_hypothesis(lenpen, expected):
+    model = one_sentence(FLIP)
+    src, lengths = sources(1)
+    assert beam_search(model, src, lengths, [12], beam=2, lenpen=lenpen) == [expected]
+
+
+def test_greedy_takes_the_short_hypothesis_of_the_flip_table():
+    """Greedy ends at step 1 (EOS .55 is the arg-max): the long hypothesis needs the beam."""
+    model = one_sentence(FLIP)
+    src, lengths = sources(1)
+    assert greedy(model, src, lengths, [12]) == [SHORT]
+    assert beam_search(model, src, lengths, [12], beam=1, lenpen=1.0) == [SHORT]
+
+
+def hypothesis_score(table: torch.Tensor, sentence: int, hyp: list[int], max_len: int, alpha: float) -> float:
+    """Length-normalised log-probability of ``hyp`` under a TableDecoder table, computed here in float64.
+
+    A hypothesis shorter than ``max_len`` ends with EOS (which counts in its length); one of
+    ``max_len`` tokens was cut by the length limit and has no EOS.
+    """
+    tokens = hyp + [EOS] if len(hyp) < max_len else hyp
+    logp, prev = 0.0, BOS
+    for t, tok in enumerate(tokens):
+        logp += torch.log_softmax(table[sentence, t, prev].double(), -1)[tok].item()
+        prev = tok
+    return logp / ((5.0 + len(tokens)) / 6.0) ** alpha
+
+
+def exhaustive_best(table: torch.Tensor, sentence: int, max_len: int, alpha: float) -> float:
+    """The best score over every hypothesis of at most ``max_len`` tokens over {A, B} (EOS ends them)."""
+    return max(hypothesis_score(table, sentence, list(hyp), max_len, alpha)
+               for n in range(max_len + 1) for hyp in itertools.product((A, B), repeat=n))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0, 2.0])
+def test_a_beam_wide_enough_finds_the_exhaustive_optimum(alpha):
+    """Vocabulary {EOS, A, B}; with limits of at most 4 tokens there are at most 3 * 2**3 = 24 candidates
+    per step, so a beam of 32 keeps every prefix and accepts every EOS: it must reach the optimum."""
+    g = torch.Generator().manual_seed(11)
+    n, limits = 8, [4, 3, 4, 2, 4, 3, 4, 1]
+    table = 2.0 * torch.randn(n, 4, V, V, generator=g)
+    table[..., PAD] = table[..., BOS] = NEVER
+    model = TableDecoder(table)
+    src, lengths = sources(n)
+    hyps = beam_search(model, src, lengths, limits, beam=32, lenpen=alpha)
+    for s, (hyp, limit) in enumerate(zip(hyps, limits)):
+        assert len(hyp) <= limit and set(hyp) <= {A, B}
+        assert hypothesis_score(table, s, hyp, limit, alpha) == pytest.approx(
+            exhaustive_best(table, s, limit, alpha), abs=1e-5), (s, hyp)
+
+
+# -- evaluation: hypotheses stay aligned with their references ----------------------------------
+
+class OracleCopy(Seq2Seq):
+    """Emits its source token by token, then EOS, with a wide margin (a perfect copy model)."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def encode(self, src, src_lengths):
+        return {"src_tokens": src, "src_lengths": src_lengths}
+
+    def decode_step(self, prev, state, step):
+        src, lengths = state["src_tokens"], state["src_lengths"]
+        want = src[:, step] if step < src.size(1) else torch.full_like(lengths, EOS)
+        want = torch.where(step < lengths, want, torch.full_like(want, EOS))
+        logits = torch.full((src.size(0), self.vocab), -10.0)
+        logits[torch.arange(src.size(0)), want] = 10.0
+        return logits, state
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_oracle_copy_model_scores_perfectly_in_corpus_order(beam):
+    task = tasks.build({"name": "copy", "n_train": 4, "n_valid": 2, "n_test": 13, "min_len": 1, "max_len": 16,
+                        "data_seed": 4})
+    lengths = [len(s) for s in task.sources("test")]
+    assert len(set(lengths)) > 5 and sorted(lengths) != lengths  # mixed lengths, not already in length order
+    decoding = {"beam": beam, "lenpen": 0.6, "max_len_a": 1.2, "max_len_b": 10, "batch_sentences": 2}
+    scores, hyps = evaluate_translation(OracleCopy(task.tgt_vocab_size), task, "test", torch.device("cpu"), decoding)
+    refs = task.references("test")
+    assert hyps == refs  # each hypothesis in its own reference's place
+    assert scores["exact_match"] == 1.0 and scores["bleu"] == pytest.approx(100.0) and scores["sentences"] == 13
+    assert scores["samples"] == [{"ref": r, "hyp": r} for r in refs[:5]]
+    short = sum(n <= 10 for n in lengths)
+    assert [(row["bucket"], row["n"]) for row in scores["by_length"]] == [("1-10", short), ("11-20", 13 - short)]
+    assert all(row["bleu"] == pytest.approx(100.0) for row in scores["by_length"])
+
+
+# -- training: the logged loss is the configured label-smoothed cross-entropy -------------------
+
+def test_fused_loss_defaults_to_no_smoothing_and_its_errors_give_the_fix():
+    logits = torch.randn(4, 5, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 1, 2, 3])
+    loss = smoothed_cross_entropy(logits, target)
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, target, reduction="sum").item(), rel=1e-6)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError) as err:
+        loss.backward()
+    assert str(err.value) == ("smoothed_cross_entropy's backward reuses its saved log-probabilities as the gradient "
+                              "and runs once per forward; to backpropagate twice (retain_graph=True), compute the "
+                              "loss again or use F.cross_entropy")
+    with pytest.raises(ValueError) as err:
+        smoothed_cross_entropy(logits, target[:3])
+    assert str(err.value) == ("logits (4, 5) and target (3,) disagree: logits must be the target's shape plus a "
+                              "vocabulary dimension")
+
+
+def test_logged_training_loss_is_label_smoothed_cross_entropy(make_cfg, tmp_path, monkeypatch):
+    """One step through the job and the real Trainer, label smoothing 0.1 configured: the logged loss equals
+    ``F.cross_entropy(..., label_smoothing=0.1)`` on the logits of that step, per target token."""
+    seen = []
+    train_step = train.Trainer.train_step
+
+    def recording(self, batch, n_tokens=None):
+        hook = self.model.register_forward_hook(lambda m, args, out: seen.append((out.detach().clone(), batch)))
+        try:
+            return train_step(self, batch, n_tokens)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(train.Trainer, "train_step", recording)
+    rec = job.run(make_cfg("model=transformer_tiny", "task=copy", "task.n_train=40", "task.n_valid=2",
+                           "task.n_test=2", "trainer=smoke", "trainer.max_steps=1", "trainer.label_smoothing=0.1",
+                           "trainer.valid_bleu=false", "eval.splits=[valid]"), tmp_path)
+    assert rec["status"] == "ok" and len(seen) == 1
+    logits, batch = seen[0]
+    target = batch.target.flatten()
+    n = int((target != PAD).sum())
+
+    def per_token(smoothing):
+        return F.cross_entropy(logits.double().flatten(0, 1), target, ignore_index=PAD, label_smoothing=smoothing,
+                               reduction="sum").item() / n
+
+    (logged,) = rec["curves"]["train"]
+    assert logged["step"] == 1
+    assert logged["loss"] == pytest.approx(per_token(0.1), rel=1e-5)
+    assert abs(per_token(0.1) - per_token(0.0)) > 1e-2  # the smoothing makes a difference the check can see
