@@ -220,10 +220,13 @@ def _changes(saved: dict, identity: dict) -> list[tuple[str, object, object]]:
     changes = []
     if "config" in saved and "config" in identity:
         old, new = _flat(saved["config"]), _flat(identity["config"])
-        budget_is_schedule = "cosine" in (old.get("trainer.schedule"), new.get("trainer.schedule"))
+        schedule_length = None  # the budget that sets the cosine schedule's length: max_steps, else max_seconds
+        if "cosine" in (old.get("trainer.schedule"), new.get("trainer.schedule")):
+            schedule_length = ("trainer.max_steps" if old.get("trainer.max_steps") or new.get("trainer.max_steps")
+                               else "trainer.max_seconds")
         for key in dict.fromkeys([*new, *old]):
             free = any(key == r or key.startswith(r + ".") for r in RESUMABLE)
-            if budget_is_schedule and key == "trainer.max_steps":
+            if key == schedule_length:
                 free = False  # the cosine schedule's length
             if not free and old.get(key, _ABSENT) != new.get(key, _ABSENT):
                 changes.append((key, old.get(key, _ABSENT), new.get(key, _ABSENT)))

@@ -83,8 +83,8 @@ class TrainConfig:
             raise ValueError(f"trainer.precision={self.precision!r}; valid: auto, fp32, bf16, fp16")
         if self.schedule not in ("inverse_sqrt", "constant", "cosine"):
             raise ValueError(f"trainer.schedule={self.schedule!r}; valid: inverse_sqrt, constant, cosine")
-        if self.schedule == "cosine" and not self.max_steps:
-            raise ValueError("trainer.schedule=cosine needs trainer.max_steps")
+        if self.schedule == "cosine" and not (self.max_steps or self.max_seconds):
+            raise ValueError("trainer.schedule=cosine needs trainer.max_steps or trainer.max_seconds (its length)")
         if not (self.threads in ("auto", None) or (type(self.threads) is int and self.threads >= 1)):
             raise ValueError(f"trainer.threads={self.threads!r}; valid: auto (the cores free at the start), null "
                              "(torch's default) or a positive integer")
@@ -93,11 +93,14 @@ class TrainConfig:
         self.betas = tuple(self.betas)
 
 
-def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based).
+def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based), after ``seconds`` of training.
 
     ``inverse_sqrt`` is the schedule of Vaswani et al. (eq. 3) written with its
     peak: linear warm-up to ``lr`` over ``warmup_steps``, then ``lr * sqrt(warmup / step)``.
+    ``cosine`` decays from the end of the warm-up to ``min_lr_ratio * lr`` at ``max_steps``; without
+    ``max_steps`` it follows the training-time budget instead, reaching the floor at ``max_seconds``,
+    so that every architecture anneals over the same wall-clock budget whatever its step rate.
     """
     s, w = step + 1, max(1, cfg.warmup_steps)
     if cfg.schedule == "inverse_sqrt":
@@ -105,7 +108,8 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     warm = min(1.0, s / w)
     if cfg.schedule == "constant":
         return warm
-    progress = min(1.0, max(0.0, (s - w) / max(1, cfg.max_steps - w)))
+    progress = (s - w) / max(1, cfg.max_steps - w) if cfg.max_steps else seconds / cfg.max_seconds
+    progress = min(1.0, max(0.0, progress))
     return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -149,7 +153,8 @@ class Trainer:
         self.tracker, self.decoding, self.should_stop = tracker, dict(decoding or {}), should_stop
         self.precision, self.autocast = autocast_for(device, cfg.precision)  # resolved: never "auto"
         self.opt = adam(model.parameters(), cfg, device)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(cfg, s))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(  # reads the training time so far (cosine over max_seconds)
+            self.opt, lambda s: lr_factor(cfg, s, self.p.train_seconds if hasattr(self, "p") else 0.0))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         wrapped = model
         if dist.enabled:  # gradients averaged over the processes; parameters broadcast from rank 0

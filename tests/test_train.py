@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -109,6 +110,36 @@ def test_inverse_sqrt_schedule_matches_the_paper():
     cfg = TrainConfig(lr=d**-0.5 * w**-0.5, warmup_steps=w, max_steps=10)
     for s in (1, 100, 3999, 4000, 4001, 20000):
         assert abs(cfg.lr * lr_factor(cfg, s - 1) - d**-0.5 * min(s**-0.5, s * w**-1.5)) < 1e-12
+
+
+def test_cosine_schedule_follows_the_time_budget_without_max_steps():
+    """Without max_steps the cosine anneals over max_seconds: 1 at the start, 1/2 halfway, the floor at the end."""
+    cfg = TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=10, max_seconds=600, min_lr_ratio=0.1)
+    assert lr_factor(cfg, 4, seconds=1.0) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 600))))
+    assert lr_factor(cfg, 50, seconds=0.0) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50, seconds=300.0) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(cfg, 50, seconds=150.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(cfg, 50, seconds=600.0) == pytest.approx(0.1)
+    assert lr_factor(cfg, 50, seconds=900.0) == pytest.approx(0.1)  # past the budget (the last step's overshoot)
+    by_steps = TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=10, max_steps=110, max_seconds=600)
+    assert lr_factor(by_steps, 59, seconds=590.0) == pytest.approx(0.5)  # max_steps, when set, is the length
+
+
+def test_the_trainer_anneals_by_its_own_training_time(make_cfg, tmp_path):
+    """The trainer's scheduler reads the run's training seconds (what the cosine over max_seconds needs)."""
+    from harness.train import Trainer
+
+    cfg = make_cfg("model=transformer_tiny", "task=copy", "task.n_train=40", "task.n_valid=4", "task.n_test=4",
+                   "trainer=smoke", "trainer.schedule=cosine", "trainer.max_steps=null", "trainer.max_seconds=100",
+                   "trainer.warmup_steps=1")
+    train_cfg, task, model, identity = job._build(cfg, torch.device("cpu"))
+    trainer = Trainer(model, task, train_cfg, tmp_path, torch.device("cpu"), seed=1, identity=identity)
+    trainer.p.train_seconds = 50.0
+    trainer.sched.step()
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(train_cfg.lr * 0.5)
+    trainer.p.train_seconds = 100.0
+    trainer.sched.step()
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
