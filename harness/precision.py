@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matrix instructions
-LOAD_WINDOW_S = 60.0  # the time constant of the kernel's 1-minute load average
+BUSY_SAMPLE_S = 0.5  # how long the CPUs are watched before a job chooses its threads
 
 
 def cpu_has_bf16_matmul(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -61,29 +61,29 @@ def autocast_for(device: torch.device, precision: str):
     return precision, lambda: torch.autocast(device.type, dtype=dtype)
 
 
-class OwnLoad:
-    """This process's own share of the 1-minute load average, tracked the way the kernel tracks the load.
+def cpu_times(stat: Path = Path("/proc/stat")) -> tuple[float, float] | None:
+    """(all CPU time, idle CPU time) since boot, summed over CPUs, in clock ticks; None where unknown."""
+    try:
+        fields = [float(v) for v in stat.read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]), fields[3] + fields[4]  # user..steal (guest is inside user); idle + iowait
 
-    A sequential sweep runs its jobs one after another in one process: right after a job that kept
-    every core busy the load average still counts that job, and the next job would find no core
-    free. The kernel's load is an exponential average (time constant one minute) of the runnable
-    threads; this one averages the process's CPU seconds per second the same way, between calls.
+
+def busy_cpus(sample_s: float = BUSY_SAMPLE_S) -> float | None:
+    """How many CPUs other processes keep busy now: the machine's busy share over a short sample.
+
+    Measured rather than read from the 1-minute load average, which lags by a minute: right after a
+    job that kept every core busy it still counts that job, and the next one (the next job of a sweep
+    or of a script) would find no core free. This process only sleeps during the sample.
     """
-
-    def __init__(self):
-        self.when, self.cpu, self.load = time.monotonic(), time.process_time(), 0.0
-
-    def __call__(self) -> float:
-        when, cpu = time.monotonic(), time.process_time()
-        elapsed = when - self.when
-        if elapsed > 0:
-            decay = math.exp(-elapsed / LOAD_WINDOW_S)
-            self.load = self.load * decay + (cpu - self.cpu) / elapsed * (1 - decay)
-        self.when, self.cpu = when, cpu
-        return self.load
-
-
-own_load = OwnLoad()  # from the import on, which comes before any job of the process
+    before = cpu_times()
+    if before is None:
+        return None
+    time.sleep(sample_s)
+    after = cpu_times()
+    total, idle = after[0] - before[0], after[1] - before[1]
+    return (os.cpu_count() or 1) * max(0.0, total - idle) / total if total > 0 else 0.0
 
 
 def physical_cores(cpus: set[int], sysfs: Path = Path("/sys/devices/system/cpu")) -> int:
@@ -111,23 +111,17 @@ def choose_threads(setting, processes: int | None = None) -> tuple[int | None, d
     ``setting``: a positive integer (used as it is), None (torch's default) or
     ``"auto"``: the physical cores free at the start, at least 1, shared by the ``processes`` of this
     job on this machine (``$LOCAL_WORLD_SIZE``, set by torchrun and by multi-task SLURM jobs). A
-    core is free unless other processes' load (the 1-minute load average less this process's own
-    share, rounded to whole cores) takes it. The load average covers the whole machine, so it
-    counts only when this process may run on every CPU; a narrower CPU affinity (SLURM's,
-    ``taskset``'s) is a set of cores given to the job, taken as free.
+    core is free unless other processes keep it busy (:func:`busy_cpus`, rounded to whole cores).
+    That is measured over the whole machine, so it counts only when this process may run on every
+    CPU; a narrower CPU affinity (SLURM's, ``taskset``'s) is a set of cores given to the job, taken as free.
     """
     if setting != "auto":
         return setting, {"setting": setting}
     processes = processes or int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
     cores, cpus, machine_cpus = usable_cores()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average on this system: nothing known to be busy
-        load = 0.0
-    own = own_load()
-    others = max(0.0, load - own) if cpus >= machine_cpus else 0.0
-    free = cores - math.floor(others + 0.5)
+    busy = busy_cpus() if cpus >= machine_cpus else None  # None: unknown, or not ours to count
+    free = cores - math.floor((busy or 0.0) + 0.5)
     threads = max(1, free // max(1, processes))
     return threads, {"setting": "auto", "usable_cores": cores, "usable_cpus": cpus, "machine_cpus": machine_cpus,
-                     "load_1min": round(load, 2), "own_load": round(own, 2), "processes": processes,
+                     "busy_cpus": None if busy is None else round(busy, 2), "processes": processes,
                      "threads": threads}

@@ -38,21 +38,25 @@ class TableDecoder(Seq2Seq):
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.table = table  # (sentences, steps, V prev, V next)
+        self.rows: list[int] = []  # hypotheses decoded at each step
 
     def encode(self, src, src_lengths):
         return {"src_sentence": src[:, 0].clone()}
 
     def decode_step(self, prev, state, step):
+        self.rows.append(prev.size(0))
         step = min(step, self.table.size(1) - 1)
         return self.table[state["src_sentence"], step, prev], state
 
 
-def one_sentence(steps: list[dict[int, float]]) -> TableDecoder:
-    """A prev-independent table for one sentence from per-step probabilities {token: p}."""
+def one_sentence(steps: list[dict]) -> TableDecoder:
+    """A table for one sentence from per-step probabilities: {token: p} after any token, or
+    {previous token: {token: p}}."""
     table = torch.full((1, len(steps), V, V), NEVER)
     for t, probs in enumerate(steps):
-        for tok, p in probs.items():
-            table[0, t, :, tok] = math.log(p)
+        for prev, row in (probs.items() if isinstance(next(iter(probs.values())), dict) else [(None, probs)]):
+            for tok, p in row.items():
+                table[0, t, slice(None) if prev is None else prev, tok] = math.log(p)
     return TableDecoder(table)
 
 
@@ -154,6 +158,55 @@ def test_a_beam_wide_enough_finds_the_exhaustive_optimum(alpha):
             exhaustive_best(table, s, limit, alpha), abs=1e-5), (s, hyp)
 
 
+# Only two hypotheses exist, whatever the beam: [A] (EOS at step 1) and [A] * 4 (EOS at step 4).
+# [A]:     log .55 = -0.5978, |Y| = 2, lp = (7/6) ** alpha
+# [A] * 4: log .45 = -0.7985, |Y| = 5, lp = (10/6) ** alpha
+# alpha 0.6: -0.5978 / 1.0969 = -0.5450 > -0.7985 / 1.3585 = -0.5878  -> [A]
+# alpha 1:   -0.5978 / 1.1667 = -0.5124 < -0.7985 / 1.6667 = -0.4791  -> [A] * 4
+# alpha 1.6: -0.5978 / 1.2797 = -0.4671 < -0.7985 / 2.2636 = -0.3528  -> [A] * 4
+TWO = [{A: 1.0}, {EOS: .55, A: .45}, {A: 1.0}, {A: 1.0}, {EOS: 1.0}]
+
+
+def test_beam_search_defaults_to_four_beams_and_the_papers_penalty():
+    """beam 4 (four hypotheses per sentence from the first step) and alpha 0.6, as in Vaswani et al."""
+    src, lengths = sources(1)
+    model = one_sentence(TWO)
+    assert beam_search(model, src, lengths, [8]) == [[A]]
+    assert model.rows[0] == 4
+    assert beam_search(one_sentence(TWO), src, lengths, [8], lenpen=1.0) == [[A] * 4]
+
+
+# Beam 3, alpha 0 or 1. Step 0: A .55, B .4, EOS .05 (finished: [], -2.996). Step 1: after A, A .9; after
+# B, EOS .9: B EOS (-1.0217) ranks second and ends on the second beam (finished: [B]). Step 2: A A EOS
+# (-1.3963) ends the third hypothesis. Best: [B] (-1.0217; normalised by 7/6 for alpha 1: -0.8758 against
+# [A, A]'s -1.3963 / (8/6) = -1.0472).
+SECOND_BEAM = [{A: .55, B: .4, EOS: .05},
+               {A: {A: .9, B: .05, EOS: .05}, B: {EOS: .9, A: .05, B: .05}},
+               {EOS: .5, A: .25, B: .25}, {EOS: .9, A: .05, B: .05}]
+
+
+@pytest.mark.parametrize("lenpen", [0.0, 1.0])
+def test_a_hypothesis_ending_on_another_beam_keeps_that_beams_tokens(lenpen):
+    src, lengths = sources(1)
+    assert beam_search(one_sentence(SECOND_BEAM), src, lengths, [5], beam=3, lenpen=lenpen) == [[B]]
+
+
+def test_search_stops_once_a_sentence_has_beam_hypotheses():
+    """FLIP with beam 2: the second hypothesis ends at step 10, so step 11 (within the limit of 12) never runs."""
+    model = one_sentence(FLIP)
+    src, lengths = sources(1)
+    assert beam_search(model, src, lengths, [12], beam=2, lenpen=1.0) == [LONG]
+    assert len(model.rows) == 11
+
+
+def test_fewer_live_tokens_than_beams():
+    """Only A and EOS ever have probability: beam 3 holds one live hypothesis. Step 0 ends [] (log .1), step 1
+    ends [A] (log .9 + log .4 = -1.0217), step 2 ends [A, A] (log .9 + log .6 + log .9 = -0.7215), the best."""
+    model = one_sentence([{A: .9, EOS: .1}, {A: .6, EOS: .4}, {EOS: .9, A: .1}, {EOS: .9, A: .1}])
+    src, lengths = sources(1)
+    assert beam_search(model, src, lengths, [6], beam=3, lenpen=0.0) == [[A, A]]
+
+
 # -- evaluation: hypotheses stay aligned with their references ----------------------------------
 
 class OracleCopy(Seq2Seq):
@@ -190,6 +243,27 @@ def test_oracle_copy_model_scores_perfectly_in_corpus_order(beam):
     short = sum(n <= 10 for n in lengths)
     assert [(row["bucket"], row["n"]) for row in scores["by_length"]] == [("1-10", short), ("11-20", 13 - short)]
     assert all(row["bleu"] == pytest.approx(100.0) for row in scores["by_length"])
+
+
+class SourcePointers(OracleCopy):
+    """The oracle copy model, recording where its per-sentence state lies at each step."""
+
+    def __init__(self, vocab: int):
+        super().__init__(vocab)
+        self.where: list[int] = []
+
+    def decode_step(self, prev, state, step):
+        self.where.append(state["src_tokens"].data_ptr())
+        return super().decode_step(prev, state, step)
+
+
+def test_greedy_moves_the_per_sentence_state_only_when_a_sentence_ends():
+    """Sentences of 2, 4 and 4 tokens: the first ends at step 2, so only step 3 reads a moved source."""
+    model = SourcePointers(V + 6)
+    src = torch.tensor([[5, 6, 0, 0], [5, 6, 7, 8], [8, 7, 6, 5]])
+    assert greedy(model, src, torch.tensor([2, 4, 4]), [10] * 3) == [[5, 6], [5, 6, 7, 8], [8, 7, 6, 5]]
+    where = model.where
+    assert len(where) == 5 and [a != b for a, b in zip(where, where[1:])] == [False, False, True, False]
 
 
 # -- training: the logged loss is the configured label-smoothed cross-entropy -------------------

@@ -3,12 +3,13 @@ or free cores, what the record says, and a bf16 job end to end on CPU."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 
 from harness import evaluate, job, precision, train
-from harness.precision import (OwnLoad, autocast_for, choose_threads, cpu_has_bf16_matmul, physical_cores,
+from harness.precision import (autocast_for, busy_cpus, cpu_times, choose_threads, cpu_has_bf16_matmul, physical_cores,
                                resolve_precision)
 from harness.train import TrainConfig
 
@@ -95,36 +96,28 @@ def test_bad_threads_setting_is_a_clear_error():
         assert TrainConfig(max_steps=1, threads=good).threads == good
 
 
-def machine(monkeypatch, *, cores: int, affinity: int | None = None, load: float | None, own: float = 0.0,
-            smt: int = 1):
+def machine(monkeypatch, *, cores: int, affinity: int | None = None, busy: float | None, smt: int = 1):
     """A machine of ``cores`` cores of ``smt`` logical CPUs each, this process allowed on ``affinity`` of its CPUs,
-    a 1-minute load of ``load`` (None: no load average), ``own`` of it this process's."""
+    other processes keeping ``busy`` CPUs busy (None: not measurable)."""
     monkeypatch.setattr(precision.os, "cpu_count", lambda: cores * smt)
     monkeypatch.setattr(precision.os, "sched_getaffinity", lambda pid: set(range(affinity or cores * smt)),
                         raising=False)
     monkeypatch.setattr(precision, "physical_cores", lambda cpus: len({cpu // smt for cpu in cpus}))
-
-    def loadavg():
-        if load is None:
-            raise OSError("no load average")
-        return (load, 0.0, 0.0)
-    monkeypatch.setattr(precision.os, "getloadavg", loadavg)
-    monkeypatch.setattr(precision, "own_load", lambda: own)
+    monkeypatch.setattr(precision, "busy_cpus", lambda: busy)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
 
 
-@pytest.mark.parametrize("cores,load,own,expected", [
-    (8, 0.0, 0.0, 8),  # a quiet machine: every core
-    (8, 0.3, 0.0, 8),  # background noise does not take a core
-    (8, 3.4, 0.0, 5),  # three busy cores
-    (8, 3.6, 0.0, 4),  # nearly four
-    (8, 3.4, 2.0, 7),  # the load this process made itself (an earlier job of a sweep) is not another's
-    (2, 1.0, 0.0, 1),  # the GRU case: another process holds one of two cores
-    (2, 9.0, 0.0, 1),  # overloaded: at least one thread
-    (4, None, 0.0, 4),  # no load average on this system
+@pytest.mark.parametrize("cores,busy,expected", [
+    (8, 0.0, 8),  # a quiet machine: every core
+    (8, 0.3, 8),  # background noise does not take a core
+    (8, 3.4, 5),  # three busy cores
+    (8, 3.6, 4),  # nearly four
+    (2, 1.0, 1),  # the GRU case: another process holds one of two cores
+    (2, 2.0, 1),  # every core busy: at least one thread
+    (4, None, 4),  # not measurable on this system
 ])
-def test_auto_threads_take_the_cores_other_processes_leave_free(monkeypatch, cores, load, own, expected):
-    machine(monkeypatch, cores=cores, load=load, own=own)
+def test_auto_threads_take_the_cores_other_processes_leave_free(monkeypatch, cores, busy, expected):
+    machine(monkeypatch, cores=cores, busy=busy)
     threads, chosen = choose_threads("auto")
     assert threads == expected
     assert chosen["setting"] == "auto" and chosen["threads"] == expected and chosen["usable_cores"] == cores
@@ -132,7 +125,7 @@ def test_auto_threads_take_the_cores_other_processes_leave_free(monkeypatch, cor
 
 def test_auto_threads_count_physical_cores_not_hyper_threads(monkeypatch, tmp_path):
     """torch's default is one thread per physical core; auto takes no more than that."""
-    machine(monkeypatch, cores=4, smt=2, load=1.0)  # 8 logical CPUs, one core busy elsewhere
+    machine(monkeypatch, cores=4, smt=2, busy=1.0)  # 8 logical CPUs, one core busy elsewhere
     threads, chosen = choose_threads("auto")
     assert threads == 3 and (chosen["usable_cores"], chosen["usable_cpus"], chosen["machine_cpus"]) == (4, 8, 8)
     for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3"]):  # two cores, two hyper-threads each
@@ -144,7 +137,7 @@ def test_auto_threads_count_physical_cores_not_hyper_threads(monkeypatch, tmp_pa
 
 
 def test_auto_threads_share_the_free_cores_among_the_jobs_processes(monkeypatch):
-    machine(monkeypatch, cores=8, load=2.0)
+    machine(monkeypatch, cores=8, busy=2.0)
     assert choose_threads("auto", processes=2)[0] == 3
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's: four processes of this job on this machine
     threads, chosen = choose_threads("auto")
@@ -153,34 +146,53 @@ def test_auto_threads_share_the_free_cores_among_the_jobs_processes(monkeypatch)
 
 def test_auto_threads_trust_an_affinity_narrower_than_the_machine(monkeypatch):
     """SLURM or taskset gave the job 4 of 64 cores: the machine-wide load of other jobs is on other cores."""
-    machine(monkeypatch, cores=64, affinity=4, load=40.0)
+    machine(monkeypatch, cores=64, affinity=4, busy=40.0)
     assert choose_threads("auto")[0] == 4
 
 
 def test_explicit_threads_are_used_as_given(monkeypatch):
-    machine(monkeypatch, cores=8, load=7.0)
+    machine(monkeypatch, cores=8, busy=7.0)
     assert choose_threads(6) == (6, {"setting": 6})
     assert choose_threads(None) == (None, {"setting": None})
 
 
-def test_own_load_is_the_kernels_one_minute_average_of_this_processs_cpu_use(monkeypatch):
-    clock = {"wall": 100.0, "cpu": 5.0}
-    monkeypatch.setattr(precision.time, "monotonic", lambda: clock["wall"])
-    monkeypatch.setattr(precision.time, "process_time", lambda: clock["cpu"])
-    own = OwnLoad()
-    clock.update(wall=160.0, cpu=125.0)  # a minute on two cores
-    assert own() == pytest.approx(2 * (1 - math.exp(-1)))
-    clock.update(wall=220.0)  # then a minute idle: the average decays by e
-    assert own() == pytest.approx(2 * (1 - math.exp(-1)) * math.exp(-1))
+def test_busy_cpus_is_the_machines_busy_share_over_the_sample(monkeypatch, tmp_path):
+    """Two /proc/stat readings 0.5 s apart: 300 of 400 ticks busy on 4 CPUs is 3 busy CPUs."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 1000 10 0 0 0 0 0\ncpu0 1 2 3\n")
+    assert cpu_times(stat) == (1160.0, 1010.0)
+    readings = iter([(1000.0, 800.0), (1400.0, 900.0)])
+    monkeypatch.setattr(precision, "cpu_times", lambda: next(readings))
+    monkeypatch.setattr(precision.time, "sleep", lambda s: None)
+    monkeypatch.setattr(precision.os, "cpu_count", lambda: 4)
+    assert busy_cpus() == pytest.approx(3.0)
+    monkeypatch.setattr(precision, "cpu_times", lambda: None)
+    assert busy_cpus() is None
+    assert cpu_times(tmp_path / "missing") is None
+
+
+def test_busy_cpus_sees_a_process_that_keeps_a_core_busy():
+    """A real spinning process (started and stopped here by pid) shows as about one busy CPU."""
+    import subprocess
+    import sys
+
+    quiet = busy_cpus(0.5)
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cpus(0.5) >= quiet + 0.6
+    finally:
+        spin.kill()
+        spin.wait()
 
 
 def test_job_records_the_threads_and_how_they_were_chosen(make_cfg, tmp_path, monkeypatch, keep_threads):
-    machine(monkeypatch, cores=4, load=2.2)  # two of four cores busy elsewhere
+    machine(monkeypatch, cores=4, busy=2.2)  # two of four cores busy elsewhere
     rec = job.run(make_cfg(*COPY, "trainer.threads=auto"), tmp_path)
     env = rec["environment"]
     assert rec["status"] == "ok" and env["threads"] == 2 and torch.get_num_threads() == 2
     assert env["threads_chosen"] == {"setting": "auto", "usable_cores": 4, "usable_cpus": 4, "machine_cpus": 4,
-                                     "load_1min": 2.2, "own_load": 0.0, "processes": 1, "threads": 2}
+                                     "busy_cpus": 2.2, "processes": 1, "threads": 2}
     explicit = job.run(make_cfg(*COPY, "trainer.threads=1"), tmp_path / "explicit")
     assert explicit["environment"]["threads"] == 1 and explicit["environment"]["threads_chosen"] == {"setting": 1}
 
