@@ -3,6 +3,7 @@ or free cores, what the record says, and a bf16 job end to end on CPU."""
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import pytest
@@ -177,6 +178,8 @@ def test_busy_cpus_sees_a_process_that_keeps_a_core_busy():
     import sys
 
     quiet = busy_cpus(0.5)
+    if quiet > (os.cpu_count() or 1) - 1:
+        pytest.skip(f"no idle CPU to watch: {quiet:.1f} of {os.cpu_count()} busy already")
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)

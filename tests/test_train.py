@@ -125,6 +125,7 @@ def test_cosine_schedule_follows_the_time_budget_without_max_steps():
     assert lr_factor(by_steps, 59, seconds=590.0) == pytest.approx(0.5)  # max_steps, when set, is the length
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_the_trainer_anneals_by_its_own_training_time(make_cfg, tmp_path):
     """The trainer's scheduler reads the run's training seconds (what the cosine over max_seconds needs)."""
     from harness.train import Trainer
