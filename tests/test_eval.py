@@ -19,7 +19,7 @@ from harness.bench_decode import NoEOS, RecomputePrefix
 from harness.decode import beam_search, greedy, max_lengths
 from harness.evaluate import evaluate_lm, score_translations
 from models.common import BOS, EOS, SOURCE_PREFIX, reorder_state
-from tests.test_models import ARCHS, build, preset
+from tests.test_models import ARCHS, build, preset, train_to_copy
 
 
 def test_bleu_and_chrf_equal_the_sacrebleu_command_line(tmp_path, data_root):
@@ -162,18 +162,8 @@ def copy_model(arch: str):
 
     A model sure of its answers: greedy decoding copies each source and ends with EOS.
     """
-    model = build(arch, "translation", dropout=0.0).train()
-    g = torch.Generator().manual_seed(1)
-    src = torch.randint(4, 23, (8, 6), generator=g)
-    lengths = torch.full((8,), 6)
-    tgt_in = torch.cat([torch.full((8, 1), BOS), src], dim=1)
-    tgt_out = torch.cat([src, torch.full((8, 1), EOS)], dim=1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(100):
-        opt.zero_grad()
-        F.cross_entropy(model(src, lengths, tgt_in).flatten(0, 1), tgt_out.flatten()).backward()
-        opt.step()
-    return model.eval(), src, lengths
+    model, (src, lengths, _, _), _ = train_to_copy(build(arch, "translation", dropout=0.0), 23, 100)
+    return model, src, lengths
 
 
 # The search ends a sentence once it holds `beam` finished hypotheses (as fairseq does), whether or not a live

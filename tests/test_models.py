@@ -211,22 +211,30 @@ def test_lm_forward_is_composition_of_mixing_blocks(arch):
     torch.testing.assert_close(model.head(x), model(tokens))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_model_overfits_copy_batch(arch):
-    torch.manual_seed(0)
-    model = build(arch, "translation", dropout=0.0).train()
+def train_to_copy(model, high: int, steps: int):
+    """Train ``model`` (Adam 3e-3) on one batch of eight 6-token sources drawn from ``4..high-1``, to copy them.
+
+    Returns the model in eval mode, the batch (src, lengths, tgt_in, tgt_out) and the last step's loss.
+    """
+    model.train()
     g = torch.Generator().manual_seed(1)
-    src = torch.randint(4, V, (8, 6), generator=g)
+    src = torch.randint(4, high, (8, 6), generator=g)
     lengths = torch.full((8,), 6)
     tgt_in = torch.cat([torch.full((8, 1), BOS), src], dim=1)
     tgt_out = torch.cat([src, torch.full((8, 1), EOS)], dim=1)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
+    for _ in range(steps):
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(src, lengths, tgt_in).flatten(0, 1), tgt_out.flatten())
         loss.backward()
         opt.step()
-    model.eval()
+    return model.eval(), (src, lengths, tgt_in, tgt_out), loss
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_model_overfits_copy_batch(arch):
+    torch.manual_seed(0)
+    model, (src, lengths, tgt_in, tgt_out), loss = train_to_copy(build(arch, "translation", dropout=0.0), V, 300)
     assert loss.item() < 0.05
     assert torch.equal(model(src, lengths, tgt_in).argmax(-1), tgt_out)
 
