@@ -13,7 +13,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from harness import job, launcher, path_length, secrets, settings
+from harness import job, secrets, settings
+from harness.analysis import path_length
+from harness.cluster import launcher
 
 JOBS = {"train": job.run, "path_length": path_length.run}  # cfg.job: what one job does (settings.JOBS names them)
 STOPPED: list[str] = []  # the job at which this sweep was stopped (SIGTERM, Ctrl-C): the jobs after it do not run

@@ -15,12 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 import models
 import tasks
 
-from . import checkpoint, distributed, influence, record, settings
+from . import checkpoint, distributed, record, settings
+from .analysis import influence
 from . import metrics as scoring
 from .evaluate import check_converged, evaluate_lm, evaluate_translation
 from .io import FolderLock
 from .precision import choose_threads
-from .probes import evaluate_probe
+from .analysis.probes import evaluate_probe
 from .profile import CONVENTION as FLOPS_CONVENTION
 from .profile import sample_batches, train_flops_per_token
 from .tracking import make_tracker

@@ -22,7 +22,7 @@ from .distributed import SINGLE, Dist
 from .io import remove_stale_temps
 from .loss import smoothed_cross_entropy
 from .precision import autocast_for
-from .probes import evaluate_probe
+from .analysis.probes import evaluate_probe
 from .evaluate import evaluate_translation, mean_nll, perplexity, sync
 
 log = logging.getLogger("seqbench.train")

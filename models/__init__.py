@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -33,6 +34,19 @@ LM_IGNORES: dict[str, tuple[str, ...]] = {
     "bytenet": ("share_embeddings", "unfold_a", "unfold_b"),
 }
 log = logging.getLogger("seqbench")
+
+PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"  # one YAML file per preset
+
+
+def load_preset(name: str) -> dict:
+    """The model config of the preset file ``conf/model/<name>.yaml`` (e.g. ``transformer_tiny``)."""
+    path = PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        valid = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+        raise KeyError(f"no such preset {name!r} (no file conf/model/{name}.yaml); valid presets: "
+                       + ", ".join(valid))
+    import yaml  # noqa: PLC0415 (only the preset readers need it)
+    return yaml.safe_load(path.read_text())
 
 
 def model_class(name: str, family: str) -> type[nn.Module]:

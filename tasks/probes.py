@@ -3,7 +3,7 @@
 ``delayed_copy`` is the copy-memory task (Hochreiter & Schmidhuber 1997; Arjovsky et al. 2016)
 with a per-example delay; ``assoc_recall`` is associative recall (Ba et al. 2016). Each example
 draws its distance d from ``distances``, so one trained model gives accuracy at every d
-(``harness.probes.evaluate_probe``). Only answer positions carry loss; the others have the
+(``harness.analysis.probes.evaluate_probe``). Only answer positions carry loss; the others have the
 target ``IGNORE`` (-100). The data depend only on ``data_seed``.
 
 Token ids: ``BLANK`` 0 (also the padding of a batch: models are causal, so padding on the right

@@ -21,7 +21,8 @@ import torch
 
 import models
 import tasks
-from harness import io, job, launcher, record, settings
+from harness import io, job, record, settings
+from harness.cluster import launcher
 from harness.evaluate import evaluate_translation
 from tasks.data import read_lines
 from tests.conftest import ROOT

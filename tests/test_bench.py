@@ -3,25 +3,22 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 import models
-from harness import bench
-from harness.baselines import WordLanguageModel, build_baseline
-from harness.bench_decode import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
-from harness.bench_timing import Contender, paired_ratio, peak_call_bytes, resident_bytes, summary
+from harness.bench import suites as bench
+from harness.bench.baselines import WordLanguageModel, build_baseline
+from harness.bench.decoding import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
+from harness.bench.timing import Contender, paired_ratio, peak_call_bytes, resident_bytes, summary
 from harness.decode import beam_search
 from harness.profile import _cudnn_rnn, _cudnn_rnn_backward, count_flops, flop_counter
 from models.common import BOS, PAD
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 V = 64
 CPU = torch.device("cpu")
 # Parameter counts, baseline vs seqbench, may differ by at most this fraction of the baseline's. The
@@ -198,7 +195,7 @@ def test_lm_parameter_counts_agree_at_the_examples_size():
 
 # -- decoding: recomputing the prefix finds the same hypotheses as the cached search ---------------
 def repo_tiny(arch):
-    return OmegaConf.to_container(OmegaConf.load(CONF / f"{arch}_tiny.yaml"))
+    return models.load_preset(f"{arch}_tiny")
 
 
 @pytest.mark.parametrize("arch", bench.ARCHS)

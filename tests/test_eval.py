@@ -15,7 +15,7 @@ from torch.nn.utils import parametrize
 
 import models
 import tasks
-from harness.bench_decode import NoEOS, RecomputePrefix
+from harness.bench.decoding import NoEOS, RecomputePrefix
 from harness.decode import beam_search, greedy, max_lengths
 from harness.evaluate import evaluate_lm, score_translations
 from models.common import BOS, EOS, SOURCE_PREFIX, reorder_state

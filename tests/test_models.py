@@ -1,23 +1,20 @@
 """Architecture tests: every registered model, both forms, on its tiny preset."""
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import models
 from models.common import BOS, EOS, PAD, SOURCE_PREFIX, conv_step, reorder_state
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 ARCHS = sorted(models.MODELS)
 V = 23
 
 
 def preset(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    return models.load_preset(name)
 
 
 def build(arch: str, family: str, vocab: int = V, **over):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness import path_length as pl
+from harness.analysis import path_length as pl
 from models.common import LanguageModel
 from reports.load import load
 from tests.conftest import ROOT

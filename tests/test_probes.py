@@ -1,5 +1,5 @@
-"""Long-range probes (tasks/probes.py), accuracy by distance (harness/probes.py), influence by distance
-(harness/influence.py) and the long_range experiment's equal parameter budgets."""
+"""Long-range probes (tasks/probes.py), accuracy by distance (harness/analysis/probes.py), influence by distance
+(harness/analysis/influence.py) and the long_range experiment's equal parameter budgets."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,9 @@ from torch import nn
 
 import models
 import tasks
-from harness import influence, job
-from harness.probes import accuracy_by_distance, evaluate_probe
+from harness import job
+from harness.analysis import influence
+from harness.analysis.probes import accuracy_by_distance, evaluate_probe
 from models.common import LanguageModel
 from tasks.batching import Batch
 from tasks.probes import BLANK, GO, IGNORE, NO_ANSWER

@@ -338,7 +338,7 @@ PROBE = {1: (0.90, [(1, 1.0), (4, 0.95), (16, 0.9), (64, 0.7)]),
 
 
 def path_record(name, preset, layer_type, paths, *, settings=None, latency=None) -> dict:
-    """A path-length record shaped like harness.path_length.path_record writes it (no training)."""
+    """A path-length record shaped like harness.analysis.path_length.path_record writes it (no training)."""
     latency = latency or [1e-3 * n / 8 for n in NS]
     return {"status": "ok", "error": None, "seed": 0,
             "job": {"name": f"path_length_{name}-{preset}", "sweep": "path_length"},

@@ -18,7 +18,7 @@ import torch
 
 from models.common import EOS, PAD, padding_mask
 
-from .decode import beam_search, max_lengths
+from ..decode import beam_search, max_lengths
 
 
 class RecomputePrefix:

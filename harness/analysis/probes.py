@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .evaluate import perplexity
+from ..evaluate import perplexity
 
 
 def accuracy_by_distance(predicted: torch.Tensor, target: torch.Tensor, distance: torch.Tensor,

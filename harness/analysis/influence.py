@@ -4,7 +4,7 @@ For sampled output positions i with a scored target, the gradient of log p(targe
 to the input embedding x_j (the output of ``model.embed``, positions included) is taken for every
 j <= i; its L2 norm is averaged over the samples with the same distance i - j. Positions j > i are
 not counted (a causal model gives them zero). Nothing here knows an architecture: it uses the
-``LanguageModel`` interface (``forward = head(blocks(embed(tokens)))``) as ``harness.path_length``
+``LanguageModel`` interface (``forward = head(blocks(embed(tokens)))``) as ``harness.analysis.path_length``
 does, with ``embed`` replaced by a leaf tensor and the position-wise ``head`` run only at the sampled
 positions (over a large vocabulary it would cost the most). Eval mode (dropout off).
 """

@@ -22,8 +22,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from . import record
-from .job import job_name
+from .. import record
+from ..job import job_name
 
 log = logging.getLogger("seqbench.launcher")
 

@@ -60,10 +60,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import models
 
-from . import record
+from .. import record
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf" / "model"
+ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = ROOT / "conf" / "experiment" / "path_length.yaml"  # the CLI's defaults (node ``path_length``)
 VOCAB = 64
 PROBE_LENGTHS = (8, 16)  # two lengths at which a recurrent block's graph depth differs
@@ -409,12 +408,8 @@ def measure(model: nn.Module, ns: list[int], *, vocab_size: int, device: torch.d
 
 def preset_config(name: str, preset: str, settings: dict | None = None) -> dict:
     """The model config of ``conf/model/<name>_<preset>.yaml`` (else ``<name>.yaml``), with settings applied."""
-    for stem in (f"{name}_{preset}", name):
-        path = CONF / f"{stem}.yaml"
-        if path.is_file():
-            return {**yaml.safe_load(path.read_text()), **(settings or {})}
-    valid = sorted(p.stem for p in CONF.glob("*.yaml"))
-    raise KeyError(f"no model preset {name}_{preset} or {name} under {CONF}; valid presets: {', '.join(valid)}")
+    stem = f"{name}_{preset}" if (models.PRESETS / f"{name}_{preset}.yaml").is_file() else name
+    return {**models.load_preset(stem), **(settings or {})}
 
 
 def build_lm(cfg: dict, vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:

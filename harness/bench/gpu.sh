@@ -3,7 +3,7 @@
 # plain-PyTorch twin on 256 sentences x (50 + 50) tokens (the Transformer base reference shape), bf16,
 # eager then torch.compile; each table with the measured bf16 matmul ceiling and MFU per model.
 #
-#   bash harness/bench_gpu.sh [OUT_DIR] [extra harness.bench flags...]
+#   bash harness/bench/gpu.sh [OUT_DIR] [extra harness.bench flags...]
 #
 # Writes OUT_DIR/{paper_eager,paper_compiled}.json (default results/bench) and prints the tables.
 # MODELS=transformer,lstm limits the architectures; REPEATS (default 5) sets the timed rounds.

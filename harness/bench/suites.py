@@ -8,7 +8,7 @@ Suites (``--suite``; ``all`` runs every one):
 
 - ``train``: per architecture, one training step (forward, label-smoothed cross-entropy,
   backward, Adam step) of seqbench's model against its plain-PyTorch twin of the same size
-  (``harness.baselines``), on the same random batch (``batch`` sentences of ``src_len`` +
+  (``harness.bench.baselines``), on the same random batch (``batch`` sentences of ``src_len`` +
   ``tgt_len`` tokens, no padding, a shared vocabulary). seqbench's step uses its trainer's
   loss (``harness.loss``, fused backward), the baseline ``F.cross_entropy``; ``--plain-loss``
   gives both ``F.cross_entropy`` and so compares the models alone.
@@ -23,14 +23,14 @@ Suites (``--suite``; ``all`` runs every one):
   with the table.
 - ``decode``: per architecture, beam search (beam 4, alpha 0.6) with the cached incremental
   decoder against the same search recomputing the whole prefix with the model's full forward
-  at every step (``harness.bench_decode``), on random sources of newstest2014-like lengths
+  at every step (``harness.bench.decoding``), on random sources of newstest2014-like lengths
   (27 +- 15 subwords), end-of-sentence masked so every hypothesis runs to its limit (a|s|+b);
   eval mode, under ``--precision``'s autocast, never compiled.
 
 ``--preset``: ``small`` (the CPU comparison presets, ``conf/model/<arch>.yaml``), ``tiny`` (the
 same structure at test size: the ``*_tiny.yaml`` presets differ in structure), ``paper`` (each
 architecture at its published size, ``PAPER``; 256 sentences x (50 + 50) tokens, 37k
-vocabulary) or any preset file name (``transformer_base``: that architecture only). Timing (``harness.bench_timing``):
+vocabulary) or any preset file name (``transformer_base``: that architecture only). Timing (``harness.bench.timing``):
 ``warmup`` calls each, then ``repeats`` interleaved rounds of ``steps`` calls each; the median
 over rounds, the spread as the interquartile range and the min-max of the per-round ratio.
 Tokens are target tokens: those scored by the loss (train, lm) or generated (decode). Ratios
@@ -42,29 +42,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 import models
 from models.common import PAD
 
 from .baselines import BASELINE_NAMES, WordLanguageModel, build_baseline
-from .bench_decode import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
-from .loss import smoothed_cross_entropy
-from .bench_timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary, sync,
+from .decoding import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
+from ..loss import smoothed_cross_entropy
+from .timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary, sync,
                            time_interleaved)
-from .precision import autocast_for, cpu_has_bf16_matmul, resolve_precision
-from .profile import count_flops
-from .record import cpu_name
-from .train import TrainConfig, adam
+from ..precision import autocast_for, cpu_has_bf16_matmul, resolve_precision
+from ..profile import count_flops
+from ..record import cpu_name, git_info
+from ..train import TrainConfig, adam
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")
 SUITES = ("train", "lm", "precision", "decode")
 TINY = {"d_model": 32, "n_layers": 2, "d_ff": 64, "n_heads": 4, "channels": 32}  # over the small presets
@@ -91,11 +88,10 @@ PAPER = {"transformer": ("transformer_base", {}),
 
 
 def load_preset(name: str) -> dict:
-    path = ROOT / "conf" / "model" / f"{name}.yaml"
-    if not path.is_file():
-        valid = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise SystemExit(f"--preset {name}: no such preset; use tiny, small, paper or one of {', '.join(valid)}")
-    return OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        return models.load_preset(name)
+    except KeyError as err:
+        raise SystemExit(f"--preset: {err.args[0]} (or tiny, small, paper)") from None
 
 
 def presets(preset: str, archs: list[str]) -> list[tuple[str, dict]]:
@@ -413,11 +409,7 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+    return git_info()["git_commit"]
 
 
 # -- command line -----------------------------------------------------------------------------

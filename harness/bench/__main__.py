@@ -1,0 +1,3 @@
+from .suites import main
+
+main()
