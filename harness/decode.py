@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from models.common import BOS, EOS, reorder_state
+from models.common import reorder_state
+from tasks.vocab import BOS, EOS
 
 MAX_SOURCE_TOKENS = 1024  # eval.decoding.max_source_tokens unless set (fairseq's default max_source_positions)
 

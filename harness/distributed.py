@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -105,6 +106,29 @@ def broadcast(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src, group=_CONTROL)
     return box[0]
+
+
+# -- the hand-over of a job's set-up: rank 0 builds first (tokenizer caches, checks); the others wait for it
+
+def lead(d: Dist, device: torch.device, out_dir) -> None:
+    """Rank 0: join the process group and tell the followers the job's folder (they read checkpoints from it)."""
+    init(d, device)
+    broadcast(str(out_dir))
+
+
+def setup_done(error: str | None = None) -> None:
+    """Rank 0: set-up finished (the followers build the same task and model now), or failed with ``error``."""
+    broadcast(error)
+
+
+def follow(d: Dist, device: torch.device) -> Path:
+    """A rank other than 0: join, wait for rank 0's set-up; returns rank 0's output folder, raises on its error."""
+    init(d, device)
+    out_dir = Path(broadcast(None))
+    error = broadcast(None)
+    if error is not None:
+        raise RuntimeError(f"rank 0 failed while setting up the job: {error}")
+    return out_dir
 
 
 def gather(obj) -> list:

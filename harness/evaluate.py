@@ -6,15 +6,12 @@ import logging
 import math
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.common import UNK
-from tasks.batching import pad_stack
-
 from . import metrics as scoring
 from .decode import MAX_SOURCE_TOKENS, beam_search, greedy, long_sources, max_lengths
+from .device import sync
 from .precision import autocast_for
 
 log = logging.getLogger("seqbench.evaluate")
@@ -27,11 +24,6 @@ def score_translations(hyps: list[str], refs: list[str], names: tuple[str, ...] 
 
 def _with_bleu(names) -> tuple[str, ...]:
     return tuple(dict.fromkeys(("bleu", *names)))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -50,19 +42,13 @@ def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float =
     """
     model.eval()
     _, autocast = autocast_for(device, precision)
-    sources = task.sources(split)[:limit]
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    hyps: list[str] = [""] * len(sources)
+    hyps: list[str] = [""] * len(task.sources(split)[:limit])
     sync(device)
     start = time.perf_counter()
-    for k in range(0, len(order), batch_sentences):
+    for idx, src, lengths in task.source_batches(split, batch_sentences, max_source_tokens, limit):
         if check_stop:
             check_stop()
-        idx = order[k : k + batch_sentences]
-        # an empty source line is read as one unknown token, so it still gets a (scored) hypothesis
-        seqs = [sources[i][:max_source_tokens] if len(sources[i]) else np.array([UNK]) for i in idx]
-        lengths = torch.tensor([len(s) for s in seqs], device=device)
-        src = pad_stack(seqs).to(device)
+        src, lengths = src.to(device), lengths.to(device)
         limits = max_lengths(lengths, max_len_a, max_len_b, model)
         with autocast():
             if beam == 1:

@@ -11,8 +11,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
-
 log = logging.getLogger("seqbench")
 LOCK_NAME = ".lock"
 
@@ -123,6 +121,8 @@ def finite(obj: Any) -> Any:
 
 
 def save_torch(path: Path, obj: Any) -> None:
+    import torch  # noqa: PLC0415 (the rest of this module is torch-free: records and reports use it)
+
     _atomic(path, lambda f: torch.save(obj, f))
 
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
-import signal
 import traceback
 from pathlib import Path
 
@@ -14,14 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 
 import models
 import tasks
+from tasks.base import EvalContext
 
-from . import checkpoint, distributed, record, settings
-from .analysis import influence
+from . import checkpoint, distributed, environment, schema, secrets, settings
 from . import metrics as scoring
-from .evaluate import check_converged, evaluate_lm, evaluate_translation
+from .analysis import influence
+from .cluster.signals import StopFlag, slurm_job_id
+from .device import pick
+from .evaluate import check_converged
 from .io import FolderLock
 from .precision import choose_threads
-from .analysis.probes import evaluate_probe
 from .profile import CONVENTION as FLOPS_CONVENTION
 from .profile import sample_batches, train_flops_per_token
 from .tracking import make_tracker
@@ -30,97 +30,25 @@ from .train import Interrupted, TrainConfig, Trainer
 log = logging.getLogger("seqbench")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name} but CUDA is not available; use device=cpu or device=auto")
-    return device
-
-
 def job_name(cfg: DictConfig) -> str:
     return f"{cfg.model.name}-{cfg.model.get('preset', 'custom')}_{cfg.task.name}_s{cfg.seed}"
 
 
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (SLURM time limit, preemption, ``scontrol requeue``): the loop saves and stops at the next step.
-
-    Inside a submitit job on SLURM it also takes submitit's timeout signal (USR2, ``$SUBMITIT_PREEMPT_SIGNAL``),
-    whose handler would otherwise requeue the job mid-step without saving; that handler is kept and run by
-    :meth:`hand_over` once ``last.pt`` is saved.
-    """
-
-    def __init__(self):
-        self.signal = None
-        self._chained = {}  # signal -> submitit's handler, run after the checkpoint is saved
-        self._requeue_on = None
-        submitit_sig = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
-        for sig in dict.fromkeys(s for s in (signal.SIGTERM, signal.SIGUSR1, submitit_sig) if s is not None):
-            previous = signal.getsignal(sig)
-            if isinstance(getattr(previous, "__self__", None), StopFlag):  # the flag of an earlier job
-                self.signal = self.signal or previous.__self__.signal  # a stop that came after that job's last check
-                previous = previous.__self__._chained.get(sig)
-            chain = sig == submitit_sig and callable(previous)
-            if sig not in (signal.SIGTERM, signal.SIGUSR1) and not chain:
-                continue  # submitit's signal outside a submitit job: left alone
-            try:
-                signal.signal(sig, self.set)
-            except ValueError:  # not the main thread
-                continue
-            if chain:
-                self._chained[sig] = previous
-
-    def set(self, signum, frame):
-        self.signal = signum
-        if signum in self._chained:
-            self._requeue_on = signum
-
-    def __call__(self) -> bool:
-        return self.signal is not None
-
-    def check(self, during: str):
-        """A ``check_stop`` for evaluation, which runs after training: it raises :class:`Interrupted` once stopped."""
-        def check():
-            if self.signal is not None:
-                raise Interrupted(f"stopped by {signal.Signals(self.signal).name} {during}; training is complete "
-                                  "(checkpoints kept): rerun the same command in the same folder to evaluate")
-        return check
-
-    def hand_over(self) -> None:
-        """After a stop on a signal, with ``last.pt`` saved and the record written: leave the rest to the requeued job.
-
-        Only inside a submitit job on SLURM (else it returns). On submitit's signal its handler resubmits the
-        same job and requeues it (``scontrol requeue``) and exits. On SIGTERM SLURM has already requeued the job
-        (``scontrol requeue``, preemption) or cancelled it, so the process exits without a result, and the
-        launcher waits for the requeued run, which resumes from ``last.pt``.
-        """
-        if self.signal is None or os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not os.environ.get("SLURM_JOB_ID"):
-            return
-        if self._requeue_on is not None:
-            self._chained[self._requeue_on](self._requeue_on, None)  # submitit: checkpoint, requeue, sys.exit
-        raise SystemExit(f"stopped by {signal.Signals(self.signal).name} with last.pt saved; "
-                         f"SLURM job {_slurm_id()} resumes from it if requeued")
-
-
 def evaluate(model, task, cfg: DictConfig, device, precision: str = "fp32",
              stop: StopFlag | None = None) -> tuple[dict, dict]:
-    """Metrics per split, plus hypotheses (translation) for the output folder; probes add accuracy by distance.
+    """Metrics per split (``task.evaluate``), plus the outputs (translations) to save per split.
 
-    Beam search runs at ``precision`` (the trainer's, resolved) unless ``eval.decoding.precision`` is given.
-    A stop signal (``stop``) ends decoding between two batches, with :class:`Interrupted`.
+    Decoding runs at ``precision`` (the trainer's, resolved) unless ``eval.decoding.precision`` is given.
+    A stop signal (``stop``) ends evaluation between two batches, with :class:`Interrupted`.
     """
     metrics, outputs = {}, {}
+    decoding = OmegaConf.to_container(cfg.eval.decoding, resolve=True)
     for split in cfg.eval.splits:
-        if task.family == "translation":
-            metrics[split], outputs[split] = evaluate_translation(
-                model, task, split, device,
-                {"precision": precision, **OmegaConf.to_container(cfg.eval.decoding, resolve=True)},
-                check_stop=stop.check(f"while decoding the {split} split") if stop else None)
-        elif getattr(task, "kind", None) == "probe":
-            metrics[split] = evaluate_probe(model, task, split, device, cfg.trainer.max_tokens)
-        else:
-            metrics[split] = evaluate_lm(model, task, split, device, cfg.trainer.max_tokens)
+        ctx = EvalContext(device, cfg.trainer.max_tokens, decoding, precision,
+                          stop.check(f"while evaluating the {split} split") if stop else None)
+        metrics[split], hyps = task.evaluate(model, split, ctx)
+        if hyps is not None:
+            outputs[split] = hyps
     return metrics, outputs
 
 
@@ -136,31 +64,30 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(out_dir)  # before anything is written: a second run in this folder stops here, touching nothing
-    path = out_dir / record.RECORD_NAME
+    path = out_dir / schema.RECORD_NAME
     name = job_name(cfg)
-    rec = {"status": "running", "error": None, "seed": cfg.seed, "config": OmegaConf.to_container(cfg),
-           "job": {"name": name, "sweep": sweep or cfg.get("sweep_name"), "output_dir": str(out_dir),
-                   "started": record.now(), "finished": None, "slurm_job_id": _slurm_id()}}
+    rec = schema.started(OmegaConf.to_container(cfg), cfg.seed,
+                         schema.job_entry(name, sweep or cfg.get("sweep_name"), out_dir, started=schema.now(),
+                                          slurm_job_id=slurm_job_id()))
     tracker = stop = None
     followers_waiting = d.enabled  # data-parallel ranks 1.. wait for rank 0's set-up (or its error)
     try:
         settings.check(cfg)  # first: a bad setting fails before any device, data or model is touched
         stop = StopFlag()  # from the start: a stop signal during set-up ends the job at its first step
-        device = pick_device(distributed.device_for(d, cfg.device))
-        distributed.init(d, device)
-        distributed.broadcast(str(out_dir))  # the followers read checkpoints from rank 0's folder
+        device = pick(distributed.device_for(d, cfg.device))
+        distributed.lead(d, device, out_dir)
         rec["config"] = resolved = OmegaConf.to_container(cfg, resolve=True)
-        rec["environment"] = {**record.environment(device), "processes": d.world}
-        record.write(path, rec)
+        rec["environment"] = {**environment.describe(device), "processes": d.world}
+        schema.write(path, rec)
         train_cfg, task, model, identity = _build(cfg, device, rec)
         rec["model"] = {"name": cfg.model.name, "preset": cfg.model.get("preset"), "form": model.form,
                         "paper": cfg.model.get("paper"), "parameters": models.count_parameters(model),
                         **({"warnings": model.warnings} if getattr(model, "warnings", None) else {})}
         if followers_waiting:
-            distributed.broadcast(None)  # set-up done: the followers build the same task (cached tokenizer) and model
+            distributed.setup_done()
             followers_waiting = False
         tracker = make_tracker(OmegaConf.to_container(cfg.logger, resolve=True), name=name, group=rec["job"]["sweep"],
-                               config=record.scrub(resolved), out_dir=str(out_dir),
+                               config=secrets.scrub(resolved), out_dir=str(out_dir),
                                resume=train_cfg.resume and (out_dir / "last.pt").is_file())
         trainer = Trainer(model, task, train_cfg, out_dir, device, seed=cfg.seed, identity=identity,
                           tracker=tracker, decoding=OmegaConf.to_container(cfg.eval.decoding, resolve=True),
@@ -180,7 +107,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
                    curves={"train": progress.log, "valid": progress.evals},
                    costs=_costs(progress, metrics, flops_per_token, device))
         check_converged(metrics)  # a diverged model fails the job; its metrics, curves and costs stay in the record
-        tracker.summary({"record": record.scrub(rec)})
+        tracker.summary({"record": secrets.scrub(rec)})
     except (Interrupted, KeyboardInterrupt) as err:
         rec.update(status="interrupted", error=f"{type(err).__name__}: {err}")
         if raise_errors:  # in a sweep, run.py stops the sweep on it
@@ -189,14 +116,14 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         rec.update(status="failed", error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         log.error("job %s failed: %s", name, rec["error"])
         if followers_waiting and distributed.is_initialized():
-            distributed.broadcast(rec["error"])  # the followers stop with rank 0's error instead of waiting
+            distributed.setup_done(rec["error"])  # the followers stop with rank 0's error instead of waiting
         if raise_errors:
             raise
     finally:
         distributed.shutdown()
-        rec["job"]["finished"] = record.now()
-        record.write(path, rec)
-        record.scrub_files(out_dir)  # Hydra's copies of the config (.hydra/*.yaml) and the logs
+        rec["job"]["finished"] = schema.now()
+        schema.write(path, rec)
+        secrets.scrub_files(out_dir)  # Hydra's copies of the config (.hydra/*.yaml) and the logs
         if tracker is not None:
             tracker.finish(exit_code=0 if rec["status"] == "ok" else 1)
         lock.release()
@@ -210,12 +137,8 @@ def _follow(cfg: DictConfig, d: distributed.Dist) -> dict:
     """A data-parallel rank other than 0: trains its share of every batch; rank 0 evaluates and writes the record."""
     try:
         settings.check(cfg)  # as rank 0 does, which fails before it would set up the process group
-        device = pick_device(distributed.device_for(d, cfg.device))
-        distributed.init(d, device)
-        out_dir = Path(distributed.broadcast(None))
-        error = distributed.broadcast(None)
-        if error is not None:
-            raise RuntimeError(f"rank 0 failed while setting up the job: {error}")
+        device = pick(distributed.device_for(d, cfg.device))
+        out_dir = distributed.follow(d, device)
         train_cfg, task, model, identity = _build(cfg, device)
         trainer = Trainer(model, task, train_cfg, out_dir, device, seed=cfg.seed, identity=identity,
                           should_stop=StopFlag(), dist=d)
@@ -250,8 +173,8 @@ def _build(cfg: DictConfig, device: torch.device, rec: dict | None = None):
         rec["task"] = described
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     model = models.build(model_cfg, task)
-    identity = {"model": model_cfg, "task": described["name"], "vocab": _vocab(task), "device": device.type,
-                "config": record.scrub(OmegaConf.to_container(cfg, resolve=True)),
+    identity = {"model": model_cfg, "task": described["name"], "vocab": task.vocab(), "device": device.type,
+                "config": secrets.scrub(OmegaConf.to_container(cfg, resolve=True)),
                 "data": checkpoint.data_checksums(task)}
     return train_cfg, task, model, identity
 
@@ -270,19 +193,6 @@ def _load_for_eval(model, cfg: DictConfig, out_dir: Path, identity: dict) -> dic
     return entry
 
 
-def _vocab(task) -> dict:
-    if task.family == "translation":
-        return {"src": task.src_vocab_size, "tgt": task.tgt_vocab_size}
-    return {"lm": task.vocab_size}
-
-
-def _slurm_id() -> str | None:
-    """The SLURM job id (``<array job>_<task>`` inside an array), or None outside SLURM."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
 def _costs(progress, metrics, flops_per_token, device) -> dict:
     decode = [m["sentences_per_second"] for m in metrics.values() if "sentences_per_second" in m]
     return {"train_seconds": progress.train_seconds, "steps": progress.step, "epochs": progress.epoch,
@@ -290,7 +200,7 @@ def _costs(progress, metrics, flops_per_token, device) -> dict:
             "decode_sentences_per_second": decode[-1] if decode else None,
             "flops_per_token": flops_per_token, "train_flops": flops_per_token * progress.tokens,
             "flops_convention": FLOPS_CONVENTION,
-            **record.peak_memory_bytes(device)}
+            **environment.peak_memory_bytes(device)}
 
 
 def _print_summary(rec: dict) -> None:

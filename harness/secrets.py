@@ -1,13 +1,18 @@
 """Secrets (API keys, tokens, passwords) kept out of everything a job writes.
 
 Torch-free: ``run.py`` rewrites its command line with it before Hydra starts, and the records,
-the wandb run and Hydra's config copies are scrubbed with it.
+the wandb run, Hydra's config copies and the job's logs are scrubbed with it (:func:`scrub`, :func:`scrub_files`).
 """
 from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import MutableMapping
+
+import yaml
+
+from .io import _atomic
 
 SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 REDACTED = "<redacted>"
@@ -97,3 +102,85 @@ def redact_args(args: list[str]) -> list[str]:
             arg = arg.replace(s, REDACTED)
         out.append(arg)
     return out
+
+
+SCRUB_SUFFIXES = (".yaml", ".yml", ".log", ".json", ".txt")
+
+
+def _secret_values(text: str) -> set[str]:
+    """String values given to secret-named keys in a YAML dump, or in ``key=value`` override strings in it.
+
+    The rule is :func:`scrub`'s: a string under a key naming a secret (numbers such as max_tokens stay); an
+    interpolation (``${oc.env:HF_TOKEN}``) only names where the secret is, and stays.
+    """
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return set()
+    found = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if is_secret_name(k) and isinstance(v, str):
+                    found.add(v)
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str) and "=" in x:  # an override: [+|++|~]key.path=value
+            key, value = x.split("=", 1)
+            if is_secret_name(key.lstrip("+~").rsplit(".", 1)[-1]):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    pass
+                if isinstance(value, str):
+                    found.add(value)
+    walk(doc)
+    return {v for v in found if len(v) >= 4 and v not in ("???", REDACTED) and "${" not in v}
+
+
+def scrub_files(folder: str | os.PathLike, extra: tuple[str, ...] = (), max_bytes: int = 50 << 20) -> list[Path]:
+    """Redact secrets from the text files a job leaves in its output folder; returns the files changed.
+
+    Hydra writes the command-line overrides and the composed config into ``.hydra/overrides.yaml``,
+    ``.hydra/config.yaml`` and ``.hydra/hydra.yaml`` (and a sweep's ``multirun.yaml``) before the job
+    runs, so a key passed as ``+logger.api_key=...`` would land there verbatim (``run.py`` moves such
+    values into the environment first: :func:`secrets.hide_in_environment`; this catches the rest,
+    such as a key written into a config file). This replaces, in every
+    ``.yaml/.yml/.log/.json/.txt`` file under ``folder`` (recursively; checkpoints are left alone),
+    each secret-looking value: values of environment variables named like a secret, values given to
+    secret-named keys (``*key*``, ``*token*``, ``*secret*``, ``*password*``) in any of those files,
+    and ``extra``. YAML files are replaced atomically; logs are rewritten in place (a logging
+    handler may still hold them open in append mode).
+    """
+    files = [p for p in Path(folder).rglob("*") if p.suffix in SCRUB_SUFFIXES and p.is_file()
+             and p.stat().st_size <= max_bytes]
+    texts = {}
+    for p in files:
+        try:
+            texts[p] = p.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError:
+            continue
+    secrets = env_secrets() | set(extra)
+    for p, text in texts.items():
+        if p.suffix in (".yaml", ".yml"):
+            secrets |= _secret_values(text)
+    secrets = sorted((s for s in secrets if s), key=len, reverse=True)  # longest first: no partial leftovers
+    changed = []
+    for p, text in texts.items():
+        new = text
+        for s in secrets:
+            new = new.replace(s, REDACTED)
+        if new == text:
+            continue
+        data = new.encode("utf-8", errors="surrogateescape")
+        if p.suffix == ".log":
+            with open(p, "r+b") as f:
+                f.write(data)
+                f.truncate()
+        else:
+            _atomic(p, lambda f, data=data: f.write(data))
+        changed.append(p)
+    return changed

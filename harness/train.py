@@ -16,14 +16,15 @@ import torch
 from tqdm import tqdm
 
 import models
+from tasks.base import EvalContext
 
 from . import checkpoint, distributed
+from .device import sync
 from .distributed import SINGLE, Dist
+from .evaluate import mean_nll, perplexity
 from .io import remove_stale_temps
 from .loss import smoothed_cross_entropy
 from .precision import autocast_for
-from .analysis.probes import evaluate_probe
-from .evaluate import evaluate_translation, mean_nll, perplexity, sync
 
 log = logging.getLogger("seqbench.train")
 
@@ -302,13 +303,8 @@ class Trainer:
         nll, _ = mean_nll(self.model, self.task, "valid", self.device, self.cfg.max_tokens, self.autocast)
         row = {"step": self.p.step, "train_seconds": round(self.p.train_seconds, 3), "tokens": self.p.tokens,
                "valid_nll": nll, "valid_ppl": perplexity(nll)}  # None (null) where exp overflows: diverged
-        if self.task.family == "translation" and self.cfg.valid_bleu:
-            scores, _ = evaluate_translation(self.model, self.task, "valid", self.device,
-                                             {"precision": self.precision, **self.decoding, "beam": 1})
-            row["valid_bleu_greedy"] = scores["bleu"]
-        if getattr(self.task, "kind", None) == "probe":
-            row["valid_accuracy"] = evaluate_probe(self.model, self.task, "valid", self.device,
-                                                   self.cfg.max_tokens)["accuracy"]
+        row.update(self.task.validate(self.model, EvalContext(self.device, self.cfg.max_tokens, self.decoding,
+                                                              self.precision, greedy_curve=self.cfg.valid_bleu)))
         self.model.train()
         return row
 

@@ -10,6 +10,8 @@ from typing import Any
 from torch import nn
 
 from . import bytenet, convs2s, rnn, transformer
+from tasks.base import FORMS  # (encoder-decoder, language model): the order of each MODELS entry
+
 from .common import PAD, LanguageModel, Seq2Seq, accepted_kwargs
 
 # architecture name -> (encoder-decoder class, language-model class)
@@ -49,12 +51,12 @@ def load_preset(name: str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def model_class(name: str, family: str) -> type[nn.Module]:
+def model_class(name: str, form: str) -> type[nn.Module]:
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
-    if family not in ("translation", "lm"):
-        raise ValueError(f"unknown task family {family!r}; expected 'translation' or 'lm'")
-    return MODELS[name][0 if family == "translation" else 1]
+    if form not in FORMS:
+        raise ValueError(f"unknown model form {form!r}; expected one of {', '.join(FORMS)}")
+    return MODELS[name][FORMS.index(form)]
 
 
 def build(cfg: Mapping[str, Any], task) -> nn.Module:
@@ -62,16 +64,16 @@ def build(cfg: Mapping[str, Any], task) -> nn.Module:
 
     Args:
         cfg: the model config (``name``, optional ``preset``/``paper``, hyperparameters).
-        task: a task with ``family`` and vocabulary sizes (see ``tasks``).
+        task: a task (``tasks.base.Task``) or its ``tasks.base.Shape``: its ``form`` and ``vocab()`` sizes.
     """
     cfg = dict(cfg)
-    cls = model_class(cfg["name"], task.family)
+    cls, sizes = model_class(cfg["name"], task.form), task.vocab()
     hparams = {k: v for k, v in cfg.items() if k not in META_KEYS}
     valid = accepted_kwargs(cls)
     unknown = sorted(set(hparams) - set(valid))
     if unknown:
         raise TypeError(f"{cls.__name__} does not take {unknown}; valid hyperparameters: {', '.join(valid)}")
-    if task.family == "translation":
+    if task.form == "seq2seq":
         limit = hparams.get("max_positions", valid_default(cls, "max_positions"))
         for split, longest in (getattr(task, "longest", None) or {}).items():
             if limit is not None and longest > limit:
@@ -79,8 +81,8 @@ def build(cfg: Mapping[str, Any], task) -> nn.Module:
                 raise ValueError(f"{cls.__name__} has max_positions={limit} learned positions, but the {split} split "
                                  f"holds a sequence of {longest} positions (tokens + BOS/EOS); raise "
                                  f"model.max_positions {fix}")
-        return cls(task.src_vocab_size, task.tgt_vocab_size, PAD, **hparams)
-    model = cls(task.vocab_size, **hparams)
+        return cls(sizes["src"], sizes["tgt"], PAD, **hparams)
+    model = cls(sizes["lm"], **hparams)
     model.warnings = ignored_settings(cfg["name"], cls, hparams)
     for warning in model.warnings:
         log.warning(warning)
@@ -107,11 +109,10 @@ def valid_default(cls, name: str):
 def check_form(model: nn.Module, task) -> None:
     """Fail clearly when a model's form does not fit the task (an LM given translation pairs, or the reverse)."""
     form = getattr(model, "form", None)
-    needs = {"translation": "seq2seq", "lm": "lm"}.get(task.family)
-    if form != needs:
+    if form != task.form:
         raise TypeError(f"{type(model).__name__} is a {form!r} model but task {task.name!r} is a {task.family} task "
-                        f"that needs the {needs!r} form; build the model with models.build(cfg, task), which picks "
-                        "the form from the task's family")
+                        f"that needs the {task.form!r} form; build the model with models.build(cfg, task), which "
+                        "picks the form the task names")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -2,8 +2,8 @@
 positional encodings, masks and the generic decoder-state reordering.
 
 Token ids are the same in every task: ``PAD=0, BOS=1, EOS=2, UNK=3`` for
-translation vocabularies. Language-model vocabularies have no padding (batches
-are contiguous text), so language models take no ``pad_id``.
+translation vocabularies (defined with the data, in ``tasks/vocab.py``). Language-model vocabularies have no
+padding (batches are contiguous text), so language models take no ``pad_id``.
 
 Interfaces
 ----------
@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
+from tasks.vocab import BOS, EOS, PAD, UNK  # noqa: F401 (re-exported: the ids models and decoders use)
+
 SOURCE_PREFIX = "src_"  # names of the per-sentence decoder-state entries
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from harness.secrets import scrub_files  # torch-free
+
 log = logging.getLogger("seqbench.reports")
 
 
@@ -25,8 +27,6 @@ class BuildReport(Callback):
         from . import build  # pandas/seaborn load only when the sweep ends
 
         sweep = Path(config.hydra.sweep.dir)
-        from harness.record import scrub_files
-
         scrub_files(sweep)  # multirun.yaml holds the command-line overrides
         try:
             path = build([sweep], sweep / "report")

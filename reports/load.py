@@ -33,25 +33,13 @@ from typing import Iterable
 import pandas as pd
 
 from harness import metrics as scoring  # torch-free
+from harness.schema import BUDGET_KEYS, COST_KEYS, CURVE_KEYS, RECORD_NAME, SHAPE  # torch-free
 
-RECORD_NAME = "record.json"  # harness.record.RECORD_NAME (not imported: it pulls in torch)
-BUDGET_KEYS = ("max_seconds", "max_steps", "max_tokens", "max_epochs")
-COST_KEYS = ("train_seconds", "steps", "tokens", "train_tokens_per_second", "decode_sentences_per_second",
-             "peak_memory_bytes", "peak_memory_kind", "train_flops", "flops_per_token")
-CURVE_KEYS = ("step", "train_seconds", "valid_bleu_greedy", "valid_ppl", "valid_accuracy")
 METRICS = tuple((m.name, m.record_key) for m in scoring.METRICS.values())  # (column, record)
+QUALITY = [f"test_{name}" for name, _ in METRICS]  # every metric a record may hold; a task shows its own
 SIGNATURES = ("bleu_signature", "chrf_signature", "ter_signature")
 KEY = ("job", "record", "status", "kind", "model", "label", "preset", "arch", "task", "family", "metrics", "seed",
        "device_name")
-OBJECT, TEXT, NUMBER = (dict, type(None)), (str, type(None)), (int, float, type(None))
-# the JSON types the report accepts where it reads a record (absent keys are fine)
-SHAPE = {("status",): TEXT, ("error",): TEXT, ("seed",): NUMBER,
-         ("job",): OBJECT, ("job", "name"): TEXT, ("job", "sweep"): TEXT, ("job", "started"): TEXT,
-         ("config",): OBJECT, ("config", "seed"): NUMBER, ("config", "model"): OBJECT, ("config", "trainer"): OBJECT,
-         ("config", "task"): OBJECT, ("environment",): OBJECT, ("environment", "packages"): OBJECT,
-         ("environment", "device_name"): TEXT, ("model",): OBJECT, ("model", "name"): TEXT, ("model", "preset"): TEXT,
-         ("task",): OBJECT, ("task", "name"): TEXT, ("task", "family"): TEXT, ("metrics",): OBJECT,
-         ("costs",): OBJECT, ("curves",): OBJECT, ("path_length",): OBJECT, ("analysis",): OBJECT}
 # names cut to LABEL_LIMIT characters in plots and report tables, errors to TEXT_LIMIT (the tidy tables keep them)
 LABELS = ("job", "sweep", "model", "label", "preset", "arch", "task", "device_name", "bucket", "split", "layer_type",
           "latency_device", "precision", "tokenization")
@@ -89,7 +77,9 @@ def load(dirs: Iterable[str | Path]) -> Records:
     rows = distinct_task_names([flatten(rec, path) for path, rec in found])
     for (path, rec), row in zip(found, rows):
         key = {k: row[k] for k in KEY}
-        curves += [{**key, **{k: point.get(k) for k in CURVE_KEYS}} for point in _list(rec, "curves", "valid")]
+        curves += [{**key, **{k: point.get(k) for k in CURVE_KEYS},  # and whatever the task's validate adds
+                    **{k: v for k, v in point.items() if k.startswith("valid_") and isinstance(v, (int, float))}}
+                   for point in _list(rec, "curves", "valid")]
         by_length += [{**key, "bucket": str(b.get("bucket")), **{m: b.get(m) for m in scoring.METRICS if m in b}}
                       for b in _list(rec, "metrics", "test", "by_length")]
         paths += _path_rows(rec.get("path_length"), key)

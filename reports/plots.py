@@ -30,10 +30,7 @@ PALETTE = {"lstm": "#0173b2", "gru": "#56b4e9", "convs2s": "#029e73", "bytenet":
            "transformer": "#d55e00"}
 FALLBACK = ("#cc78bc", "#949494", "#ca9161", "#fbafe4", "#ece133")  # unknown names, picked by a stable hash
 SHADES = (-0.35, 0.4, -0.6, 0.65, -0.15, 0.2)  # variants: towards black (<0) or white (>0), in this order
-# validation curves: the first column with data, per family (greedy BLEU only for tasks scored by BLEU)
-CURVE = {"translation": [("valid_bleu_greedy", "valid BLEU (greedy)"), ("valid_ppl", "valid perplexity")],
-         "lm": [("valid_ppl", "valid perplexity")],
-         "probe": [("valid_accuracy", "valid accuracy"), ("valid_ppl", "valid perplexity")]}
+LOSS_CURVES = ("valid_nll", "valid_ppl")  # every run's; a task's own validation columns come first (Task.validate)
 AXIS = {"train_flops": "training FLOPs", "train_seconds": "train seconds", "parameters": "parameters"}
 TABLE1 = ("path_length", "throughput_by_length")  # plots of the analysis records, shown with Table 1
 LEGEND_TITLES = {"label": "model", "layer_type": "layer type"}  # column names as legend titles
@@ -149,14 +146,23 @@ def panels(data: pd.DataFrame, prepare, draw, missing: str, caption: str, by: st
 
 # ---------------------------------------------------------------- training runs
 
+def curve_label(column: str) -> str:
+    """``valid_bleu_greedy`` -> ``valid BLEU (greedy)``, ``valid_ppl`` -> ``valid perplexity``: the metric's label."""
+    name = column.removeprefix("valid_")
+    metric = name.removesuffix("_greedy")
+    label = METRICS[metric].label if metric in METRICS else metric.replace("_", " ")
+    return f"valid {label}" + (" (greedy)" if name.endswith("_greedy") else "")
+
+
 def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
     def prepare(d):
         scored = {m.name for m in tables.task_metrics(d)}
-        for y, label in CURVE.get(d["family"].iloc[0], CURVE["lm"]):
-            if y == "valid_bleu_greedy" and "bleu" not in scored:
+        for y in [*(c for c in d if c.startswith("valid_") and c not in LOSS_CURVES), "valid_ppl"]:
+            metric = y.removeprefix("valid_").removesuffix("_greedy")
+            if metric in METRICS and metric not in scored:  # e.g. greedy BLEU of a task scored by error rates
                 continue
             if y in d and len(line := _numeric(d, "train_seconds", y)):
-                return line, y, label
+                return line, y, curve_label(y)
         return None
 
     def draw(ax, task, p):

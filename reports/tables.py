@@ -12,12 +12,11 @@ import pandas as pd
 
 from harness.metrics import METRICS, Metric
 
-from .load import BUDGET_KEYS
+from .load import BUDGET_KEYS, QUALITY
 
 # rows of one summary group: same task (and metrics), architecture (variant and preset), device and budget;
 # seeds are pooled
 GROUP = ["task", "family", "metrics", "arch", "model", "label", "preset", "device_name", "budget"]
-QUALITY = [f"test_{name}" for name in METRICS]  # every metric a record may hold; a task shows its own
 COSTS = [("parameters", "parameters", "{:,.0f}"), ("train_flops", "train FLOPs", "{:.2e}"),
          ("train_seconds", "train s", "{:.1f}"), ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
          ("decode_sentences_per_second", "decode sentences/s", "{:,.1f}"),

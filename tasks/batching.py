@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.common import BOS, EOS, PAD
+from .vocab import BOS, EOS, PAD
 
 
 @dataclass

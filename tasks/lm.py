@@ -19,6 +19,7 @@ import numpy as np
 from harness import metrics as scoring
 
 from . import tokenizers
+from .base import EvalContext
 from .batching import Batch, lm_batches
 from .data import DataError, display_name, read_lines, require_path, resolve, sha256
 
@@ -66,9 +67,9 @@ def stream(tokenizer, lines: list[str]) -> np.ndarray:
 
 
 class LMTask:
-    """A token stream per split, served as contiguous ``bptt``-token chunks."""
+    """A token stream per split, served as contiguous ``bptt``-token chunks; evaluated by perplexity."""
 
-    family = "lm"
+    family = form = "lm"
 
     def __init__(self, name: str, lines: dict[str, list[str]], bptt: int = 128, tokenizer=None,
                  path: Path | None = None):
@@ -86,15 +87,14 @@ class LMTask:
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def vocab(self) -> dict[str, int]:
+        return {"lm": self.vocab_size}
+
     def describe(self) -> dict:
         about = {"path": None if self.path is None else str(self.path), "warnings": self.tokenizer.warnings}
-        return {"name": self.name, "family": self.family, "vocab": self.vocab_size, "bptt": self.bptt,
+        return {"name": self.name, "family": self.family, "form": self.form, "vocab": self.vocab_size, "bptt": self.bptt,
                 "tokens": {s: int(len(self.streams[s])) for s in SPLITS}, "segmentation": self.tokenizer.kind,
                 "metrics": list(self.metrics), **{k: v for k, v in about.items() if v}}
-
-    def n_predicted(self, split: str) -> int:
-        """Tokens scored in a pass over a split (all but the first)."""
-        return len(self.streams[split]) - 1
 
     def batches(self, split: str, max_tokens: int, epoch: int = 0, shuffle: bool = False, seed: int = 0) -> list[Batch]:
         if max_tokens < self.bptt:
@@ -103,6 +103,15 @@ class LMTask:
                           f"to a multiple of {self.bptt}, or lower task.bptt", stacklevel=2)
         batch_size = max(1, max_tokens // self.bptt)
         return lm_batches(self.streams[split], self.bptt, batch_size, shuffle, seed, epoch)
+
+
+    def validate(self, model, ctx: EvalContext) -> dict:
+        return {}  # the validation loss (valid_nll, valid_ppl) is the curve
+
+    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, None]:
+        """Perplexity over the split's chunks (and bits per character for a character LM; harness/evaluate.py)."""
+        from harness.evaluate import evaluate_lm  # noqa: PLC0415 (the harness evaluates; see __init__)
+        return evaluate_lm(model, self, split, ctx.device, ctx.max_tokens), None
 
 
 def _load(name: str, root: Path, files: dict[str, str], download: bool, bptt: int, cache_dir: Path | None,

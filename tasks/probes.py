@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .base import EvalContext
 from .batching import Batch, token_budget_batches
 
 SPLITS = ("train", "valid", "test")
@@ -37,22 +38,22 @@ NO_ANSWER = -1  # distance of a position that is not an answer
 
 
 class ProbeTask:
-    """Probe examples per split, served in length-bucketed token-budget batches.
+    """Probe examples per split, served in length-bucketed token-budget batches; trained in the language-model
+    form and evaluated by answer accuracy, overall and by distance."""
 
-    The task family is ``probe`` (``kind``; the record's ``task.family``, and what makes the evaluation
-    report accuracy by distance). The ``family`` attribute says which model form it needs: ``lm``,
-    as ``models.build`` and ``models.check_form`` know only ``translation`` and ``lm``.
-    """
-
-    family = "lm"
-    kind = "probe"
+    family, form = "probe", "lm"
+    metrics = ("accuracy",)
 
     def __init__(self, name: str, data: dict[str, dict[str, np.ndarray]], vocab_size: int, settings: dict):
         """``data[split]``: ``tokens``, ``target``, ``distance`` (N, T_max), right-padded, and ``length`` (N,)."""
         self.name, self.data, self.settings, self.vocab_size = name, data, settings, vocab_size
 
+    def vocab(self) -> dict[str, int]:
+        return {"lm": self.vocab_size}
+
     def describe(self) -> dict:
-        return {"name": self.name, "family": self.kind, "form": "lm", "vocab": self.vocab_size,
+        return {"name": self.name, "family": self.family, "form": self.form, "metrics": list(self.metrics),
+                "vocab": self.vocab_size,
                 "distances": sorted(self.settings["distances"]), "settings": self.settings,
                 "examples": {s: len(d["length"]) for s, d in self.data.items()},
                 "answers": {s: self.n_predicted(s) for s in self.data}}
@@ -60,6 +61,14 @@ class ProbeTask:
     def n_predicted(self, split: str) -> int:
         """Answer positions (the only scored targets) in a split."""
         return int((self.data[split]["target"] != IGNORE).sum())
+
+    def validate(self, model, ctx: EvalContext) -> dict:
+        return {"valid_accuracy": self.evaluate(model, "valid", ctx)[0]["accuracy"]}
+
+    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, None]:
+        """Greedy answer accuracy, overall and by distance (harness/analysis/probes.py)."""
+        from harness.analysis.probes import evaluate_probe  # noqa: PLC0415 (the harness evaluates; see __init__)
+        return evaluate_probe(model, self, split, ctx.device, ctx.max_tokens), None
 
     def batches(self, split: str, max_tokens: int, epoch: int = 0, shuffle: bool = False, seed: int = 0) -> list[Batch]:
         lengths = self.data[split]["length"]

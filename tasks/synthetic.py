@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.common import BOS, EOS, PAD, UNK
-
 from .translation import Corpus, TranslationTask
+from .vocab import BOS, EOS, PAD, UNK
 
 OFFSET = UNK + 1  # first symbol id
 

@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from models.common import BOS, EOS, PAD, UNK
-
 from .data import DataError
+from .vocab import BOS, EOS, PAD, UNK
 
 KINDS = ("bpe", "unigram", "whitespace", "char")
 SUBWORDS = ("bpe", "unigram")

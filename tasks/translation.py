@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from harness import metrics as scoring
-from models.common import UNK
 
 from . import tokenizers
-from .batching import Batch, token_budget_batches, translation_batch
+from .base import EvalContext
+from .batching import Batch, pad_stack, token_budget_batches, translation_batch
 from .data import DataError, display_name, read_lines, require_path, resolve, sha256
+from .vocab import UNK
 
 SPLITS = ("train", "valid", "test")
 EMPTY_SOURCE = np.array([UNK], dtype=np.int32)
@@ -34,9 +36,10 @@ class Corpus:
 
 
 class TranslationTask:
-    """Parallel text, encoded by the task's tokenizers, served as token-budget batches."""
+    """Parallel text, encoded by the task's tokenizers, served as token-budget batches; evaluated by decoding
+    (greedy or beam search) and scoring the detokenized hypotheses against the raw references."""
 
-    family = "translation"
+    family, form = "translation", "seq2seq"
 
     def __init__(self, name: str, corpus: Corpus, src_tok, tgt_tok, src_lang: str, tgt_lang: str,
                  max_len: int = 256, metrics: tuple[str, ...] = ("bleu", "chrf"), path: Path | None = None):
@@ -63,8 +66,11 @@ class TranslationTask:
     def tgt_vocab_size(self) -> int:
         return self.tgt_tok.vocab_size
 
+    def vocab(self) -> dict[str, int]:
+        return {"src": self.src_vocab_size, "tgt": self.tgt_vocab_size}
+
     def describe(self) -> dict:
-        return {"name": self.name, "family": self.family, "pair": f"{self.src_lang}-{self.tgt_lang}",
+        return {"name": self.name, "family": self.family, "form": self.form, "pair": f"{self.src_lang}-{self.tgt_lang}",
                 "sizes": {s: len(self.corpus.src[s]) for s in SPLITS}, "train_pairs_used": len(self.train_keep),
                 "train_pairs_dropped": len(self.corpus.src["train"]) - len(self.train_keep),  # empty or > max_len
                 "src_vocab": self.src_vocab_size, "tgt_vocab": self.tgt_vocab_size, "max_len": self.max_len,
@@ -92,6 +98,37 @@ class TranslationTask:
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tgt_tok.decode(ids)
+
+    def source_batches(self, split: str, batch_sentences: int, max_source_tokens: int | None = None,
+                       limit: int | None = None) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """Sources for decoding, shortest first: (corpus indices, src (B,S) right-padded, lengths (B,)) per batch.
+
+        A source is cut to its first ``max_source_tokens`` tokens (None: whole); an empty line reads as one unknown
+        token, so it still gets a (scored) hypothesis.
+        """
+        sources = self.sources(split)[:limit]
+        order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+        out = []
+        for k in range(0, len(order), batch_sentences):
+            idx = order[k : k + batch_sentences]
+            seqs = [sources[i][:max_source_tokens] if len(sources[i]) else EMPTY_SOURCE for i in idx]
+            out.append((idx, pad_stack(seqs), torch.tensor([len(s) for s in seqs])))
+        return out
+
+    def validate(self, model, ctx: EvalContext) -> dict:
+        """Greedy corpus BLEU of the validation split (``trainer.valid_bleu``), the curve the report plots."""
+        if not ctx.greedy_curve:
+            return {}
+        from harness.evaluate import evaluate_translation  # noqa: PLC0415 (the harness decodes; see __init__)
+        scores, _ = evaluate_translation(model, self, "valid", ctx.device,
+                                         {"precision": ctx.precision, **ctx.decoding, "beam": 1})
+        return {"valid_bleu_greedy": scores["bleu"]}
+
+    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, list[str]]:
+        """Decode the split with ``eval.decoding`` and score it with the task's metrics (harness/evaluate.py)."""
+        from harness.evaluate import evaluate_translation  # noqa: PLC0415
+        return evaluate_translation(model, self, split, ctx.device, {"precision": ctx.precision, **ctx.decoding},
+                                    check_stop=ctx.check_stop)
 
 
 def _about(src_tok, tgt_tok, path: Path | None) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 import models
 import tasks
-from harness import io, job, record, settings
+from harness import io, job, schema, settings
 from harness.cluster import launcher
 from harness.evaluate import evaluate_translation
 from tasks.data import read_lines
@@ -245,7 +245,7 @@ def test_a_sweep_in_which_every_job_fails_has_records_a_report_and_exit_status_1
 
 def _records(folder: Path, statuses: list[str]) -> Path:
     for i, status in enumerate(statuses):
-        record.write(folder / f"{i}_job" / "record.json", {"status": status})
+        schema.write(folder / f"{i}_job" / "record.json", {"status": status})
     return folder
 
 
@@ -338,7 +338,7 @@ def test_a_bad_setting_through_run_py(tmp_path, no_data):
 
 def test_records_are_strict_json(tmp_path):
     path = tmp_path / "record.json"
-    record.write(path, {"status": "ok", "metrics": {"nll": float("nan"), "ppl": float("inf"), "ok": 1.5},
+    schema.write(path, {"status": "ok", "metrics": {"nll": float("nan"), "ppl": float("inf"), "ok": 1.5},
                         "curve": [(1, float("-inf")), {"x": [float("nan")]}]})
     saved = strict_json(path)
     assert saved["metrics"] == {"nll": None, "ppl": None, "ok": 1.5}
@@ -348,7 +348,7 @@ def test_records_are_strict_json(tmp_path):
 
 def test_reports_out_must_be_a_folder(tmp_path):
     (tmp_path / "records").mkdir()
-    record.write(tmp_path / "records" / "0" / "record.json", {"status": "failed", "error": "x"})
+    schema.write(tmp_path / "records" / "0" / "record.json", {"status": "failed", "error": "x"})
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me\n")
     for out in (a_file, a_file / "report"):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from harness.bench.timing import Contender, paired_ratio, peak_call_bytes, resid
 from harness.decode import beam_search
 from harness.profile import _cudnn_rnn, _cudnn_rnn_backward, count_flops, flop_counter
 from models.common import BOS, PAD
+from tasks.base import Shape
 
 V = 64
 CPU = torch.device("cpu")
@@ -108,7 +108,7 @@ def test_baseline_computes_the_same_function_as_seqbench(arch):
 
 def test_word_language_model_computes_the_same_function_as_seqbench_lstm_lm():
     cfg = {"name": "lstm", "d_model": 16, "n_layers": 2, "dropout": 0.2, "tie_output": False}
-    sb = models.build(cfg, SimpleNamespace(family="lm", vocab_size=V)).eval()
+    sb = models.build(cfg, Shape("lm", {"lm": V})).eval()
     base = WordLanguageModel(V, 16, 16, 2, 0.2).eval()
     transplant("lm", sb, base)
     tokens = torch.randint(0, V, (3, 9), generator=torch.Generator().manual_seed(0))  # (B,T)
@@ -187,7 +187,7 @@ def test_paper_sizes_have_twins_of_equal_size(arch):
 
 def test_lm_parameter_counts_agree_at_the_examples_size():
     cfg = {"name": "lstm", "d_model": 200, "n_layers": 2, "dropout": 0.2, "tie_output": False}
-    n_sb = models.count_parameters(models.build(cfg, SimpleNamespace(family="lm", vocab_size=33278)))
+    n_sb = models.count_parameters(models.build(cfg, Shape("lm", {"lm": 33278})))
     n_base = models.count_parameters(WordLanguageModel(33278, 200, 200, 2, 0.2))
     assert n_base - n_sb == 33278  # the examples' output bias
     assert abs(n_sb - n_base) <= PARAM_TOLERANCE["lm"] * n_base

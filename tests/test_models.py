@@ -1,13 +1,13 @@
 """Architecture tests: every registered model, both forms, on its tiny preset."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import models
 from models.common import BOS, EOS, PAD, SOURCE_PREFIX, conv_step, reorder_state
+from tasks.base import Shape
 
 ARCHS = sorted(models.MODELS)
 V = 23
@@ -18,7 +18,7 @@ def preset(name: str) -> dict:
 
 
 def build(arch: str, family: str, vocab: int = V, **over):
-    task = SimpleNamespace(family=family, src_vocab_size=vocab, tgt_vocab_size=vocab, vocab_size=vocab)
+    task = Shape("seq2seq", {"src": vocab, "tgt": vocab}) if family == "translation" else Shape("lm", {"lm": vocab})
     torch.manual_seed(0)
     return models.build({**preset(f"{arch}_tiny"), **over}, task).eval()
 
@@ -36,7 +36,7 @@ def batch(B=3, S=7, T=6, seed=0):
 
 def test_unknown_model_lists_valid_names():
     with pytest.raises(KeyError, match="valid models: bytenet, convs2s, gru, lstm, transformer"):
-        models.build({"name": "lstmm"}, SimpleNamespace(family="lm", vocab_size=5))
+        models.build({"name": "lstmm"}, Shape("lm", {"lm": 5}))
 
 
 def test_unknown_hyperparameter_fails_loudly():
@@ -239,7 +239,7 @@ def test_tiny_model_overfits_copy_batch(arch):
 @pytest.mark.parametrize("name, paper_millions", [("transformer_base", 65), ("transformer_big", 213)])
 def test_paper_presets_match_the_papers_parameter_counts(name, paper_millions):
     """Vaswani et al. Table 3 with the shared 37k BPE vocabulary: base ~65M, big ~213M (within 4%)."""
-    task = SimpleNamespace(family="translation", src_vocab_size=37000, tgt_vocab_size=37000)
+    task = Shape("seq2seq", {"src": 37000, "tgt": 37000})
     with torch.device("meta"):
         n = models.count_parameters(models.build(preset(name), task))
     assert abs(n / 1e6 - paper_millions) / paper_millions < 0.04, n
@@ -247,7 +247,7 @@ def test_paper_presets_match_the_papers_parameter_counts(name, paper_millions):
 
 def test_small_presets_have_roughly_equal_parameter_counts():
     """The CPU comparison presets stay within 15% of the small Transformer (8k shared vocabulary)."""
-    task = SimpleNamespace(family="translation", src_vocab_size=8000, tgt_vocab_size=8000)
+    task = Shape("seq2seq", {"src": 8000, "tgt": 8000})
     with torch.device("meta"):
         counts = {a: models.count_parameters(models.build(preset(a), task)) for a in ARCHS}
     for arch, n in counts.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from models.common import LanguageModel
 from tasks.batching import Batch
 from tasks.probes import BLANK, GO, IGNORE, NO_ANSWER
 from tests.conftest import ROOT
+from tasks.base import Shape
 
 SMALL = {"n_train": 60, "n_valid": 30, "n_test": 40}
 ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")
@@ -94,7 +94,7 @@ def test_probe_batches_score_only_answers_and_carry_distances():
         dist = task.distances("test", b.index)
         assert torch.equal(dist != NO_ANSWER, b.target != IGNORE)
         assert b.inputs["tokens"].numel() <= 200
-    assert task.describe()["family"] == "probe" and task.family == "lm"  # the model form it needs
+    assert task.describe()["family"] == task.family == "probe" and task.form == "lm"  # the model form it needs
     with pytest.raises(ValueError, match="distances >= 4"):
         probe("delayed_copy", distances=[2, 8])
 
@@ -142,7 +142,7 @@ def test_evaluate_probe_scores_a_model_that_reads_4_back():
 class Stream:
     """An LM-form task stand-in: fixed random token batches, every position scored."""
 
-    family = "lm"
+    family = form = "lm"
 
     def __init__(self, vocab: int, shapes=((3, 12), (2, 12))):
         g = torch.Generator().manual_seed(0)
@@ -172,7 +172,7 @@ def test_influence_counts_only_earlier_positions_and_is_switchable(make_cfg):
     # all 6 positions sampled: distance d is seen from positions d..5, so n = 6 - d
     assert [(r["distance"], r["n"]) for r in rows] == [(d, 6 - d) for d in range(6)]
     cfg = make_cfg("task=delayed_copy")
-    assert influence.job_entry(model, SimpleNamespace(family="translation"), cfg, torch.device("cpu")) == {}
+    assert influence.job_entry(model, Shape("seq2seq", {"src": 8, "tgt": 8}), cfg, torch.device("cpu")) == {}
     off = make_cfg("task=delayed_copy", "eval.influence=false")
     assert influence.job_entry(model, Stream(8), off, torch.device("cpu")) == {}
 

@@ -28,7 +28,7 @@ from hydra.errors import ConfigCompositionException
 
 import models
 import tasks
-from harness import checkpoint, io, job, record, train
+from harness import checkpoint, io, job, schema, secrets, train
 from harness.checkpoint import CheckpointError
 from harness.evaluate import evaluate_translation
 from harness.train import TrainConfig, Trainer
@@ -498,12 +498,12 @@ class Boom(RuntimeError):
 
 def test_crash_while_writing_a_record_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "record.json"
-    record.write(path, {"status": "running", "step": 1})
+    schema.write(path, {"status": "running", "step": 1})
     before = path.read_bytes()
     real = json.dumps
     monkeypatch.setattr(io.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(Boom("crash inside the write")))
     with pytest.raises(Boom):
-        record.write(path, {"status": "ok", "step": 2})
+        schema.write(path, {"status": "ok", "step": 2})
     monkeypatch.setattr(io.json, "dumps", real)
     for crash in (Boom("x"), KeyboardInterrupt()):
         def write(f, crash=crash):
@@ -553,8 +553,8 @@ def test_disk_full_on_checkpoint_write_is_a_clear_error(make_cfg, trained, monke
 
 def _writer(folder: str, name: str, n: int) -> None:
     for i in range(n):
-        record.write(Path(folder) / f"{name}.json", {"status": "running", "writer": name, "i": i, "pad": "x" * 2000})
-        record.write(Path(folder) / "shared.json", {"status": "running", "writer": name, "i": i, "pad": "y" * 2000})
+        schema.write(Path(folder) / f"{name}.json", {"status": "running", "writer": name, "i": i, "pad": "x" * 2000})
+        schema.write(Path(folder) / "shared.json", {"status": "running", "writer": name, "i": i, "pad": "y" * 2000})
 
 
 def test_concurrent_record_writers_lose_nothing(tmp_path):
@@ -629,7 +629,7 @@ def test_record_and_log_hold_no_secret(secret_run):
 
 
 def test_scrub_files_removes_secrets_hydra_wrote(monkeypatch, tmp_path):
-    """Hydra dumps the overrides into .hydra/{overrides,config}.yaml; record.scrub_files redacts them."""
+    """Hydra dumps the overrides into .hydra/{overrides,config}.yaml; secrets.scrub_files redacts them."""
     import yaml
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     folder = tmp_path / "job"
@@ -639,13 +639,13 @@ def test_scrub_files_removes_secrets_hydra_wrote(monkeypatch, tmp_path):
     (folder / "last.pt").write_bytes(SECRET.encode())  # binary files are not touched
     before = digest(folder / "last.pt")
     assert set(leaks(folder)) >= {".hydra/overrides.yaml", ".hydra/config.yaml"}
-    changed = record.scrub_files(folder)
+    changed = secrets.scrub_files(folder)
     assert {str(p.relative_to(folder)) for p in changed} == {".hydra/overrides.yaml", ".hydra/config.yaml"}
     cfg = yaml.safe_load((folder / ".hydra" / "config.yaml").read_text())
     assert cfg["logger"]["api_key"] == "<redacted>" and cfg["trainer"]["max_tokens"] == 512  # the rest intact
     assert "+logger.api_key=<redacted>" in yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text())
     assert digest(folder / "last.pt") == before and not temp_files(folder)
-    assert record.scrub_files(folder) == []  # idempotent
+    assert secrets.scrub_files(folder) == []  # idempotent
 
 
 def test_job_output_folder_holds_no_secret(secret_run):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import job
+from harness.cluster.signals import StopFlag
 from tests.conftest import ROOT
 
 JOB = ["model=transformer_tiny", "task=copy", "task.n_train=200", "task.n_valid=8", "task.n_test=8",
@@ -250,20 +250,20 @@ def test_stop_flag_defers_submitits_requeue_until_the_checkpoint_is_saved(monkey
     signal.signal(signal.SIGUSR2, submitit_handler)
     monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
     monkeypatch.setenv("SLURM_JOB_ID", "42")
-    stop = job.StopFlag()
+    stop = StopFlag()
     os.kill(os.getpid(), signal.SIGUSR2)
     assert stop() and calls == []  # the loop stops and saves first...
     with pytest.raises(SystemExit):
         stop.hand_over()  # ...then submitit requeues
     assert calls == [signal.SIGUSR2]
     # a second job in the same process still reaches submitit's handler
-    job.StopFlag().set(signal.SIGUSR2, None)
+    StopFlag().set(signal.SIGUSR2, None)
     assert signal.getsignal(signal.SIGUSR2).__self__._chained[signal.SIGUSR2] is submitit_handler
 
 
 def test_stop_flag_on_sigterm_exits_without_a_result_only_under_slurm(monkeypatch, saved_handlers):
     monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
-    stop = job.StopFlag()
+    stop = StopFlag()
     assert signal.getsignal(signal.SIGUSR2) == signal.SIG_DFL  # no submitit here: USR2 left alone
     os.kill(os.getpid(), signal.SIGTERM)
     assert stop() and stop.signal == signal.SIGTERM

@@ -145,7 +145,7 @@ def job_entry(model: nn.Module, task, cfg, device) -> dict:
     on the valid split; translation is skipped. A failure is recorded, not raised: the trained
     model's metrics stay.
     """
-    if task.family == "translation" or not cfg.eval.get("influence", False):
+    if task.form != "lm" or not cfg.eval.get("influence", False):
         return {}
     settings = {"split": "valid", "output": "log p(target)", "n_positions": 64, "max_rows": 8, "seed": int(cfg.seed)}
     try:

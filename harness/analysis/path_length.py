@@ -48,7 +48,6 @@ import time
 import warnings
 from collections import deque
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import yaml
@@ -56,11 +55,13 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
-from torch.utils.flop_counter import FlopCounterMode
 
 import models
+from tasks.base import Shape
 
-from .. import record
+from .. import environment, schema
+from ..device import pick, sync
+from ..profile import flop_counter
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = ROOT / "conf" / "experiment" / "path_length.yaml"  # the CLI's defaults (node ``path_length``)
@@ -307,15 +308,10 @@ def stack_costs(model: nn.Module, n: int, vocab_size: int) -> tuple[int, float]:
     x = model.embed(torch.randint(vocab_size, (1, n))).detach()
     h = x.requires_grad_(True)
     # the math attention kernel: torch's FLOP counter has no formula for the CPU flash kernel
-    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+    with sdpa_kernel([SDPBackend.MATH]), flop_counter() as counter:
         for block in blocks:
             h = block(h)
     return graph_depth(h), counter.get_total_flops() / len(blocks)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def forward_latency(model: nn.Module, n: int, device: torch.device, vocab_size: int, *, reps: int = 20,
@@ -414,28 +410,26 @@ def preset_config(name: str, preset: str, settings: dict | None = None) -> dict:
 
 def build_lm(cfg: dict, vocab_size: int = VOCAB, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return models.build(cfg, SimpleNamespace(family="lm", vocab_size=vocab_size)).eval()
+    return models.build(cfg, Shape("lm", {"lm": vocab_size})).eval()
 
 
 def path_record(cfg: dict, model: nn.Module | None, path_length: dict | None, *, device: torch.device,
                 started: str, out_dir: Path, error: str | None = None, settings: dict | None = None,
                 sweep: str = "path_length") -> dict:
-    """A result record (``harness.record`` schema) carrying the ``path_length`` analysis of one model."""
+    """A result record (harness/schema.py) carrying the ``path_length`` analysis of one model."""
     name, preset = cfg.get("name"), cfg.get("preset")
-    return {"status": "failed" if error else "ok", "error": error, "seed": (settings or {}).get("seed"),
-            "job": {"name": f"path_length_{name}-{preset}", "sweep": sweep, "output_dir": str(out_dir),
-                    "started": started, "finished": record.now()},
-            "config": {"model": cfg, "path_length": settings or {}},
-            "environment": record.environment(device),
-            "model": {"name": name, "preset": preset, "form": "lm", "paper": cfg.get("paper"),
-                      "parameters": models.count_parameters(model) if model is not None else None},
-            "task": {"name": "path_length", "family": "lm"},
-            "path_length": path_length}
+    return schema.analysis(
+        status="failed" if error else "ok", error=error, seed=(settings or {}).get("seed"),
+        job=schema.job_entry(f"path_length_{name}-{preset}", sweep, out_dir, started=started),
+        config={"model": cfg, "path_length": settings or {}}, environment=environment.describe(device),
+        model={"name": name, "preset": preset, "form": "lm", "paper": cfg.get("paper"),
+               "parameters": models.count_parameters(model) if model is not None else None},
+        task={"name": "path_length", "family": "lm"}, path_length=path_length)
 
 
 def write_record(out_dir: Path, rec: dict) -> Path:
-    path = Path(out_dir) / record.RECORD_NAME
-    record.write(path, rec)
+    path = Path(out_dir) / schema.RECORD_NAME
+    schema.write(path, rec)
     return path
 
 
@@ -490,12 +484,6 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
     return out
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def main(argv: list[str] | None = None) -> int:
     defaults = yaml.safe_load(EXPERIMENT.read_text())["path_length"]
     parser = argparse.ArgumentParser(prog="python -m harness.path_length", description=__doc__.split("\n\n")[0],
@@ -515,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ns = [int(v) for v in args.n.split(",")]
     chosen = {**(defaults.get("settings") or {}), **parse_settings(args.set)}
-    device = None if args.device == "none" else resolve_device(args.device)
+    device = None if args.device == "none" else pick(args.device)
     results, failed = {}, 0
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         settings = chosen.get(name, {})
@@ -536,7 +524,7 @@ def analyze_preset(make_cfg, fallback: dict, out_dir: Path, *, ns: list[int], de
         make_cfg: () -> the model config (may raise, e.g. for an unknown preset).
         fallback: the model config named in the record when ``make_cfg`` fails.
     """
-    started, cfg, model, pl, error = record.now(), fallback, None, None, None
+    started, cfg, model, pl, error = schema.now(), fallback, None, None, None
     try:
         cfg = make_cfg()
         model = build_lm(cfg, VOCAB, seed)
@@ -565,7 +553,7 @@ def run(cfg, out_dir: str | Path, *, sweep: str | None = None, raise_errors: boo
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     key = f"{model_cfg['name']}_{model_cfg.get('preset')}".removesuffix(f"_{node['preset']}")  # as --models names it
     settings = (node.get("settings") or {}).get(key) or {}
-    device = None if node["device"] == "none" else resolve_device(node["device"])
+    device = None if node["device"] == "none" else pick(node["device"])
     rec = analyze_preset(lambda: {**model_cfg, **settings}, model_cfg, Path(out_dir), ns=[int(n) for n in node["n"]],
                          device=device, trials=node["trials"], seed=node["seed"], reps=node["reps"], settings=settings,
                          sweep=sweep or "path_length")

@@ -1,7 +1,6 @@
 """Evaluation of the long-range probes (tasks/probes.py): answer accuracy overall and by distance."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

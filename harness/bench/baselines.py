@@ -304,7 +304,7 @@ def build_baseline(cfg: Mapping, vocab: int) -> nn.Module:
     arch = cfg["name"]
     if arch not in SUPPORTED:
         raise KeyError(f"no baseline for model {arch!r}; baselines exist for {', '.join(sorted(SUPPORTED))}")
-    seqbench_cls = models.model_class(arch, "translation")
+    seqbench_cls = models.model_class(arch, "seq2seq")
 
     def get(key):  # the config's value, else seqbench's default
         return cfg[key] if key in cfg else models.valid_default(seqbench_cls, key)

@@ -44,23 +44,37 @@ import argparse
 import json
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
 import models
 from models.common import PAD
+from tasks.base import Shape
 
-from .baselines import BASELINE_NAMES, WordLanguageModel, build_baseline
-from .decoding import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
+from ..environment import cpu_name, git_info
 from ..loss import smoothed_cross_entropy
-from .timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary, sync,
-                           time_interleaved)
 from ..precision import autocast_for, cpu_has_bf16_matmul, resolve_precision
 from ..profile import count_flops
-from ..record import cpu_name, git_info
 from ..train import TrainConfig, adam
+from .baselines import BASELINE_NAMES, WordLanguageModel, build_baseline
+from .decoding import (
+    NoEOS,
+    RecomputePrefix,
+    decode_batches,
+    newstest_like_lengths,
+    source_batches,
+)
+from .timing import (
+    Contender,
+    paired_ratio,
+    peak_call_bytes,
+    resident_bytes,
+    state_tensors,
+    summary,
+    sync,
+    time_interleaved,
+)
 
 ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")
 SUITES = ("train", "lm", "precision", "decode")
@@ -115,7 +129,7 @@ def shape_key(preset: str) -> str:
 
 
 def translation_task(vocab: int):
-    return SimpleNamespace(family="translation", src_vocab_size=vocab, tgt_vocab_size=vocab)
+    return Shape("seq2seq", {"src": vocab, "tgt": vocab})
 
 
 def label(arch: str, cfg: dict, n_params: int) -> str:
@@ -247,7 +261,7 @@ def lm_suite(args, device, precision, ceiling) -> list[dict]:
     text = torch.randint(0, V, (B, T + 1), generator=g).to(device)
     tokens, targets = text[:, :-1], text[:, 1:]
     cfg = {"name": "lstm", "preset": "wlm", "d_model": D, "n_layers": 2, "dropout": 0.2, "tie_output": False}
-    task = SimpleNamespace(family="lm", vocab_size=V)
+    task = Shape("lm", {"lm": V})
     pair = [(lambda n: f"seqbench LSTM LM ({n / 1e6:.2f}M)", lambda: models.build(cfg, task),
              lambda m: lm_loss(tokens, targets, fused=not args.plain_loss)),
             (lambda n: f"examples word_language_model ({n / 1e6:.2f}M)", lambda: WordLanguageModel(V, D, D, 2, 0.2),

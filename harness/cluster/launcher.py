@@ -22,7 +22,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from .. import record
+from .. import schema, secrets
 from ..job import job_name
 
 log = logging.getLogger("seqbench.launcher")
@@ -72,7 +72,7 @@ class RecordLostJobs(Callback):
 def sweep_problem(sweep_dir: Path) -> str | None:
     """Why a finished sweep must exit non-zero: it was stopped before every job ran, or no job finished ``ok``."""
     statuses = Counter()
-    for path in sweep_dir.glob(f"*/{record.RECORD_NAME}"):
+    for path in sweep_dir.glob(f"*/{schema.RECORD_NAME}"):
         try:
             statuses[json.loads(path.read_text(encoding="utf-8")).get("status")] += 1
         except (OSError, ValueError):
@@ -90,12 +90,10 @@ def mark_not_started(cfg: DictConfig, out_dir: Path, reason: str) -> dict:
     """Record a sweep job that never ran, the sweep having stopped: ``interrupted``, so that the report lists it
     and rerunning the sweep in its folder runs it."""
     out_dir = Path(out_dir)
-    rec = {"status": "interrupted", "error": f"not started: {reason}", "seed": cfg.get("seed"),
-           "config": OmegaConf.to_container(cfg),
-           "job": {"name": job_name(cfg), "sweep": cfg.get("sweep_name"), "output_dir": str(out_dir),
-                   "started": None, "finished": record.now()}}
-    record.write(out_dir / record.RECORD_NAME, rec)
-    record.scrub_files(out_dir)  # Hydra's copies of the config
+    rec = schema.not_started(OmegaConf.to_container(cfg), cfg.get("seed"),
+                             schema.job_entry(job_name(cfg), cfg.get("sweep_name"), out_dir), reason)
+    schema.write(out_dir / schema.RECORD_NAME, rec)
+    secrets.scrub_files(out_dir)  # Hydra's copies of the config
     print(f"[seqbench] {rec['job']['name']}: not started | {reason}")
     return rec
 
@@ -117,7 +115,7 @@ def _lost(job, err: Exception, sweep_dir: Path) -> JobReturn:
 
 def mark_lost(sweep_dir: Path, slurm_job_id: str, job_num: int, overrides: list[str], error: str) -> Path:
     """Mark the record of a job that SLURM ended as ``failed`` (or write one); returns its path."""
-    for path in sorted(sweep_dir.glob(f"*/{record.RECORD_NAME}")):
+    for path in sorted(sweep_dir.glob(f"*/{schema.RECORD_NAME}")):
         try:
             rec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -125,13 +123,9 @@ def mark_lost(sweep_dir: Path, slurm_job_id: str, job_num: int, overrides: list[
         if rec.get("job", {}).get("slurm_job_id") == slurm_job_id:
             break
     else:
-        path = sweep_dir / f"{job_num}_lost" / record.RECORD_NAME
-        rec = {"status": "running", "seed": None, "config": {"overrides": overrides},
-               "job": {"name": f"job {job_num}: {' '.join(overrides)}", "output_dir": str(path.parent),
-                       "slurm_job_id": slurm_job_id, "started": None}}
-    if rec.get("status") in ("ok", "failed"):  # the job wrote its own outcome before it was lost
+        path, rec = sweep_dir / f"{job_num}_lost" / schema.RECORD_NAME, None
+    if rec is not None and rec.get("status") in ("ok", "failed"):  # the job wrote its own outcome before it was lost
         return path
-    rec.update(status="failed", error=error)
-    rec["job"]["finished"] = record.now()
-    record.write(path, rec)
+    schema.write(path, schema.lost(rec, name=f"job {job_num}: {' '.join(overrides)}", out_dir=path.parent,
+                                   overrides=overrides, slurm_job_id=slurm_job_id, error=error))
     return path
