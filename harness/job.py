@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 import models
 import tasks
 
-from . import checkpoint, distributed, record, settings
+from . import checkpoint, distributed, lm_protocol, record, settings
 from .analysis import influence
 from . import metrics as scoring
 from .evaluate import check_converged, evaluate_lm, evaluate_translation
@@ -120,7 +120,8 @@ def evaluate(model, task, cfg: DictConfig, device, precision: str = "fp32",
         elif getattr(task, "kind", None) == "probe":
             metrics[split] = evaluate_probe(model, task, split, device, cfg.trainer.max_tokens)
         else:
-            metrics[split] = evaluate_lm(model, task, split, device, cfg.trainer.max_tokens)
+            metrics[split] = evaluate_lm(model, task, split, device, cfg.trainer.max_tokens,
+                                         lm_protocol.from_config(cfg))
     return metrics, outputs
 
 
@@ -153,6 +154,8 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         rec["environment"] = {**record.environment(device), "processes": d.world}
         record.write(path, rec)
         train_cfg, task, model, identity = _build(cfg, device, rec)
+        for warning in lm_protocol.ignored(cfg, task):
+            log.warning(warning)
         rec["model"] = {"name": cfg.model.name, "preset": cfg.model.get("preset"), "form": model.form,
                         "paper": cfg.model.get("paper"), "parameters": models.count_parameters(model),
                         **({"warnings": model.warnings} if getattr(model, "warnings", None) else {})}

@@ -32,7 +32,7 @@ FALLBACK = ("#cc78bc", "#949494", "#ca9161", "#fbafe4", "#ece133")  # unknown na
 SHADES = (-0.35, 0.4, -0.6, 0.65, -0.15, 0.2)  # variants: towards black (<0) or white (>0), in this order
 # validation curves: the first column with data, per family (greedy BLEU only for tasks scored by BLEU)
 CURVE = {"translation": [("valid_bleu_greedy", "valid BLEU (greedy)"), ("valid_ppl", "valid perplexity")],
-         "lm": [("valid_ppl", "valid perplexity")],
+         "lm": [("valid_ppl", "valid perplexity (chunks)")],  # validation during training: eval.lm_protocol=chunks
          "probe": [("valid_accuracy", "valid accuracy"), ("valid_ppl", "valid perplexity")]}
 AXIS = {"train_flops": "training FLOPs", "train_seconds": "train seconds", "parameters": "parameters"}
 TABLE1 = ("path_length", "throughput_by_length")  # plots of the analysis records, shown with Table 1
