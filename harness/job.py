@@ -299,6 +299,7 @@ def _costs(progress, metrics, flops_per_token, device) -> dict:
 def _print_summary(rec: dict) -> None:
     m, task = rec.get("metrics", {}).get("test", {}), rec.get("task") or {}
     score = scoring.summary(task.get("metrics") or scoring.defaults(task.get("family")), m)
+    score += f" ({m['protocol']})" if m.get("protocol") else ""  # how a perplexity was computed (lm_protocol)
     c = rec.get("costs", {})
     print(f"[seqbench] {rec['job']['name']}: {rec['status']} | test {score} | "
           f"{c.get('train_seconds', 0):.0f}s train, {c.get('steps', 0)} steps | {rec['job']['output_dir']}")

@@ -243,10 +243,12 @@ def test_carry_state_training_differs_from_chunk_training_only_in_the_carried_st
     assert progress.log[1]["loss"] == pytest.approx(carried, rel=1e-5)
 
 
-def test_a_job_records_the_protocol_of_every_perplexity_and_the_report_shows_it(make_cfg, words_folder, tmp_path):
+def test_a_job_records_the_protocol_of_every_perplexity_and_the_report_shows_it(make_cfg, words_folder, tmp_path,
+                                                                                 capsys):
     cfg = carry_cfg(make_cfg, words_folder, "trainer.max_steps=2", "eval.lm_protocol=carry", "eval.lm_batch_size=2")
     rec = job.run(cfg, tmp_path / "carry")
     assert rec["status"] == "ok"
+    assert f"test ppl {rec['metrics']['test']['perplexity']:.2f} (carry) |" in capsys.readouterr().out
     for split in ("valid", "test"):
         m, n = rec["metrics"][split], rec["task"]["tokens"][split]
         assert m["protocol"] == "carry" and m["protocol_settings"] == {"bptt": 8, "streams": 2}
@@ -259,6 +261,7 @@ def test_a_job_records_the_protocol_of_every_perplexity_and_the_report_shows_it(
     assert sorted(runs["lm_protocol"]) == ["carry (bptt 8, streams 2)", "chunks (bptt 8)"]
     shown = tables.summary_display(tables.summary(runs), "words")
     assert sorted(shown["perplexity protocol"]) == ["carry (bptt 8, streams 2)", "chunks (bptt 8)"]
+    assert "eval.lm_protocol" in set(tables.differing_settings(runs)["setting"])
     warned = tables.fairness_warnings(runs)["words"]
     assert any("different perplexity protocols (eval.lm_protocol)" in w for w in warned)
 
