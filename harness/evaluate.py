@@ -9,9 +9,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from . import lm_protocol
 from . import metrics as scoring
 from .decode import MAX_SOURCE_TOKENS, beam_search, greedy, long_sources, max_lengths
 from .device import sync
+from .lm_protocol import Protocol
 from .precision import autocast_for
 
 log = logging.getLogger("seqbench.evaluate")
@@ -151,10 +153,12 @@ def check_converged(metrics: dict) -> None:
                        "lengthen trainer.warmup_steps, and rerun in a new output folder")
 
 
-def evaluate_lm(model, task, split: str, device, max_tokens: int) -> dict:
-    """Mean NLL per token and perplexity; bits per character too when every token is one character."""
-    nll, count = mean_nll(model, task, split, device, max_tokens)
-    out = {"nll": nll if math.isfinite(nll) else None, "perplexity": perplexity(nll), "tokens": count}
+def evaluate_lm(model, task, split: str, device, max_tokens: int, protocol: Protocol = Protocol()) -> dict:
+    """Mean NLL per token and perplexity under ``protocol``, which the result names (harness/lm_protocol.py);
+    bits per character too when every token is one character."""
+    scored = lm_protocol.score(model, task, split, device, max_tokens, protocol)
+    nll = scored.pop("nll_sum") / max(scored["tokens"], 1)
+    out = {"nll": nll if math.isfinite(nll) else None, "perplexity": perplexity(nll), **scored}
     if out["perplexity"] is None:
         out["diverged"] = True
     if "bpc" in getattr(task, "metrics", ()):

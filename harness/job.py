@@ -14,7 +14,7 @@ import models
 import tasks
 from tasks.base import EvalContext
 
-from . import checkpoint, distributed, environment, schema, secrets, settings
+from . import checkpoint, distributed, environment, lm_protocol, schema, secrets, settings
 from . import metrics as scoring
 from .analysis import influence
 from .cluster.signals import StopFlag, slurm_job_id
@@ -45,7 +45,8 @@ def evaluate(model, task, cfg: DictConfig, device, precision: str = "fp32",
     decoding = OmegaConf.to_container(cfg.eval.decoding, resolve=True)
     for split in cfg.eval.splits:
         ctx = EvalContext(device, cfg.trainer.max_tokens, decoding, precision,
-                          stop.check(f"while evaluating the {split} split") if stop else None)
+                          stop.check(f"while evaluating the {split} split") if stop else None,
+                          lm_protocol=lm_protocol.from_config(cfg))
         metrics[split], hyps = task.evaluate(model, split, ctx)
         if hyps is not None:
             outputs[split] = hyps
@@ -80,6 +81,8 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         rec["environment"] = {**environment.describe(device), "processes": d.world}
         schema.write(path, rec)
         train_cfg, task, model, identity = _build(cfg, device, rec)
+        for warning in lm_protocol.ignored(cfg, task):
+            log.warning(warning)
         rec["model"] = {"name": cfg.model.name, "preset": cfg.model.get("preset"), "form": model.form,
                         "paper": cfg.model.get("paper"), "parameters": models.count_parameters(model),
                         **({"warnings": model.warnings} if getattr(model, "warnings", None) else {})}
@@ -206,6 +209,7 @@ def _costs(progress, metrics, flops_per_token, device) -> dict:
 def _print_summary(rec: dict) -> None:
     m, task = rec.get("metrics", {}).get("test", {}), rec.get("task") or {}
     score = scoring.summary(task.get("metrics") or scoring.defaults(task.get("family")), m)
+    score += f" ({m['protocol']})" if m.get("protocol") else ""  # how a perplexity was computed (lm_protocol)
     c = rec.get("costs", {})
     print(f"[seqbench] {rec['job']['name']}: {rec['status']} | test {score} | "
           f"{c.get('train_seconds', 0):.0f}s train, {c.get('steps', 0)} steps | {rec['job']['output_dir']}")

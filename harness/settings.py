@@ -106,11 +106,15 @@ SETTINGS: dict[str, Rule] = {
     "trainer.log_every": integer(1),
     "trainer.resume": BOOLEAN,
     "trainer.progress": BOOLEAN,
+    "trainer.carry_state": BOOLEAN,
     "eval.splits": Rule(lambda v: isinstance(v, list) and len(v) > 0 and all(s in SPLITS for s in v),
                         "a non-empty list of " + ", ".join(SPLITS)),
     "eval.checkpoint": choice("best", "last", "average"),
     "eval.average_last": integer(1),
     "eval.influence": BOOLEAN,
+    "eval.lm_protocol": choice("chunks", "carry", "sliding"),
+    "eval.lm_stride": integer(1, null="half of task.bptt"),
+    "eval.lm_batch_size": integer(1),
     "eval.decoding.beam": integer(1),
     "eval.decoding.lenpen": number(lambda v: v >= 0, ">= 0"),
     "eval.decoding.max_len_a": number(lambda v: v >= 0, ">= 0"),
@@ -138,7 +142,8 @@ def problems(cfg: DictConfig) -> list[str]:
             OmegaConf.select(cfg, "trainer.save_every") or OmegaConf.select(cfg, "trainer.save_every_seconds")):
         found.append("eval.checkpoint=average averages the checkpoints saved every trainer.save_every steps or "
                      "trainer.save_every_seconds seconds, and neither is set; set one (e.g. +trainer.save_every=1000)")
-    return found
+    from . import lm_protocol  # noqa: PLC0415 (it reads the model registry, which imports torch)
+    return found + lm_protocol.problems(cfg)
 
 
 def check(cfg: DictConfig) -> None:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 import models
 from tasks.base import EvalContext
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, lm_protocol
 from .device import sync
 from .distributed import SINGLE, Dist
 from .evaluate import mean_nll, perplexity
@@ -63,6 +63,7 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     threads: int | str | None = "auto"  # auto (the free cores) | null (torch's default) | a number
+    carry_state: bool = False  # recurrent LMs: truncated BPTT with the state carried across batches (lm_protocol)
 
     def __new__(cls, *args, **kwargs):
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
@@ -138,6 +139,7 @@ class Progress:
     evals: list[dict] = field(default_factory=list)  # validation curve
     # set when a resumed run found best.pt deleted: the best evaluation it lost, and which one best.pt holds now
     best_recreated: dict | None = None
+    carried_state: tuple | None = None  # trainer.carry_state: the (detached) state the last batch ended in
 
 
 class Trainer:
@@ -162,6 +164,7 @@ class Trainer:
             wrapped = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward = torch.compile(wrapped) if cfg.compile else wrapped
+        self.carry = lm_protocol.CarriedState(model, task, cfg.max_tokens, dist.enabled) if cfg.carry_state else None
         self.p = Progress()
         self.resumed_from: int | None = None
 
@@ -270,7 +273,7 @@ class Trainer:
         DistributedDataParallel averages gradients over the ranks, hence the factor ``world``).
         """
         with self.autocast():
-            logits = self.forward(**batch.inputs)
+            logits = self.forward(**batch.inputs) if self.carry is None else self._carried(batch)
         loss = smoothed_cross_entropy(logits, batch.target, self.cfg.label_smoothing, batch.ignore_index)
         self.scaler.scale(loss * (self.dist.world / (n_tokens or batch.n_tokens))).backward()
         if self.cfg.clip_norm > 0:
@@ -291,6 +294,12 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         return loss.detach() if finite else None
+
+    def _carried(self, batch):
+        """trainer.carry_state: the forward pass from the state the epoch's previous batch ended in (zero first)."""
+        start = self.p.carried_state if self.p.batch_in_epoch else None
+        logits, self.p.carried_state = self.carry.forward(self.forward, batch, start)
+        return logits
 
     # -- evaluation during training ----------------------------------------------------------
     def validate(self) -> dict:
@@ -360,7 +369,8 @@ class Trainer:
         window = [torch.zeros((), device=self.device), 0, 0.0]  # loss sum, tokens, seconds
         try:
             while True:
-                batches = self.task.batches("train", cfg.max_tokens, epoch=p.epoch, shuffle=True, seed=self.seed)
+                batches = self.carry.batches if self.carry else self.task.batches(
+                    "train", cfg.max_tokens, epoch=p.epoch, shuffle=True, seed=self.seed)
                 while p.batch_in_epoch < len(batches) and self.budget_left(len(batches)):
                     if self._stop_agreed if self.dist.enabled else self.should_stop():
                         raise Interrupted(f"stop requested at step {p.step}")

@@ -230,6 +230,23 @@ class RNNLM(LanguageModel):
     def mixing_blocks(self):
         return list(self.blocks)
 
+    def init_state(self, batch_size: int, device=None) -> tuple[torch.Tensor, ...]:
+        """The zero state of ``batch_size`` streams: (h,) or (h, c), each (B, n_layers, D), as the first chunk sees."""
+        d = self.tok_embed.embedding_dim
+        n = 2 if self.cell is nn.LSTM else 1
+        return tuple(torch.zeros(batch_size, len(self.blocks), d, device=device) for _ in range(n))
+
+    def forward(self, tokens, state: tuple[torch.Tensor, ...] | None = None):
+        """tokens (B,T) -> logits (B,T,V); given ``state`` (:meth:`init_state`, or the state a previous call
+        returned), -> (logits, final state), so that the next chunk of each stream continues from it (carried)."""
+        if state is None:
+            return super().forward(tokens)
+        x, finals = self.embed(tokens), []
+        for i, block in enumerate(self.blocks):
+            x, final = block.run(x, tuple(s[:, i] for s in state))
+            finals.append(final)
+        return self.head(x), tuple(torch.stack(s, dim=1) for s in zip(*finals))
+
 
 class LSTMSeq2Seq(RNNSeq2Seq):
     cell = nn.LSTM

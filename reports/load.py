@@ -39,7 +39,7 @@ METRICS = tuple((m.name, m.record_key) for m in scoring.METRICS.values())  # (co
 QUALITY = [f"test_{name}" for name, _ in METRICS]  # every metric a record may hold; a task shows its own
 SIGNATURES = ("bleu_signature", "chrf_signature", "ter_signature")
 KEY = ("job", "record", "status", "kind", "model", "label", "preset", "arch", "task", "family", "metrics", "seed",
-       "device_name")
+       "device_name", "lm_protocol")
 # names cut to LABEL_LIMIT characters in plots and report tables, errors to TEXT_LIMIT (the tidy tables keep them)
 LABELS = ("job", "sweep", "model", "label", "preset", "arch", "task", "device_name", "bucket", "split", "layer_type",
           "latency_device", "precision", "tokenization")
@@ -209,12 +209,25 @@ def flatten(rec: dict, path: Path) -> dict:
         "vocab_size": task_cfg.get("vocab_size"), "task_vocab": task.get("vocab", task.get("tgt_vocab")),
         "tokenization": task.get("segmentation") or task_cfg.get("tokenizer") or task_cfg.get("model_type"),
         "task_settings": json.dumps({k: v for k, v in task_cfg.items() if k != "name"}, sort_keys=True),
+        "lm_protocol": protocol_label(test or valid, family, task),
         **{f"test_{k}": test.get(m) for k, m in METRICS},
         **{f"valid_{k}": valid.get(m) for k, m in METRICS},
         **{k: test.get(k) or valid.get(k) for k in SIGNATURES},
         **{k: costs.get(k) for k in COST_KEYS},
         "packages": json.dumps(env.get("packages") or {}, sort_keys=True),
     }
+
+
+def protocol_label(metrics: dict, family: str | None, task: dict) -> str:
+    """How a language model's perplexity was computed, e.g. ``sliding (bptt 128, stride 64)``; "" for other tasks.
+
+    Records that do not name a protocol predate the choice: they were scored in independent chunks.
+    """
+    if family != "lm":
+        return ""
+    settings = metrics.get("protocol_settings") or {"bptt": task.get("bptt")}
+    shown = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)
+    return (metrics.get("protocol") or "chunks") + (f" ({shown})" if shown else "")
 
 
 def _read(path: Path) -> dict:

@@ -154,15 +154,20 @@ def curve_label(column: str) -> str:
     return f"valid {label}" + (" (greedy)" if name.endswith("_greedy") else "")
 
 
+def _lm(d: pd.DataFrame) -> bool:
+    """Whether the runs' perplexities carry an LM protocol (their validation curves are always ``chunks``)."""
+    return "lm_protocol" in d and bool(d["lm_protocol"].fillna("").astype(str).ne("").any())
+
+
 def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
     def prepare(d):
         scored = {m.name for m in tables.task_metrics(d)}
         for y in [*(c for c in d if c.startswith("valid_") and c not in LOSS_CURVES), "valid_ppl"]:
             metric = y.removeprefix("valid_").removesuffix("_greedy")
-            if metric in METRICS and metric not in scored:  # e.g. greedy BLEU of a task scored by error rates
+            if y not in LOSS_CURVES and metric in METRICS and metric not in scored:  # e.g. greedy BLEU, error rates
                 continue
             if y in d and len(line := _numeric(d, "train_seconds", y)):
-                return line, y, curve_label(y)
+                return line, y, curve_label(y) + (" (chunks)" if y == "valid_ppl" and _lm(d) else "")
         return None
 
     def draw(ax, task, p):

@@ -16,14 +16,15 @@ from .load import BUDGET_KEYS, QUALITY
 
 # rows of one summary group: same task (and metrics), architecture (variant and preset), device and budget;
 # seeds are pooled
-GROUP = ["task", "family", "metrics", "arch", "model", "label", "preset", "device_name", "budget"]
+GROUP = ["task", "family", "metrics", "arch", "model", "label", "preset", "device_name", "budget", "lm_protocol"]
 COSTS = [("parameters", "parameters", "{:,.0f}"), ("train_flops", "train FLOPs", "{:.2e}"),
          ("train_seconds", "train s", "{:.1f}"), ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
          ("decode_sentences_per_second", "decode sentences/s", "{:,.1f}"),
          ("peak_memory_mib", "peak memory MiB", "{:,.0f}")]
 # settings that must match for a fair comparison: (runs column, label)
 SETTINGS = [*[(k, f"trainer.{k}") for k in BUDGET_KEYS], ("preset", "model preset"), ("precision", "precision"),
-            ("device_name", "device"), ("torch", "torch version"), ("tokenization", "tokenization")]
+            ("device_name", "device"), ("torch", "torch version"), ("tokenization", "tokenization"),
+            ("lm_protocol", "eval.lm_protocol")]
 
 
 def ok(runs: pd.DataFrame) -> pd.DataFrame:
@@ -92,6 +93,8 @@ def summary_display(summ: pd.DataFrame, task: str) -> pd.DataFrame:
         rows = best_first(rows, quality[0], f"test_{quality[0].name}_mean")
     out = pd.DataFrame({"architecture": rows["arch"], "device": rows["device_name"], "budget": rows["budget"],
                         "n": rows["n"], "seeds": rows["seeds"]})
+    if (rows["lm_protocol"] != "").any():  # a language model's perplexity depends on the context it was given
+        out["perplexity protocol"] = rows["lm_protocol"]
     for m in quality:
         c = f"test_{m.name}"
         out[f"test {m.label}"] = [pm(v, s, m.fmt) for v, s in zip(rows[f"{c}_mean"], rows[f"{c}_std"])]
@@ -172,7 +175,8 @@ def fairness_warnings(runs: pd.DataFrame) -> dict[str, list[str]]:
     out = {}
     for task, group in with_groups(ok(runs)).groupby("task", sort=True):
         msgs = []
-        for col, what in (("device_name", "devices"), ("budget", "training budgets")):
+        for col, what in (("device_name", "devices"), ("budget", "training budgets"),
+                          ("lm_protocol", "perplexity protocols (eval.lm_protocol)")):
             values = sorted(group[col].unique())
             if len(values) > 1:
                 msgs.append(f"WARNING: task {task}: runs on different {what} are compared side by side "

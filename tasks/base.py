@@ -25,7 +25,8 @@ class EvalContext:
     ``eval.decoding`` settings of generation tasks (beam, lenpen, length limits); ``precision``: the
     trainer's resolved autocast precision; ``check_stop()`` raises to end a long evaluation early (a
     signal asked the job to stop); ``greedy_curve``: whether validation rows get a greedy-decoding score
-    (``trainer.valid_bleu``), which costs a decoding pass per validation.
+    (``trainer.valid_bleu``), which costs a decoding pass per validation; ``lm_protocol``: how a stream's
+    perplexity is computed (``eval.lm_protocol``).
     """
 
     device: Any
@@ -34,6 +35,7 @@ class EvalContext:
     precision: str = "fp32"
     check_stop: Callable[[], None] | None = None
     greedy_curve: bool = True
+    lm_protocol: Any = None  # how a language model's perplexity is computed (harness/lm_protocol.py); None: chunks
 
 
 @runtime_checkable

@@ -109,9 +109,10 @@ class LMTask:
         return {}  # the validation loss (valid_nll, valid_ppl) is the curve
 
     def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, None]:
-        """Perplexity over the split's chunks (and bits per character for a character LM; harness/evaluate.py)."""
+        """Perplexity under ``ctx.lm_protocol`` (and bits per character for a character LM; harness/evaluate.py)."""
         from harness.evaluate import evaluate_lm  # noqa: PLC0415 (the harness evaluates; see __init__)
-        return evaluate_lm(model, self, split, ctx.device, ctx.max_tokens), None
+        protocol = {} if ctx.lm_protocol is None else {"protocol": ctx.lm_protocol}
+        return evaluate_lm(model, self, split, ctx.device, ctx.max_tokens, **protocol), None
 
 
 def _load(name: str, root: Path, files: dict[str, str], download: bool, bptt: int, cache_dir: Path | None,

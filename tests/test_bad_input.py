@@ -188,7 +188,7 @@ def test_a_signal_during_evaluation_stops_it_promptly_with_an_interrupted_record
     rec = strict_json(out / "record.json")
     assert rec["status"] == "interrupted" and rec["job"]["finished"], rec["error"]
     if sig == signal.SIGTERM:
-        assert "stopped by SIGTERM while decoding the test split" in rec["error"]
+        assert "stopped by SIGTERM while evaluating the test split" in rec["error"]
         assert "rerun the same command in the same folder" in rec["error"]
     assert saved_step(out / "last.pt") == 2 and saved_step(out / "best.pt") == 2  # the training is kept
     assert not (out / "test.hyp").exists() and not temp_files(out)

@@ -11,6 +11,7 @@ import models
 from harness import checkpoint, job
 from harness.profile import count_flops, sample_batches, train_flops_per_token
 from harness.settings import problems
+from tasks.base import Shape
 from tasks.batching import Batch
 
 TINY_COPY = ["model=transformer_tiny", "task=copy", "task.n_train=60", "task.n_valid=4", "task.n_test=4",
@@ -147,22 +148,18 @@ def test_the_record_states_the_flops_convention(make_cfg, tmp_path):
 
 # -- language-model form: seq2seq-only settings ---------------------------------------------------
 
-class _LMTask:
-    family, vocab_size = "lm", 13
-
-
 def test_lm_form_warns_about_seq2seq_only_settings(caplog):
     cfg = {"name": "lstm", "d_model": 8, "n_layers": 1, "attention": "bahdanau", "input_feed": True,
            "bidirectional": True, "tie_output": False}
     with caplog.at_level(logging.WARNING, logger="seqbench"):
-        model = models.build(cfg, _LMTask())
+        model = models.build(cfg, Shape("lm", {"lm": 13}))
     assert len(model.warnings) == 2  # bidirectional=True is the default: nothing to say
     assert "model.attention='bahdanau'" in model.warnings[0] and "model.input_feed=True" in model.warnings[1]
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == model.warnings
-    assert models.build({"name": "bytenet", "d_model": 8, "n_layers": 1, "unfold_b": 5}, _LMTask()).warnings[0] \
+    assert models.build({"name": "bytenet", "d_model": 8, "n_layers": 1, "unfold_b": 5}, Shape("lm", {"lm": 13})).warnings[0] \
         .startswith("model.unfold_b=5 has no effect on ByteNetLM")
     assert models.build({"name": "transformer", "d_model": 8, "n_heads": 2, "d_ff": 8, "n_layers": 1},
-                        _LMTask()).warnings == []
+                        Shape("lm", {"lm": 13})).warnings == []
 
 
 def test_the_record_lists_ignored_model_settings(make_cfg, tmp_path):

@@ -524,7 +524,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(make_cfg, train
         f.write(b"PK\x03\x04 torn")
         raise Boom("crash inside torch.save")
 
-    monkeypatch.setattr(io.torch, "save", torn_save)
+    monkeypatch.setattr(torch, "save", torn_save)  # harness.io imports torch when saving
     rec = job.run(make_cfg(*TINY, "trainer.max_steps=4"), trained, raise_errors=False)
     assert rec["status"] == "failed" and "crash inside torch.save" in rec["error"]
     assert digest(last) == before and not temp_files(trained)
@@ -542,7 +542,7 @@ def test_disk_full_on_checkpoint_write_is_a_clear_error(make_cfg, trained, monke
         f.write(b"\0" * 1024)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     rec = job.run(make_cfg(*TINY, "trainer.max_steps=4"), trained, raise_errors=False)
     assert rec["status"] == "failed"
     assert re.search(r"OSError: \[Errno 28\] no space left on device while writing .*\.pt; free space or move the "
