@@ -125,19 +125,29 @@ def _truncation(sources: list, cap: int | None, split: str) -> dict:
 
 
 @torch.no_grad()
-def mean_nll(model, task, split: str, device, max_tokens: int, autocast=None) -> tuple[float, int]:
-    """Summed token NLL / number of scored tokens over a split (no label smoothing)."""
+def chunk_nll(model, task, split: str, device, max_tokens: int, autocast=None) -> tuple[list[float], list[int]]:
+    """Summed token NLL (no label smoothing) and scored tokens of every sequence of a split, in batch order.
+
+    Per sequence, not per split: a language model's sequences are the task's ``bptt``-token chunks in stream
+    order whatever the batch size, so two models' losses pair chunk by chunk (the report's paired bootstrap).
+    """
     model.eval()
-    total, count = 0.0, 0
+    sums, counts = [], []
     for batch in task.batches(split, max_tokens):
         batch = batch.to(device)
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             logits = model(**batch.inputs)
         nll = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(),
-                              ignore_index=batch.ignore_index, reduction="sum")
-        total += nll.item()
-        count += batch.n_tokens
-    return total / max(count, 1), count
+                              ignore_index=batch.ignore_index, reduction="none").view_as(batch.target)  # (B,T)
+        sums += nll.sum(1).tolist()
+        counts += (batch.target != batch.ignore_index).sum(1).tolist()
+    return sums, counts
+
+
+def mean_nll(model, task, split: str, device, max_tokens: int, autocast=None) -> tuple[float, int]:
+    """Summed token NLL / number of scored tokens over a split (no label smoothing)."""
+    sums, counts = chunk_nll(model, task, split, device, max_tokens, autocast)
+    return sum(sums) / max(sum(counts), 1), sum(counts)
 
 
 class Diverged(RuntimeError):
@@ -167,7 +177,13 @@ def check_converged(metrics: dict) -> None:
 
 def evaluate_lm(model, task, split: str, device, max_tokens: int) -> dict:
     """Mean NLL per token and perplexity; bits per character too when every token is one character."""
-    nll, count = mean_nll(model, task, split, device, max_tokens)
+    return lm_metrics(task, *chunk_nll(model, task, split, device, max_tokens))
+
+
+def lm_metrics(task, sums: list[float], counts: list[int]) -> dict:
+    """The metrics of :func:`evaluate_lm` from :func:`chunk_nll`'s per-sequence NLL sums and token counts."""
+    count = sum(counts)
+    nll = sum(sums) / max(count, 1)
     out = {"nll": nll if math.isfinite(nll) else None, "perplexity": perplexity(nll), "tokens": count}
     if out["perplexity"] is None:
         out["diverged"] = True

@@ -18,8 +18,8 @@ import tasks
 from . import checkpoint, distributed, record, settings
 from .analysis import influence
 from . import metrics as scoring
-from .evaluate import check_converged, evaluate_lm, evaluate_translation
-from .io import FolderLock
+from .evaluate import check_converged, chunk_nll, evaluate_translation, lm_metrics
+from .io import FolderLock, atomic_write_text, write_json
 from .precision import choose_threads
 from .analysis.probes import evaluate_probe
 from .profile import CONVENTION as FLOPS_CONVENTION
@@ -105,23 +105,39 @@ class StopFlag:
 
 def evaluate(model, task, cfg: DictConfig, device, precision: str = "fp32",
              stop: StopFlag | None = None) -> tuple[dict, dict]:
-    """Metrics per split, plus hypotheses (translation) for the output folder; probes add accuracy by distance.
+    """Metrics per split, and the files a paired significance test needs (name -> content) for the output folder.
 
+    Translation: ``<split>.hyp`` and ``<split>.ref`` (detokenized hypotheses and their references, one a line);
+    a language model: ``<split>.nll.json`` (summed NLL and tokens of each chunk); probes add accuracy by distance.
     Beam search runs at ``precision`` (the trainer's, resolved) unless ``eval.decoding.precision`` is given.
     A stop signal (``stop``) ends decoding between two batches, with :class:`Interrupted`.
     """
     metrics, outputs = {}, {}
     for split in cfg.eval.splits:
         if task.family == "translation":
-            metrics[split], outputs[split] = evaluate_translation(
+            metrics[split], hyps = evaluate_translation(
                 model, task, split, device,
                 {"precision": precision, **OmegaConf.to_container(cfg.eval.decoding, resolve=True)},
                 check_stop=stop.check(f"while decoding the {split} split") if stop else None)
+            outputs[f"{split}.hyp"] = hyps
+            outputs[f"{split}.ref"] = task.references(split)[: len(hyps)]
         elif getattr(task, "kind", None) == "probe":
             metrics[split] = evaluate_probe(model, task, split, device, cfg.trainer.max_tokens)
         else:
-            metrics[split] = evaluate_lm(model, task, split, device, cfg.trainer.max_tokens)
+            sums, counts = chunk_nll(model, task, split, device, cfg.trainer.max_tokens)
+            metrics[split] = lm_metrics(task, sums, counts)
+            outputs[f"{split}.nll.json"] = {"split": split, "bptt": getattr(task, "bptt", None), "nll": sums,
+                                            "tokens": counts}
     return metrics, outputs
+
+
+def write_outputs(out_dir: Path, outputs: dict) -> None:
+    """Each output file, atomically: lines of text (``.hyp``, ``.ref``) or strict JSON (``.json``)."""
+    for name, content in outputs.items():
+        if name.endswith(".json"):
+            write_json(out_dir / name, content)
+        else:
+            atomic_write_text(out_dir / name, "\n".join(content) + "\n")
 
 
 def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise_errors: bool = True) -> dict:
@@ -173,8 +189,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         rec["eval_checkpoint"] = _load_for_eval(model, cfg, out_dir, identity)
         metrics, outputs = evaluate(model, task, cfg, device, trainer.precision, stop)
         rec.update(influence.job_entry(model, task, cfg, device))  # LM-form tasks, if eval.influence: "analysis"
-        for split, hyps in outputs.items():
-            (out_dir / f"{split}.hyp").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+        write_outputs(out_dir, outputs)
         rec.update(status="ok", metrics=metrics, resumed_from_step=trainer.resumed_from,
                    skipped_steps=progress.skipped_steps, best_recreated=progress.best_recreated,
                    curves={"train": progress.log, "valid": progress.evals},
