@@ -29,6 +29,8 @@ NLL = "nll"  # the paired test of language models (perplexity and bits per chara
 COLUMNS = ["task", "metric", "a", "b", "seed_a", "seed_b", "a_score", "b_score", "delta", "ci_low", "ci_high", "p",
            "significant", "units", "n_samples", "note"]
 NOTES = 5  # reasons for untested pairs shown per task
+ABSENT = "(jobs of this version write it beside record.json)"  # ends the note of an output file not there
+NOTE_SEPARATOR = "; "  # between the two runs' reasons in one note
 
 
 class Missing(Exception):
@@ -83,13 +85,18 @@ def _systems(group: pd.DataFrame, names: list[str]) -> dict[str, list[dict]]:
 
 def _compare(name: str, run_a: dict, run_b: dict, cache: dict) -> dict:
     """One seed pair's paired test as the row's numbers, or a note saying why there is none."""
-    try:
-        (a, units_a, items_a), (b, units_b, items_b) = (_scores(name, run, cache) for run in (run_a, run_b))
-        if items_a != items_b:
-            raise Missing(f"not the same test items ({_folder(run_a)} and {_folder(run_b)} hold different "
-                          f"{'references' if name != NLL else 'chunks'}); compare runs on the same test set")
-    except Missing as err:
-        return {"note": str(err)}
+    found, missing = [], []
+    for run in (run_a, run_b):
+        try:
+            found.append(_scores(name, run, cache))
+        except Missing as err:
+            missing.append(str(err))
+    if missing:
+        return {"note": NOTE_SEPARATOR.join(missing)}
+    (a, units_a, items_a), (b, _, items_b) = found
+    if items_a != items_b:
+        return {"note": f"not the same test items: {_folder(run_a)} and {_folder(run_b)} hold different "
+                        f"{'references' if name != NLL else 'chunks'} (compare runs on the same test set)"}
     result = stats.paired(a, b)
     return {"a_score": result.a, "b_score": result.b, "delta": result.delta, "ci_low": result.low,
             "ci_high": result.high, "p": result.p, "significant": result.significant, "units": units_a,
@@ -136,7 +143,7 @@ def _folder(run: dict) -> Path:
 
 def _read(path: Path) -> str:
     if not path.is_file():
-        raise Missing(f"no {path.name} beside {path.parent / 'record.json'} (written by jobs of this version)")
+        raise Missing(f"{path.parent}: no {path.name} {ABSENT}")
     try:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
@@ -165,17 +172,27 @@ def display(pairs: pd.DataFrame, task: str) -> pd.DataFrame:
 
 
 def notes(pairs: pd.DataFrame, task: str) -> list[str]:
-    """Why seed pairs of the task were not tested: each reason once, the first ``NOTES`` of them."""
-    reasons = list(dict.fromkeys(pairs.loc[(pairs["task"] == task) & pairs["note"].notna(), "note"]))
-    shown = [f"seed pairs not tested: {reason}" for reason in reasons[:NOTES]]
-    if len(reasons) > NOTES:
-        shown.append(f"... and {len(reasons) - NOTES} more reasons (significance.csv lists every seed pair)")
+    """Why seed pairs of the task were not tested: runs without outputs in one note, other reasons once each (the
+    first ``NOTES``)."""
+    texts = pairs.loc[(pairs["task"] == task) & pairs["note"].notna(), "note"]
+    reasons = list(dict.fromkeys(r for text in texts for r in text.split(NOTE_SEPARATOR) if r))
+    absent = [r for r in reasons if r.endswith(ABSENT)]
+    others = [r for r in reasons if not r.endswith(ABSENT)]
+    shown = [f"seed pairs not tested: {reason}" for reason in others[:NOTES]]
+    if len(others) > NOTES:
+        shown.append(f"... and {len(others) - NOTES} more reasons (significance.csv lists every seed pair)")
+    if absent:
+        folders = sorted({r.split(": no ")[0] for r in absent})
+        shown.append(f"seed pairs not tested: no test outputs ({SPLIT}.hyp and {SPLIT}.ref, or {SPLIT}.nll.json) "
+                     f"beside the record.json of {len(folders)} run(s); jobs of this version write them: "
+                     f"{'; '.join(folders[:3])}{' ...' if len(folders) > 3 else ''}")
     return shown
 
 
 def caption(pairs: pd.DataFrame, task: str) -> str:
+    """What the task's significance table shows and how it was computed."""
     names = pairs.loc[pairs["task"] == task, "metric"].unique()
-    lm = (f" NLL is per token in nats: a negative Δ means A has the lower (better) perplexity, by a factor exp(Δ)."
+    lm = (" NLL is per token in nats: a negative Δ means A has the lower (better) perplexity, by a factor exp(Δ)."
           if NLL in names else "")
     return (f"Paired bootstrap on the {SPLIT} set, {stats.N_SAMPLES:,} resamples (sacreBLEU's for BLEU, chrF and TER; "
             f"test chunks for NLL), seed {stats.SEED}: Δ = A − B for each seed pair (the i-th seed of A with the i-th "
