@@ -113,19 +113,29 @@ def _truncation(sources: list, cap: int | None, split: str) -> dict:
 
 
 @torch.no_grad()
-def mean_nll(model, task, split: str, device, max_tokens: int, autocast=None) -> tuple[float, int]:
-    """Summed token NLL / number of scored tokens over a split (no label smoothing)."""
+def chunk_nll(model, task, split: str, device, max_tokens: int, autocast=None) -> tuple[list[float], list[int]]:
+    """Summed token NLL (no label smoothing) and scored tokens of every sequence of a split, in batch order.
+
+    Per sequence, not per split: a language model's sequences are the task's ``bptt``-token chunks in stream
+    order whatever the batch size, so two models' losses pair chunk by chunk (the report's paired bootstrap).
+    """
     model.eval()
-    total, count = 0.0, 0
+    sums, counts = [], []
     for batch in task.batches(split, max_tokens):
         batch = batch.to(device)
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             logits = model(**batch.inputs)
         nll = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(),
-                              ignore_index=batch.ignore_index, reduction="sum")
-        total += nll.item()
-        count += batch.n_tokens
-    return total / max(count, 1), count
+                              ignore_index=batch.ignore_index, reduction="none").view_as(batch.target)  # (B,T)
+        sums += nll.sum(1).tolist()
+        counts += (batch.target != batch.ignore_index).sum(1).tolist()
+    return sums, counts
+
+
+def mean_nll(model, task, split: str, device, max_tokens: int, autocast=None) -> tuple[float, int]:
+    """Summed token NLL / number of scored tokens over a split (no label smoothing)."""
+    sums, counts = chunk_nll(model, task, split, device, max_tokens, autocast)
+    return sum(sums) / max(sum(counts), 1), sum(counts)
 
 
 class Diverged(RuntimeError):
@@ -156,11 +166,22 @@ def check_converged(metrics: dict) -> None:
 def evaluate_lm(model, task, split: str, device, max_tokens: int, protocol: Protocol = Protocol()) -> dict:
     """Mean NLL per token and perplexity under ``protocol``, which the result names (harness/lm_protocol.py);
     bits per character too when every token is one character."""
+    return lm_scores(model, task, split, device, max_tokens, protocol)[0]
+
+
+def lm_scores(model, task, split: str, device, max_tokens: int,
+              protocol: Protocol = Protocol()) -> tuple[dict, dict]:
+    """:func:`evaluate_lm`'s metrics, and the summed NLL and scored tokens of each evaluated sequence (the
+    ``<split>.nll.json`` the report's paired bootstrap reads: two models scored under the same protocol and
+    settings see the same sequences in the same order)."""
     scored = lm_protocol.score(model, task, split, device, max_tokens, protocol)
+    sums, counts = scored.pop("chunk_nll"), scored.pop("chunk_tokens")
     nll = scored.pop("nll_sum") / max(scored["tokens"], 1)
     out = {"nll": nll if math.isfinite(nll) else None, "perplexity": perplexity(nll), **scored}
+    chunks = {"split": split, "bptt": getattr(task, "bptt", None), "protocol": protocol.name, "nll": sums,
+              "tokens": counts}
     if out["perplexity"] is None:
         out["diverged"] = True
     if "bpc" in getattr(task, "metrics", ()):
         out["bpc"] = nll / math.log(2)
-    return out
+    return out, chunks

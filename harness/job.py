@@ -20,7 +20,7 @@ from .analysis import influence
 from .cluster.signals import StopFlag, slurm_job_id
 from .device import pick
 from .evaluate import check_converged
-from .io import FolderLock
+from .io import FolderLock, atomic_write_text, write_json
 from .precision import choose_threads
 from .profile import CONVENTION as FLOPS_CONVENTION
 from .profile import sample_batches, train_flops_per_token
@@ -36,7 +36,9 @@ def job_name(cfg: DictConfig) -> str:
 
 def evaluate(model, task, cfg: DictConfig, device, precision: str = "fp32",
              stop: StopFlag | None = None) -> tuple[dict, dict]:
-    """Metrics per split (``task.evaluate``), plus the outputs (translations) to save per split.
+    """Metrics per split (``task.evaluate``), and the files the task's evaluation leaves for the output folder
+    (name -> content): a translation's ``<split>.hyp`` and ``<split>.ref``, a language model's
+    ``<split>.nll.json`` (per-sequence NLL), which the report's paired significance tests read.
 
     Decoding runs at ``precision`` (the trainer's, resolved) unless ``eval.decoding.precision`` is given.
     A stop signal (``stop``) ends evaluation between two batches, with :class:`Interrupted`.
@@ -47,10 +49,18 @@ def evaluate(model, task, cfg: DictConfig, device, precision: str = "fp32",
         ctx = EvalContext(device, cfg.trainer.max_tokens, decoding, precision,
                           stop.check(f"while evaluating the {split} split") if stop else None,
                           lm_protocol=lm_protocol.from_config(cfg))
-        metrics[split], hyps = task.evaluate(model, split, ctx)
-        if hyps is not None:
-            outputs[split] = hyps
+        metrics[split], files = task.evaluate(model, split, ctx)
+        outputs.update(files)
     return metrics, outputs
+
+
+def write_outputs(out_dir: Path, outputs: dict) -> None:
+    """Each output file, atomically: lines of text (``.hyp``, ``.ref``) or strict JSON (``.json``)."""
+    for name, content in outputs.items():
+        if name.endswith(".json"):
+            write_json(out_dir / name, content)
+        else:
+            atomic_write_text(out_dir / name, "\n".join(content) + "\n")
 
 
 def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise_errors: bool = True) -> dict:
@@ -103,8 +113,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         rec["eval_checkpoint"] = _load_for_eval(model, cfg, out_dir, identity)
         metrics, outputs = evaluate(model, task, cfg, device, trainer.precision, stop)
         rec.update(influence.job_entry(model, task, cfg, device))  # LM-form tasks, if eval.influence: "analysis"
-        for split, hyps in outputs.items():
-            (out_dir / f"{split}.hyp").write_text("\n".join(hyps) + "\n", encoding="utf-8")
+        write_outputs(out_dir, outputs)
         rec.update(status="ok", metrics=metrics, resumed_from_step=trainer.resumed_from,
                    skipped_steps=progress.skipped_steps, best_recreated=progress.best_recreated,
                    curves={"train": progress.log, "valid": progress.evals},

@@ -121,9 +121,10 @@ def batches(task, split: str, max_tokens: int, protocol: Protocol) -> list[Batch
 
 @torch.no_grad()
 def score(model, task, split: str, device, max_tokens: int, protocol: Protocol) -> dict:
-    """Summed NLL (``nll_sum``, nats, fp32 log-softmax), scored ``tokens``, ``mean_context``, and the protocol."""
+    """Summed NLL (``nll_sum``, nats, fp32 log-softmax), scored ``tokens``, ``mean_context``, the protocol, and
+    each evaluated sequence's summed NLL and scored tokens (``chunk_nll``, ``chunk_tokens``: batch rows in order)."""
     model.eval()
-    total, count, context, offset, state = 0.0, 0, 0, 0, None
+    count, context, offset, state, sums, counts = 0, 0, 0, None, [], []
     carry = protocol.name == "carry"
     for batch in batches(task, split, max_tokens, protocol):
         batch = batch.to(device)
@@ -132,14 +133,16 @@ def score(model, task, split: str, device, max_tokens: int, protocol: Protocol) 
             logits, state = model(**batch.inputs, state=state)
         else:
             logits = model(**batch.inputs)
-        total += F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(),
-                                 ignore_index=batch.ignore_index, reduction="sum").item()
+        nll = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(),
+                              ignore_index=batch.ignore_index, reduction="none").view_as(batch.target)  # (B,T)
         count += batch.n_tokens
+        sums += nll.sum(1).tolist()
+        counts += (batch.target != batch.ignore_index).sum(1).tolist()
         read = offset + torch.arange(1, batch.target.size(1) + 1, device=device)  # tokens read at each position
         context += int(((batch.target != batch.ignore_index) * read).sum())
         offset += batch.target.size(1) if carry else 0
-    return {"nll_sum": total, "tokens": count, "mean_context": context / max(count, 1), "protocol": protocol.name,
-            "protocol_settings": protocol.settings(task.bptt)}
+    return {"nll_sum": sum(sums), "tokens": count, "mean_context": context / max(count, 1), "protocol": protocol.name,
+            "protocol_settings": protocol.settings(task.bptt), "chunk_nll": sums, "chunk_tokens": counts}
 
 
 class CarriedState:

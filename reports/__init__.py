@@ -13,7 +13,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from . import tables
+from . import significance, tables
 from .load import Records, for_display, load
 from .render import write_html, write_markdown
 from .sections import all_sections
@@ -29,20 +29,23 @@ def build(record_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = load(record_dirs)
+    pairs = significance.pairwise(records.runs)  # reads each run's test outputs: once, for the table and the report
     if len(records.runs):
-        write_tables(records, out)
-    sections = all_sections(for_display(records), record_dirs, out / "plots")  # long names cut; tables keep them
+        write_tables(records, out, pairs)
+    sections = all_sections(for_display(records), record_dirs, out / "plots", pairs)  # long names cut; tables keep them
     write_markdown(out / "report.md", TITLE, sections)
     write_html(out / "report.html", TITLE, sections)
     return out / "report.html"
 
 
-def write_tables(records: Records, out: Path) -> None:
-    """The tidy tables as CSV (and Parquet when pyarrow is installed); the analysis tables when records have them."""
+def write_tables(records: Records, out: Path, pairs: pd.DataFrame | None = None) -> None:
+    """The tidy tables as CSV (and Parquet when pyarrow is installed); the analysis tables when records have them;
+    ``significance`` (:func:`significance.pairwise`) when two systems of a task were compared."""
     frames = {"runs": records.runs, "curves": records.curves, "summary": tables.summary(records.runs)}
     extra = {"path_length": records.path_length,
              "accuracy_by_distance": tables.by_distance(records.by_distance, "accuracy"),
-             "influence_by_distance": tables.by_distance(records.influence, "grad_norm")}
+             "influence_by_distance": tables.by_distance(records.influence, "grad_norm"),
+             "significance": pairs if pairs is not None else pd.DataFrame()}
     frames.update({name: frame for name, frame in extra.items() if len(frame)})
     for name, frame in frames.items():
         spreadsheet_safe(frame).to_csv(out / f"{name}.csv", index=False)

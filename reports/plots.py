@@ -4,6 +4,11 @@ Colours are keyed by the model label (``load.model_label``): one hue per archite
 and a variant of an architecture (``transformer_restricted(r=4)``) a darker or lighter shade of it. One
 palette is built per report (``report_palette``), so a model has the same colour in every plot. A plot
 whose data is absent is skipped with the reason, which the report shows in its place.
+
+Curves over seeds are drawn as their mean with a band of the 95% confidence interval of the mean (Student t,
+``stats.t_band``), the interval of the report's tables. Perplexity axes are logarithmic (one run far behind
+would otherwise press the others into a line), and cost axes carry a few engineering-notation ticks (``3.2T``)
+rather than one per measured value, so tick labels never overlap.
 """
 from __future__ import annotations
 
@@ -18,11 +23,12 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+from matplotlib.ticker import EngFormatter, FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, \
+    NullLocator
 
 from harness.metrics import METRICS
 
-from . import tables
+from . import stats, tables
 from .load import Records
 
 # one colour per architecture in every plot (seaborn's colour-blind palette); recurrent in blues
@@ -33,7 +39,10 @@ SHADES = (-0.35, 0.4, -0.6, 0.65, -0.15, 0.2)  # variants: towards black (<0) or
 LOSS_CURVES = ("valid_nll", "valid_ppl")  # every run's; a task's own validation columns come first (Task.validate)
 AXIS = {"train_flops": "training FLOPs", "train_seconds": "train seconds", "parameters": "parameters"}
 TABLE1 = ("path_length", "throughput_by_length")  # plots of the analysis records, shown with Table 1
-LEGEND_TITLES = {"label": "model", "layer_type": "layer type"}  # column names as legend titles
+LEGEND_TITLES = {"label": "model", "layer_type": "layer type", "variant": "preset"}  # column names as legend titles
+LOG_SCALE = ("valid_ppl", "test_ppl")  # drawn on a log axis
+TICKS = 5  # at most about this many labelled ticks on an axis of numbers
+BAND = "band = 95% confidence interval of the mean (Student t over seeds; none for one seed)"
 
 
 @dataclass
@@ -99,7 +108,7 @@ def make_all(records: Records, out_dir: Path) -> list[Plot]:
     pal = report_palette(records)
     makers = [
         ("learning_curves", "Quality against wall-clock (validation curves)",
-         lambda: learning_curves(records.curves, pal)),
+         lambda: learning_curves(_ok(records.curves), pal)),
         ("pareto", "Pareto front: final quality against training cost", lambda: pareto(runs, pal)),
         ("quality_vs_parameters", "Quality against parameters", lambda: quality_vs_parameters(runs, pal)),
         ("throughput", "Training throughput per architecture", lambda: throughput(runs, pal)),
@@ -160,6 +169,7 @@ def _lm(d: pd.DataFrame) -> bool:
 
 
 def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
+    """Validation quality against training seconds: per model, the mean over its seeds with a 95% t-band."""
     def prepare(d):
         scored = {m.name for m in tables.task_metrics(d)}
         for y in [*(c for c in d if c.startswith("valid_") and c not in LOSS_CURVES), "valid_ppl"]:
@@ -167,17 +177,44 @@ def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
             if y not in LOSS_CURVES and metric in METRICS and metric not in scored:  # e.g. greedy BLEU, error rates
                 continue
             if y in d and len(line := _numeric(d, "train_seconds", y)):
-                return line, y, curve_label(y) + (" (chunks)" if y == "valid_ppl" and _lm(d) else "")
+                label = curve_label(y) + (" (chunks)" if y == "valid_ppl" and _lm(d) else "")
+                return on_common_grid(with_variant(line), "train_seconds", y), y, label
         return None
 
     def draw(ax, task, p):
         d, y, label = p
-        sns.lineplot(d, x="train_seconds", y=y, hue="label", style="preset", units="job", estimator=None,
-                     palette=_pal(pal, d), marker="o", ax=ax)
+        sns.lineplot(d, x="train_seconds", y=y, hue="label", style=_varied(d, "variant"), palette=_pal(pal, d),
+                     errorbar=stats.t_band, marker="o", ax=ax)
+        if y in LOG_SCALE:
+            _readable(ax.yaxis, log=True)
         _label(ax, task, "train seconds (wall-clock)", label)
 
     return panels(curves, prepare, draw, "no validation curves (curves.valid) in the records",
-                  "one line per run (seed); colour = model, line style = preset")
+                  "per model: the mean over seeds, band = 95% confidence interval of the mean (Student t over "
+                  "seeds; none for one seed), each seed's curve interpolated at the times the model's seeds all "
+                  "reached; colour = model, line style = preset (and device); perplexity on a log axis")
+
+
+def with_variant(d: pd.DataFrame) -> pd.DataFrame:
+    """A ``variant`` column: the preset, with the device where the rows come from several (never pooled)."""
+    several = d["device_name"].nunique() > 1
+    return d.assign(variant=[f"{p} on {dev}" if several else p for p, dev in zip(d["preset"], d["device_name"])])
+
+
+def on_common_grid(d: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Each run's curve (``record``) interpolated at its model's common x values, so seeds average point by point.
+
+    A model's grid is every x of its runs within the range all of them cover; a lone run keeps its own points.
+    """
+    out = []
+    for _, model in d.groupby(["label", "variant"], sort=True):
+        runs = [run.sort_values(x) for _, run in model.groupby("record", sort=True)]
+        low, high = max(r[x].min() for r in runs), min(r[x].max() for r in runs)
+        grid = np.array(sorted({v for r in runs for v in r[x] if low <= v <= high}))
+        for run in runs:
+            out.append(pd.DataFrame({x: grid, y: np.interp(grid, run[x], run[y]), "record": run["record"].iloc[0],
+                                     **{c: run[c].iloc[0] for c in ("label", "variant", "preset", "device_name")}}))
+    return pd.concat(out, ignore_index=True)
 
 
 def quality_against(runs: pd.DataFrame, pal: dict | None, x_of, missing: str, caption: str, front: bool = False):
@@ -197,7 +234,9 @@ def quality_against(runs: pd.DataFrame, pal: dict | None, x_of, missing: str, ca
         sns.scatterplot(d, x=x, y=y, hue="label", style="preset", palette=_pal(pal, d), s=60, ax=ax)
         if front:
             draw_front(ax, d, x, y, higher)
-        _log_x(ax, d[x])
+        _readable(ax.xaxis, log=d[x].min() > 0 and d[x].max() > 10 * d[x].min())
+        if y in LOG_SCALE:
+            _readable(ax.yaxis, log=True)
         _label(ax, task, AXIS.get(x, x), label)
 
     return panels(runs, prepare, draw, missing, caption)
@@ -270,7 +309,7 @@ def quality_by_length(by_length: pd.DataFrame, pal: dict | None = None):
         _label(ax, task, "source length bucket", f"test {metric.label}")
 
     return panels(by_length, prepare, draw, "no records carry metrics.test.by_length",
-                  "mean over seeds, band = standard deviation")
+                  f"mean over seeds, {BAND}")
 
 
 def accuracy_by_distance(by_distance: pd.DataFrame, pal: dict | None = None):
@@ -289,7 +328,7 @@ def accuracy_by_distance(by_distance: pd.DataFrame, pal: dict | None = None):
         _label(ax, task, "distance (positions back)", f"{split} accuracy")
 
     return panels(by_distance, prepare, draw, "no records carry metrics.<split>.accuracy_by_distance",
-                  "one line per model: mean over seeds, band = standard deviation")
+                  f"one line per model: mean over seeds, {BAND}")
 
 
 def influence_by_distance(influence: pd.DataFrame, pal: dict | None = None, normalise: bool = True):
@@ -315,7 +354,7 @@ def influence_by_distance(influence: pd.DataFrame, pal: dict | None = None, norm
                "grad norm / grad norm at nearest distance" if normalise else "grad norm")
 
     fig, note = panels(influence, prepare, draw, "no records carry analysis.influence_by_distance",
-                       "one line per model: mean over seeds, band = standard deviation; "
+                       f"one line per model: mean over seeds, {BAND}; "
                        + ("each run divided by its value at the nearest distance; " if normalise else "")
                        + "log y axis")
     if fig is not None and dropped:
@@ -363,8 +402,8 @@ def throughput_by_length(paths: pd.DataFrame, pal: dict | None = None):
 # ---------------------------------------------------------------- helpers
 
 def _mean_lines(ax, d: pd.DataFrame, x: str, y: str, pal: dict | None) -> None:
-    """One line per model (and preset): the mean over runs, a band of one standard deviation."""
-    sns.lineplot(d, x=x, y=y, hue="label", style=_varied(d, "preset"), palette=_pal(pal, d), errorbar="sd",
+    """One line per model (and preset): the mean over runs, a band of the 95% t-interval of the mean."""
+    sns.lineplot(d, x=x, y=y, hue="label", style=_varied(d, "preset"), palette=_pal(pal, d), errorbar=stats.t_band,
                  marker="o" if d[x].nunique() <= 20 else None, ax=ax)
 
 
@@ -431,6 +470,25 @@ def _ticks_at(axis, values: pd.Series, most: int = 12) -> None:
     if len(ticks) <= most:
         axis.set_major_locator(FixedLocator(ticks))
         axis.set_minor_locator(NullLocator())
+
+
+def _readable(axis, log: bool) -> None:
+    """An axis of measured numbers whose tick labels never overlap: at most about ``TICKS`` of them, in engineering
+    notation (``3.2T``, ``150k``), none on minor ticks; ``log`` makes it logarithmic. Call it after drawing.
+
+    On a log axis spanning most of a decade or more the ticks are 1, 2 and 5 times powers of ten (powers of ten
+    alone over more than two decades, thinned by matplotlib); on a narrower one, evenly spaced round numbers.
+    """
+    if log:
+        axis.axes.set(**{f"{axis.axis_name}scale": "log"})  # first: setting a scale resets locator and formatter
+    low, high = sorted(getattr(axis.axes, f"get_{axis.axis_name}lim")())  # the view, bands and margins included
+    decades = math.log10(high / low) if log and low > 0 else 0
+    if decades >= 0.7:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 2 else (1.0,), numticks=TICKS))
+    else:
+        axis.set_major_locator(MaxNLocator(nbins=TICKS, steps=[1, 2, 2.5, 5, 10]))
+    axis.set_major_formatter(EngFormatter(sep=""))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def _legend_beside(ax) -> None:

@@ -7,20 +7,23 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots, reference, tables
+from . import plots, reference, significance, tables
 from .load import Records
 from .render import Note, Section, Table
 
 log = logging.getLogger("seqbench.reports")
 
 
-def all_sections(records: Records, dirs: list[Path], plot_dir: Path) -> list[Section]:
+def all_sections(records: Records, dirs: list[Path], plot_dir: Path,
+                 pairs: pd.DataFrame | None = None) -> list[Section]:
+    """The report's sections; ``pairs`` is :func:`significance.pairwise` of the runs (computed here if not given)."""
     if records.runs.empty:
         return [overview(records, dirs)]
     runs = records.runs
     figures = plots.make_all(records, plot_dir)
     analysis = [p for p in figures if p.name in plots.TABLE1]
-    return [overview(records, dirs), fairness(runs), *results(runs), table2(runs), table1(records, analysis),
+    pairs = significance.pairwise(runs) if pairs is None else pairs
+    return [overview(records, dirs), fairness(runs), *results(runs, pairs), table2(runs), table1(records, analysis),
             Section("Plots", [p for p in figures if p.name not in plots.TABLE1]), failures(runs), appendix(runs)]
 
 
@@ -44,7 +47,9 @@ def overview(records: Records, dirs: list[Path]) -> Section:
     return Section("Overview", [
         Note(counts, "text"),
         Note(f"Records read from: {', '.join(map(str, dirs))}. Built {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
-             "Quality is mean ± sample standard deviation over seeds (n runs); costs are means.", "note"),
+             "Quality is mean ± sample standard deviation over seeds with the 95% confidence interval of the mean "
+             "(Student t) and n seeds; costs are means. Differences between architectures are tested pairwise "
+             "(paired bootstrap on the test set) below each task's table.", "note"),
         *skipped])
 
 
@@ -63,8 +68,9 @@ def fairness(runs: pd.DataFrame) -> Section:
     return Section("Fair comparison", blocks)
 
 
-def results(runs: pd.DataFrame) -> list[Section]:
-    """A heading, then one section per task: its fairness warnings above its summary table."""
+def results(runs: pd.DataFrame, pairs: pd.DataFrame) -> list[Section]:
+    """A heading, then one section per task: its fairness warnings above its summary table, then its pairwise
+    significance table (``pairs``: :func:`significance.pairwise`)."""
     summ = tables.summary(runs)
     warnings = tables.fairness_warnings(runs)
     for task, msgs in tables.task_warnings(tables.ok(runs)).items():
@@ -73,14 +79,25 @@ def results(runs: pd.DataFrame) -> list[Section]:
     for task in sorted(summ["task"].unique()):
         sections.append(Section(f"Task {task}", [*(Note(m, "warning") for m in warnings.get(task, [])),
                                                  Table(tables.summary_display(summ, task),
-                                                       tables.summary_caption(summ, task))], level=3))
+                                                       tables.summary_caption(summ, task)),
+                                                 *significance_blocks(pairs, task)], level=3))
     return sections
+
+
+def significance_blocks(pairs: pd.DataFrame, task: str) -> list:
+    """The task's pairwise significance table and why any seed pair went untested (nothing for a lone system)."""
+    if not (pairs["task"] == task).any():
+        return []
+    shown = significance.display(pairs, task)
+    blocks = [Table(shown, significance.caption(pairs, task))] if (shown["seed pairs"] > 0).any() else []
+    return blocks + [Note(n, "note") for n in significance.notes(pairs, task)]
 
 
 def table2(runs: pd.DataFrame) -> Section:
     measured = tables.table2_display(tables.summary(runs))
     return Section("Table 2: BLEU and training cost", [
-        Table(measured, "Measured here (test BLEU mean ± std over seeds; training FLOPs counted by the harness)")
+        Table(measured, "Measured here (test BLEU mean ± std over seeds, the 95% t-interval of the mean and n "
+              "seeds; training FLOPs counted by the harness)")
         if len(measured) else Note("no finished translation runs", "note"),
         Table(tables.reference_display(reference.table2()),
               f"Reference values, not measured here: {reference.CITATION}", kind="reference"),

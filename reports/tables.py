@@ -12,6 +12,7 @@ import pandas as pd
 
 from harness.metrics import METRICS, Metric
 
+from . import stats
 from .load import BUDGET_KEYS, QUALITY
 
 # rows of one summary group: same task (and metrics), architecture (variant and preset), device and budget;
@@ -53,11 +54,14 @@ def with_groups(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per task x architecture (x device x budget): quality mean and sample std over seeds, mean costs."""
+    """Per task x architecture (x device x budget): quality mean, sample std, 95% t-interval of the mean and n over
+    seeds; mean costs."""
     metrics = QUALITY
     agg = {"n": ("job", "size"), "seeds": ("seed", lambda s: ", ".join(str(_plain(v)) for v in sorted(s.dropna())))}
     for c in metrics:
-        agg[f"{c}_mean"], agg[f"{c}_std"] = (c, "mean"), (c, "std")
+        agg[f"{c}_mean"], agg[f"{c}_std"], agg[f"{c}_n"] = (c, "mean"), (c, "std"), (c, "count")
+        agg[f"{c}_ci_low"] = (c, lambda s: stats.t_interval(s).low)
+        agg[f"{c}_ci_high"] = (c, lambda s: stats.t_interval(s).high)
     for c, _, _ in COSTS:
         agg[c] = (c, "mean")
     done = with_groups(ok(runs))
@@ -86,7 +90,7 @@ def best_first(rows: pd.DataFrame, metric: Metric, column: str) -> pd.DataFrame:
 
 
 def summary_display(summ: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One task's summary as strings, best first by its first metric: quality as ``mean ± std`` with n, then costs."""
+    """One task's summary as strings, best first by its first metric: quality as :func:`spread` cells, then costs."""
     rows = summ[summ["task"] == task]
     quality = task_metrics(rows)
     if quality:
@@ -96,8 +100,7 @@ def summary_display(summ: pd.DataFrame, task: str) -> pd.DataFrame:
     if (rows["lm_protocol"] != "").any():  # a language model's perplexity depends on the context it was given
         out["perplexity protocol"] = rows["lm_protocol"]
     for m in quality:
-        c = f"test_{m.name}"
-        out[f"test {m.label}"] = [pm(v, s, m.fmt) for v, s in zip(rows[f"{c}_mean"], rows[f"{c}_std"])]
+        out[f"test {m.label}"] = [spread(row, f"test_{m.name}", m.fmt) for _, row in rows.iterrows()]
     for c, label, fmt in COSTS:
         out[label] = rows[c].map(lambda v, fmt=fmt: num(v, fmt))
     return out.reset_index(drop=True)
@@ -117,8 +120,10 @@ def summary_caption(summ: pd.DataFrame, task: str) -> str:
         if not _missing(top[f"test_{m.name}_mean"]):
             best.append(f"test {m.label} {m.fmt.format(top[f'test_{m.name}_mean'])} ({top['arch']}, "
                         f"{top['device_name']})")
-    return (f"Quality: mean ± std over seeds; {'; '.join(ways)}. Rows sorted by test {quality[0].label}, best "
-            f"first. Best: {'; '.join(best) or 'none'}.")
+    return (f"Quality: mean ± sample std over seeds (CI: the 95% confidence interval of the mean, Student t; n "
+            f"seeds); "
+            f"{'; '.join(ways)}. Rows sorted by test {quality[0].label}, best first. "
+            f"Best: {'; '.join(best) or 'none'}.")
 
 
 def by_distance(frame: pd.DataFrame, value: str) -> pd.DataFrame:
@@ -144,8 +149,7 @@ def table2_display(summ: pd.DataFrame) -> pd.DataFrame:
     rows = summ[(summ["family"] == "translation") & summ["metrics"].astype(str).str.split(",").map(
         lambda names: "bleu" in names)]
     return pd.DataFrame({"task": rows["task"], "architecture": rows["arch"], "device": rows["device_name"],
-                         "n": rows["n"], "test BLEU": [pm(m, s) for m, s in zip(rows["test_bleu_mean"],
-                                                                                   rows["test_bleu_std"])],
+                         "n": rows["n"], "test BLEU": [spread(row, "test_bleu") for _, row in rows.iterrows()],
                          "training cost (FLOPs)": rows["train_flops"].map(lambda v: num(v, "{:.2e}"))}
                         ).reset_index(drop=True)
 
@@ -231,11 +235,16 @@ def package_versions(runs: pd.DataFrame) -> pd.DataFrame:
                          for p, vs in sorted(rows.items())], columns=["package", "versions (runs)"])
 
 
-def pm(mean, std, fmt: str = "{:.2f}") -> str:
-    """``mean ± std``; a single seed has no spread (``± –``)."""
+def spread(row, column: str, fmt: str = "{:.2f}") -> str:
+    """A summary row's metric ``column`` over seeds: ``mean ± std (CI low, high; n=k)`` with the 95% t-interval of
+    the mean (no brackets: Markdown would escape them), or ``mean (1 seed)``."""
+    mean, n = row.get(f"{column}_mean"), row.get(f"{column}_n")
     if _missing(mean):
         return "–"
-    return f"{fmt.format(mean)} ± {'–' if _missing(std) else fmt.format(std)}"
+    if _missing(n) or n < 2:
+        return f"{fmt.format(mean)} (1 seed)"
+    low, high = (fmt.format(row[f"{column}_ci_{end}"]) for end in ("low", "high"))
+    return f"{fmt.format(mean)} ± {fmt.format(row[f'{column}_std'])} (CI {low}, {high}; n={_plain(n)})"
 
 
 def num(value, fmt: str) -> str:

@@ -60,9 +60,9 @@ class Task(Protocol):
     def validate(self, model, ctx: EvalContext) -> dict:
         """Validation-curve columns beyond the loss (``valid_bleu_greedy``, ``valid_accuracy``); {} for none."""
 
-    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, list[str] | None]:
-        """The record's ``metrics[split]`` (holding every name in ``metrics``) and the outputs to save as
-        ``<split>.hyp`` (one line per example), or None when the task produces no text."""
+    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, dict]:
+        """The record's ``metrics[split]`` (holding every name in ``metrics``), and the files to leave in the job's
+        folder, name -> content: a list of lines (``<split>.hyp``) or a JSON object (``<split>.nll.json``)."""
 
 
 @dataclass

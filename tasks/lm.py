@@ -108,11 +108,13 @@ class LMTask:
     def validate(self, model, ctx: EvalContext) -> dict:
         return {}  # the validation loss (valid_nll, valid_ppl) is the curve
 
-    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, None]:
-        """Perplexity under ``ctx.lm_protocol`` (and bits per character for a character LM; harness/evaluate.py)."""
-        from harness.evaluate import evaluate_lm  # noqa: PLC0415 (the harness evaluates; see __init__)
+    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, dict]:
+        """Perplexity under ``ctx.lm_protocol`` (and bits per character for a character LM; harness/evaluate.py);
+        the per-sequence losses are left as ``<split>.nll.json``."""
+        from harness.evaluate import lm_scores  # noqa: PLC0415 (the harness evaluates; see __init__)
         protocol = {} if ctx.lm_protocol is None else {"protocol": ctx.lm_protocol}
-        return evaluate_lm(model, self, split, ctx.device, ctx.max_tokens, **protocol), None
+        metrics, chunks = lm_scores(model, self, split, ctx.device, ctx.max_tokens, **protocol)
+        return metrics, {f"{split}.nll.json": chunks}
 
 
 def _load(name: str, root: Path, files: dict[str, str], download: bool, bptt: int, cache_dir: Path | None,

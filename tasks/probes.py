@@ -65,10 +65,10 @@ class ProbeTask:
     def validate(self, model, ctx: EvalContext) -> dict:
         return {"valid_accuracy": self.evaluate(model, "valid", ctx)[0]["accuracy"]}
 
-    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, None]:
-        """Greedy answer accuracy, overall and by distance (harness/analysis/probes.py)."""
+    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, dict]:
+        """Greedy answer accuracy, overall and by distance (harness/analysis/probes.py); no files."""
         from harness.analysis.probes import evaluate_probe  # noqa: PLC0415 (the harness evaluates; see __init__)
-        return evaluate_probe(model, self, split, ctx.device, ctx.max_tokens), None
+        return evaluate_probe(model, self, split, ctx.device, ctx.max_tokens), {}
 
     def batches(self, split: str, max_tokens: int, epoch: int = 0, shuffle: bool = False, seed: int = 0) -> list[Batch]:
         lengths = self.data[split]["length"]

@@ -124,11 +124,14 @@ class TranslationTask:
                                          {"precision": ctx.precision, **ctx.decoding, "beam": 1})
         return {"valid_bleu_greedy": scores["bleu"]}
 
-    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, list[str]]:
-        """Decode the split with ``eval.decoding`` and score it with the task's metrics (harness/evaluate.py)."""
+    def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, dict]:
+        """Decode the split with ``eval.decoding`` and score it with the task's metrics (harness/evaluate.py); the
+        detokenized hypotheses and their references are left as ``<split>.hyp`` and ``<split>.ref``."""
         from harness.evaluate import evaluate_translation  # noqa: PLC0415
-        return evaluate_translation(model, self, split, ctx.device, {"precision": ctx.precision, **ctx.decoding},
-                                    check_stop=ctx.check_stop)
+        scores, hyps = evaluate_translation(model, self, split, ctx.device, {"precision": ctx.precision,
+                                                                             **ctx.decoding},
+                                            check_stop=ctx.check_stop)
+        return scores, {f"{split}.hyp": hyps, f"{split}.ref": self.references(split)[: len(hyps)]}
 
 
 def _about(src_tok, tgt_tok, path: Path | None) -> dict:

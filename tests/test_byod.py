@@ -253,7 +253,7 @@ def test_report_shows_error_rates_lower_is_better(whitespace_runs):
     assert "lower is better for WER, SER. Rows sorted by test WER, best first." in section
     for r in recs.values():
         test = r["metrics"]["test"]
-        assert test["wer"] == pytest.approx(1 - test["exact_match"]) and f"| {test['wer']:.3f} ± – |" in section
+        assert test["wer"] == pytest.approx(1 - test["exact_match"]) and f"| {test['wer']:.3f} (1 seed) |" in section
     summ = pd.read_csv(out / "summary.csv")
     for m, r in recs.items():
         row = summ[summ["arch"] == f"{m.split('_')[0]}-tiny"].iloc[0]

@@ -143,10 +143,20 @@ def test_summary_matches_hand_computed_means_and_stds(built):
     assert gpu["n"] == 1 and gpu["test_bleu_mean"] == pytest.approx(30.0) and math.isnan(gpu["test_bleu_std"])
     lm = summary_row(out, "wikitext2", "transformer-tiny")
     assert lm["test_ppl_mean"] == pytest.approx(105.0) and lm["test_ppl_std"] == pytest.approx(math.sqrt(50))
+    # the 95% interval of the mean: mean +- t(0.975, n - 1) s / sqrt(n), t = 4.303 (n = 3) and 12.706 (n = 2) from
+    # a table of Student's t: 22 +- 4.303 * 2 / sqrt(3) = 22 +- 4.97
+    assert (t["test_bleu_n"], t["test_bleu_ci_low"], t["test_bleu_ci_high"]) == (3, pytest.approx(17.0317, abs=1e-3),
+                                                                                  pytest.approx(26.9683, abs=1e-3))
+    assert (lm["test_ppl_ci_low"], lm["test_ppl_ci_high"]) == (pytest.approx(41.469, abs=1e-2),
+                                                               pytest.approx(168.531, abs=1e-2))
+    assert gpu["test_bleu_n"] == 1 and math.isnan(gpu["test_bleu_ci_low"])
     md = (out / "report.md").read_text()
-    for cell in ("| 22.00 ± 2.00 | 53.00 ± 3.61 |", "| 12.00 ± 2.65 | 42.00 ± 2.65 |", "| 30.00 ± – | 60.00 ± – |",
-                 "| 105.00 ± 7.07 |", "| 150.00 ± – |", "| 1.20e+12 |"):
+    for cell in ("| 22.00 ± 2.00 (CI 17.03, 26.97; n=3) | 53.00 ± 3.61 (CI 44.04, 61.96; n=3) |",
+                 "| 12.00 ± 2.65 (CI 5.43, 18.57; n=3) | 42.00 ± 2.65 (CI 35.43, 48.57; n=3) |",
+                 "| 30.00 (1 seed) | 60.00 (1 seed) |", "| 105.00 ± 7.07 (CI 41.47, 168.53; n=2) |",
+                 "| 150.00 (1 seed) |", "| 1.20e+12 |"):
         assert cell in md, cell
+    assert "± –" not in md
 
 
 def test_tidy_tables_are_written(built):
@@ -202,12 +212,13 @@ def test_plots_draw_the_fixture_values(tmp_path):
     architecture's colour: the tidy tables it draws from are read right and nothing is dropped or pooled."""
     records = reports.load([write_records(tmp_path, fixture_records())])
     runs, pal = tables.ok(records.runs), plots.report_palette(records)
-    # validation curves: one line per run, valid BLEU = final BLEU * k / 3 at 20 k seconds (ppl x (4 - k) for LMs)
+    # validation curves: valid BLEU = final BLEU * k / 3 at 20 k seconds (ppl x (4 - k) for LMs), one line per model
+    # and device, the mean over seeds: transformer (20, 22, 24) -> 22, on the H100 30; lstm (10, 11, 15) -> 12
     fig, _ = plots.learning_curves(records.curves, pal)
     assert drawn_lines(fig) == {
-        "multi30k": sorted([*(curve(T_COL, [b * k / 3 for k in (1, 2, 3)]) for b in (20, 22, 24, 30)),
-                            *(curve(L_COL, [b * k / 3 for k in (1, 2, 3)]) for b in (10, 11, 15))]),
-        "wikitext2": sorted([*(curve(T_COL, [p * (4 - k) for k in (1, 2, 3)]) for p in (100, 110)),
+        "multi30k": sorted([*(curve(T_COL, [b * k / 3 for k in (1, 2, 3)]) for b in (22, 30)),
+                            curve(L_COL, [12 * k / 3 for k in (1, 2, 3)])]),
+        "wikitext2": sorted([curve(T_COL, [105 * (4 - k) for k in (1, 2, 3)]),
                              curve(L_COL, [150 * (4 - k) for k in (1, 2, 3)])])}
     # Pareto: BLEU (perplexity) against training FLOPs; the run on the H100 (1e12 FLOPs, BLEU 30) dominates
     fig, _ = plots.pareto(runs, pal)
@@ -421,7 +432,10 @@ def test_probe_accuracy_is_the_quality_of_probe_tasks(analysed):
     assert variant["n"] == 1 and variant["test_accuracy_mean"] == pytest.approx(0.75)
     md = (out / "report.md").read_text()
     table = md.split("### Task delayed_copy")[1].split("###")[0]
-    assert "| test accuracy |" in table and "| 0.850 ± 0.050 |" in table and "| 0.650 ± 0.071 |" in table
+    # 95% t-intervals: 0.85 +- 4.303 * 0.05 / sqrt(3); 0.65 +- 12.706 * 0.0707 / sqrt(2) (past an accuracy of 1:
+    # a t-interval over two seeds is that wide)
+    assert "| test accuracy |" in table and "| 0.850 ± 0.050 (CI 0.726, 0.974; n=3) |" in table
+    assert "| 0.650 ± 0.071 (CI 0.015, 1.285; n=2) |" in table
     by = pd.read_csv(out / "accuracy_by_distance.csv")
     row = by[(by["task"] == "delayed_copy") & (by["label"] == "transformer") & (by["split"] == "test")
              & (by["distance"] == 64)].iloc[0]

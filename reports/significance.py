@@ -1,0 +1,227 @@
+"""Pairwise significance between the systems of each task, from the outputs each job leaves beside its record.
+
+A translation job writes ``test.hyp`` and ``test.ref`` (hypotheses and references, one a line), a language-model
+job ``test.nll.json`` (summed NLL and tokens of each test chunk) into its output folder, the folder of its
+``record.json`` (harness/job.py). A system is one row of a task's summary table (architecture, and device or
+budget where the task has several). Two systems are compared seed pair by seed pair: the i-th seed of one with
+the i-th seed of the other (seeds sorted; a system with more seeds has its extra ones left out), each pair by a
+paired bootstrap on the test set (``stats``): sacreBLEU's for BLEU, chrF and TER, chunks of the test stream for
+the per-token NLL of language models. The bootstrap measures how much the test set's sample moves one trained
+model's score; the spread over seeds is the t-interval of the summary table. A difference counts as significant
+only when every seed pair is significant (p < 0.05) in the same direction.
+"""
+from __future__ import annotations
+
+import json
+import math
+from itertools import combinations
+from pathlib import Path
+
+import pandas as pd
+
+from harness.metrics import METRICS
+
+from . import stats, tables
+from .load import shorten
+
+SPLIT = "test"
+NLL = "nll"  # the paired test of language models (perplexity and bits per character are both its exponent)
+COLUMNS = ["task", "metric", "a", "b", "seed_a", "seed_b", "a_score", "b_score", "delta", "ci_low", "ci_high", "p",
+           "significant", "units", "n_samples", "note"]
+NOTES = 5  # reasons for untested pairs shown per task
+ABSENT = "(jobs of this version write it beside record.json)"  # ends the note of an output file not there
+NOTE_SEPARATOR = "; "  # between the two runs' reasons in one note
+
+
+class Missing(Exception):
+    """A run's outputs cannot be paired (absent, unreadable, or not on the same test items); the message says why."""
+
+
+def pairwise(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per task, metric, pair of systems (better mean first) and seed pair, as in ``COLUMNS``.
+
+    ``delta`` is a - b on the test set (NLL per token in nats for language models); a pair that cannot be tested
+    has no numbers and a ``note`` saying why.
+    """
+    if runs.empty or tables.ok(runs).empty:
+        return pd.DataFrame(columns=COLUMNS)
+    done = tables.with_groups(tables.ok(runs))
+    rows, cache = [], {}
+    for task, group in done.groupby("task", sort=True):
+        names = testable(group)
+        systems = _systems(group, names)
+        for name in names:
+            for a, b in combinations(systems, 2):
+                for run_a, run_b in zip(systems[a], systems[b]):
+                    rows.append({"task": task, "metric": name, "a": a, "b": b, "seed_a": run_a["seed"],
+                                 "seed_b": run_b["seed"], **_compare(name, run_a, run_b, cache)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def testable(rows: pd.DataFrame) -> list[str]:
+    """The task's metrics that have a paired test: sacreBLEU's (translation), the NLL (language models)."""
+    names = [m.name for m in tables.task_metrics(rows)]
+    if (rows["family"] == "lm").all():
+        return [NLL] if {"ppl", "bpc"} & set(names) else []
+    return [n for n in names if n in stats.SACREBLEU]
+
+
+def _systems(group: pd.DataFrame, names: list[str]) -> dict[str, list[dict]]:
+    """System name -> its runs sorted by seed, systems best first by their mean on the task's first metric."""
+    parts = [group["arch"]]
+    for column, lead in (("device_name", " on "), ("budget", ", ")):
+        if group[column].nunique() > 1:
+            parts.append(lead + group[column])
+    name = parts[0].str.cat(parts[1:]) if len(parts) > 1 else parts[0]
+    group = group.assign(_system=name)
+    quality = tables.task_metrics(group)
+    order = list(dict.fromkeys(group["_system"]))
+    if names and quality:
+        means = group.groupby("_system")[f"test_{quality[0].name}"].mean()
+        order = list(means.sort_values(ascending=not quality[0].higher_is_better, kind="stable").index)
+    return {s: group[group["_system"] == s].sort_values("seed", na_position="last").to_dict("records")
+            for s in order}
+
+
+def _compare(name: str, run_a: dict, run_b: dict, cache: dict) -> dict:
+    """One seed pair's paired test as the row's numbers, or a note saying why there is none."""
+    found, missing = [], []
+    for run in (run_a, run_b):
+        try:
+            found.append(_scores(name, run, cache))
+        except Missing as err:
+            missing.append(str(err))
+    if missing:
+        return {"note": NOTE_SEPARATOR.join(missing)}
+    (a, units_a, items_a), (b, _, items_b) = found
+    if items_a != items_b:
+        return {"note": f"not the same test items: {_folder(run_a)} and {_folder(run_b)} hold different "
+                        f"{'references' if name != NLL else 'chunks'} (compare runs on the same test set)"}
+    result = stats.paired(a, b)
+    return {"a_score": result.a, "b_score": result.b, "delta": result.delta, "ci_low": result.low,
+            "ci_high": result.high, "p": result.p, "significant": result.significant, "units": units_a,
+            "n_samples": stats.N_SAMPLES}
+
+
+def _scores(name: str, run: dict, cache: dict) -> tuple[stats.Scores, int, tuple]:
+    """A run's bootstrap scores on ``name``, its number of sentences or chunks, and what identifies its test items."""
+    key = (run["record"], name)
+    if key not in cache:
+        try:
+            cache[key] = _nll_scores(run) if name == NLL else _translation_scores(name, run)
+        except Missing as err:
+            cache[key] = err
+    if isinstance(cache[key], Missing):
+        raise cache[key]
+    return cache[key]
+
+
+def _translation_scores(name: str, run: dict) -> tuple[stats.Scores, int, tuple]:
+    hyps, refs = (_lines(_folder(run) / f"{SPLIT}.{kind}") for kind in ("hyp", "ref"))
+    if len(hyps) != len(refs):
+        raise Missing(f"{_folder(run)}: {SPLIT}.hyp has {len(hyps)} lines, {SPLIT}.ref {len(refs)}")
+    return stats.bootstrap_scores(name, hyps, refs), len(refs), tuple(refs)
+
+
+def _nll_scores(run: dict) -> tuple[stats.Scores, int, tuple]:
+    path = _folder(run) / f"{SPLIT}.nll.json"
+    try:
+        data = json.loads(_read(path))
+        nll, tokens = data["nll"], data["tokens"]
+        if len(nll) != len(tokens) or not nll:
+            raise ValueError("nll and tokens are lists of different lengths, or empty")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in nll):
+            raise ValueError("an NLL is not a finite number (a diverged model)")
+    except (ValueError, TypeError, KeyError) as err:
+        raise Missing(f"{path}: {err}") from None
+    return stats.bootstrap_nll(nll, tokens), len(tokens), tuple(tokens)
+
+
+def _folder(run: dict) -> Path:
+    return Path(run["record"]).parent
+
+
+def _read(path: Path) -> str:
+    if not path.is_file():
+        raise Missing(f"{path.parent}: no {path.name} {ABSENT}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise Missing(f"{path}: cannot read it ({err})") from None
+
+
+def _lines(path: Path) -> list[str]:
+    """The file's lines as the job wrote them: split at newlines only, the last newline ending the last line."""
+    lines = _read(path).split("\n")
+    return lines[:-1] if lines[-1] == "" else lines
+
+
+# ---------------------------------------------------------------- the report's table
+
+def display(pairs: pd.DataFrame, task: str) -> pd.DataFrame:
+    """One task's pairs as the report shows them: one row per metric and pair of systems, every seed pair in it."""
+    rows = []
+    for (name, a, b), group in pairs[pairs["task"] == task].groupby(["metric", "a", "b"], sort=False):
+        tested = group[group["note"].isna()]
+        rows.append({"metric": _label(name), "A": shorten(a), "B": shorten(b), "seed pairs": len(tested),
+                     "mean Δ (A − B)": _number(name, tested["delta"].mean(), sign=True) if len(tested) else "–",
+                     "Δ (95% CI), p per seed pair": "; ".join(_pair(name, r) for r in tested.itertuples()),
+                     "significant": verdict(name, tested, a, b)})
+    return pd.DataFrame(rows, columns=["metric", "A", "B", "seed pairs", "mean Δ (A − B)",
+                                       "Δ (95% CI), p per seed pair", "significant"])
+
+
+def notes(pairs: pd.DataFrame, task: str) -> list[str]:
+    """Why seed pairs of the task were not tested: runs without outputs in one note, other reasons once each (the
+    first ``NOTES``)."""
+    texts = pairs.loc[(pairs["task"] == task) & pairs["note"].notna(), "note"]
+    reasons = list(dict.fromkeys(r for text in texts for r in text.split(NOTE_SEPARATOR) if r))
+    absent = [r for r in reasons if r.endswith(ABSENT)]
+    others = [r for r in reasons if not r.endswith(ABSENT)]
+    shown = [f"seed pairs not tested: {reason}" for reason in others[:NOTES]]
+    if len(others) > NOTES:
+        shown.append(f"... and {len(others) - NOTES} more reasons (significance.csv lists every seed pair)")
+    if absent:
+        folders = sorted({r.split(": no ")[0] for r in absent})
+        shown.append(f"seed pairs not tested: no test outputs ({SPLIT}.hyp and {SPLIT}.ref, or {SPLIT}.nll.json) "
+                     f"beside the record.json of {len(folders)} run(s); jobs of this version write them: "
+                     f"{'; '.join(folders[:3])}{' ...' if len(folders) > 3 else ''}")
+    return shown
+
+
+def caption(pairs: pd.DataFrame, task: str) -> str:
+    """What the task's significance table shows and how it was computed."""
+    names = pairs.loc[pairs["task"] == task, "metric"].unique()
+    lm = (" NLL is per token in nats: a negative Δ means A has the lower (better) perplexity, by a factor exp(Δ)."
+          if NLL in names else "")
+    return (f"Paired bootstrap on the {SPLIT} set, {stats.N_SAMPLES:,} resamples (sacreBLEU's for BLEU, chrF and TER; "
+            f"test chunks for NLL), seed {stats.SEED}: Δ = A − B for each seed pair (the i-th seed of A with the i-th "
+            f"of B) with its 95% interval and p-value. 'yes' only when every seed pair has p < {stats.ALPHA:g} in the "
+            f"same direction; 'no' marks a difference that is not significant. No correction for multiple "
+            f"comparisons.{lm}")
+
+
+def verdict(name: str, tested: pd.DataFrame, a: str, b: str) -> str:
+    """``yes: <better system> better`` when every seed pair is significant with one sign, else ``no (...)``."""
+    if tested.empty:
+        return "– (not tested)"
+    significant = tested["significant"].astype(bool)
+    signs = set((tested["delta"] > 0).tolist())
+    if significant.all() and len(signs) == 1:
+        higher = METRICS[name].higher_is_better if name in METRICS else False  # lower NLL is better
+        return f"yes: {shorten(a if signs == {higher} else b)} better"
+    return f"no ({int(significant.sum())} of {len(tested)} seed pairs p < {stats.ALPHA:g})"
+
+
+def _pair(name: str, r) -> str:
+    return (f"s{tables._plain(r.seed_a)}/s{tables._plain(r.seed_b)}: {_number(name, r.delta, sign=True)} "
+            f"(CI {_number(name, r.ci_low)}, {_number(name, r.ci_high)}) p={r.p:.3f}")
+
+
+def _label(name: str) -> str:
+    return "NLL per token" if name == NLL else METRICS[name].label
+
+
+def _number(name: str, value: float, sign: bool = False) -> str:
+    fmt = "{:+.4f}" if name == NLL else "{:+.2f}"
+    return (fmt if sign else fmt.replace("+", "")).format(value)
