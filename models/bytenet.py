@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import EOS, PAD, Dropout, LanguageModel, Seq2Seq, causal_conv_pad, check_odd_kernel, conv_step, padding_mask
+from .common import (EOS, PAD, Dropout, LanguageModel, Seq2Seq, causal_conv_pad, check_odd_kernel, conv_step,
+                     padding_mask)
 
 
 class ResidualBlock(nn.Module):

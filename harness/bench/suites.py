@@ -59,8 +59,9 @@ from .timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, s
                            time_interleaved)
 from ..precision import autocast_for, cpu_has_bf16_matmul, resolve_precision
 from ..profile import count_flops
+from ..optim import adam
 from ..record import cpu_name, git_info
-from ..train import TrainConfig, adam
+from ..train import TrainConfig
 
 ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")
 SUITES = ("train", "lm", "precision", "decode")
