@@ -30,11 +30,16 @@ def long_sources(lengths: list[int], cap: int | None) -> list[int]:
 
 
 def max_lengths(src_lengths: torch.Tensor, a: float, b: int, model=None) -> list[int]:
-    """Per-sentence output limit ``a * |src| + b`` (at least 1), never past ``model.max_target_positions``
-    (a model with learned positions) if the model has one."""
+    """Per-sentence limit on output tokens (EOS not counted): ``a * |src| + b``, at least 1, and never past the
+    model's own bounds: ``max_target_positions`` less the position of the EOS that beam search forces after the
+    last token (a model with learned positions), and ``max_output_tokens(src_lengths)`` (ByteNet's unfolding)."""
     limits = [max(1, int(a * n + b)) for n in src_lengths.tolist()]
     cap = getattr(model, "max_target_positions", None)
-    return [min(n, cap) for n in limits] if cap else limits
+    if cap:
+        limits = [min(n, cap - 1) for n in limits]
+    own = getattr(model, "max_output_tokens", None)
+    own = own(src_lengths) if own else None
+    return [min(n, m) for n, m in zip(limits, own)] if own else limits
 
 
 def length_penalty(length: int, alpha: float) -> float:
@@ -76,8 +81,11 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: li
     """Batched beam search; a sentence ends once it has ``beam`` finished hypotheses.
 
     An EOS is accepted only from the top ``beam`` candidates (as in fairseq), so
-    ``beam=1`` is exactly greedy decoding. Returns the best hypothesis per sentence
-    by length-normalised log-probability, without BOS/EOS.
+    ``beam=1`` is exactly greedy decoding. Hypotheses that reach ``max_len`` tokens
+    end with an EOS forced at the next step and charged its log-probability (as
+    fairseq does), so every finished hypothesis is scored as a complete sentence.
+    Returns the best hypothesis per sentence by length-normalised log-probability
+    (|Y| counting the EOS), without BOS/EOS.
     """
     K, dev = beam, src.device
     n = src.size(0)
@@ -88,14 +96,18 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: li
     hist = torch.empty(n * K, 0, dtype=torch.long, device=dev)
     prev = torch.full((n * K,), BOS, dtype=torch.long, device=dev)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(n)]
-    for t in range(max(max_len)):
+    for t in range(max(max_len) + 1):
         logits, state = model.decode_step(prev, state, t)
         lp = F.log_softmax(logits.float(), dim=-1)
+        if any(max_len[s] == t for s in sents):
+            force_eos(finished, sents, max_len, t, scores, lp[:, EOS], hist, lenpen)
         V = lp.size(-1)
         cand = (scores.unsqueeze(-1) + lp.view(len(sents), K, V)).view(len(sents), K * V)
         top_s, top_i = cand.topk(2 * K, dim=-1)
         rows, toks, new_scores, keep_sents = [], [], [], []
         for i, (s, ss, ii) in enumerate(zip(sents, top_s.tolist(), top_i.tolist())):
+            if max_len[s] == t:  # ended by force_eos
+                continue
             chosen = []
             for j, (sc, flat) in enumerate(zip(ss, ii)):
                 b, k = divmod(flat, V)
@@ -106,11 +118,7 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: li
                         finished[s].append((sc / length_penalty(t + 1, lenpen), hist[i * K + b].tolist()))
                 elif len(chosen) < K:
                     chosen.append((i * K + b, k, sc))
-            if len(finished[s]) >= K:
-                continue
-            if t + 1 >= max_len[s] or not chosen:  # out of length: the live beams end here
-                for row, k, sc in chosen:
-                    finished[s].append((sc / length_penalty(t + 1, lenpen), hist[row].tolist() + [k]))
+            if len(finished[s]) >= K or not chosen:
                 continue
             while len(chosen) < K:  # fewer live candidates than beams (tiny vocabularies)
                 chosen.append((chosen[0][0], chosen[0][1], float("-inf")))
@@ -126,3 +134,22 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: li
         scores = torch.tensor(new_scores, device=dev).view(len(keep_sents), K)
         sents = keep_sents
     return [max(f, key=lambda x: x[0])[1] if f else [] for f in finished]
+
+
+def force_eos(finished, sents, max_len, t, scores, eos_lp, hist, lenpen) -> None:
+    """End the live hypotheses of every sentence whose ``max_len`` tokens are all in (step ``t``) with EOS.
+
+    Each is charged the log-probability of that EOS (``eos_lp``, one per row), as if EOS were the only token
+    allowed, and the best are added until the sentence has as many finished hypotheses as beams. A beam that
+    holds no hypothesis (score -inf) adds none; a model that gives EOS no probability still ends its hypotheses,
+    scored -inf, so the search returns the best of them rather than nothing.
+    """
+    K = scores.size(1)
+    rows, eos = scores.tolist(), eos_lp.tolist()
+    for i, s in enumerate(sents):
+        if max_len[s] != t:
+            continue
+        ends = sorted(((sc + eos[i * K + b], b) for b, sc in enumerate(rows[i]) if sc != float("-inf")),
+                      key=lambda e: e[0], reverse=True)  # stable: ties keep the beams' order
+        for sc, b in ends[: K - len(finished[s])]:
+            finished[s].append((sc / length_penalty(t + 1, lenpen), hist[i * K + b].tolist()))

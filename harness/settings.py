@@ -4,8 +4,11 @@ Without this check a wrong type or range reaches library internals and fails lat
 (``seed=abc`` in numpy, ``trainer.lr=abc`` in the optimizer, ``eval.decoding.batch_sentences=0`` at the first
 validation) or never (``eval.decoding.lenpen=nan`` ends up in the record). Each message names the setting, the
 value given and what is valid. Not here: the trainer's named choices (schedule, precision, on_nonfinite,
-threads), which :class:`harness.train.TrainConfig` checks before the data are read too, and the model's and the
-task's settings, checked by the code that uses them.
+threads) and the optimizer settings that must fit together, which :class:`harness.train.TrainConfig` checks
+before the data are read too, and the model's and the task's settings, checked by the code that uses them.
+
+The config's own functions (OmegaConf resolvers) are registered here, on import, because every entry point
+reads the settings before it resolves a config: ``${eq3_peak_lr:d_model,warmup}`` (trainer=paper's ``lr``).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 JOBS = ("train", "path_length")  # run.py's jobs (cfg.job)
 SPLITS = ("train", "valid", "test")
@@ -77,6 +81,16 @@ def choice(*values: str) -> Rule:
 
 BOOLEAN = Rule(lambda v: isinstance(v, bool), "true or false")
 
+
+def eq3_peak_lr(d_model: float, warmup_steps: int) -> float:
+    """The peak of Vaswani et al.'s eq. 3, d_model^-0.5 * min(step^-0.5, step * warmup^-1.5) at step = warmup:
+    d_model^-0.5 * warmup^-0.5 (7.0e-4 for d_model 512 and 4000 warm-up steps, 4.9e-4 for d_model 1024)."""
+    return float(d_model) ** -0.5 * max(1, int(warmup_steps)) ** -0.5
+
+
+if not OmegaConf.has_resolver("eq3_peak_lr"):
+    OmegaConf.register_new_resolver("eq3_peak_lr", eq3_peak_lr)
+
 # setting -> rule; a setting absent from the config is not checked (its default applies)
 SETTINGS: dict[str, Rule] = {
     "job": choice(*JOBS),
@@ -95,6 +109,14 @@ SETTINGS: dict[str, Rule] = {
                           "two numbers in [0, 1), e.g. [0.9, 0.98]"),
     "trainer.eps": number(lambda v: v >= 0, ">= 0"),
     "trainer.weight_decay": number(lambda v: v >= 0, ">= 0"),
+    "trainer.optimizer": choice("adam", "sgd", "adam_then_sgd"),
+    "trainer.momentum": number(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "trainer.nesterov": BOOLEAN,
+    "trainer.sgd_lr": Rule(lambda v: v is None or (_is_number(v) and v > 0),
+                           "a finite number > 0 (SGD's learning rate after trainer.switch_step) or null"),
+    "trainer.switch_step": integer(1, null="no switch"),
+    "trainer.lr_shrink": number(lambda v: 0 < v < 1, "in (0, 1)"),
+    "trainer.stop_lr": number(lambda v: v >= 0, ">= 0 (0: never stop on the learning rate)"),
     "trainer.label_smoothing": number(lambda v: 0 <= v < 1, "in [0, 1)"),
     "trainer.clip_norm": number(lambda v: v >= 0, ">= 0 (0: no clipping)"),
     "trainer.compile": BOOLEAN,
@@ -130,11 +152,15 @@ def problems(cfg: DictConfig) -> list[str]:
     """One message per setting of ``cfg`` that breaks its rule (empty when all are valid)."""
     found = []
     for key, rule in SETTINGS.items():
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        try:
+            value = OmegaConf.select(cfg, key, default=_ABSENT)
+            if isinstance(value, (DictConfig, ListConfig)):
+                value = OmegaConf.to_container(value, resolve=True)
+        except OmegaConfBaseException as err:  # an interpolation that cannot be resolved, e.g. a missing key
+            found.append(f"{key} cannot be computed: {str(err).splitlines()[0]}; give {key} a value")
+            continue
         if value is _ABSENT:
             continue
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
         problem = rule.problem(key, value)
         if problem:
             found.append(problem)

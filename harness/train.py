@@ -18,7 +18,7 @@ from tqdm import tqdm
 import models
 from tasks.base import EvalContext
 
-from . import checkpoint, distributed, lm_protocol
+from . import checkpoint, distributed, lm_protocol, optim
 from .device import sync
 from .distributed import SINGLE, Dist
 from .evaluate import mean_nll, perplexity
@@ -44,12 +44,19 @@ class TrainConfig:
     max_epochs: float | None = None
     max_seconds: float | None = None
     lr: float = 7e-4
-    schedule: str = "inverse_sqrt"  # inverse_sqrt | constant | cosine
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | constant | cosine | plateau
     warmup_steps: int = 4000
     min_lr_ratio: float = 0.0  # cosine floor
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam | sgd | adam_then_sgd (harness/optim.py)
+    momentum: float = 0.0  # sgd
+    nesterov: bool = False  # sgd: Nesterov's accelerated gradient
+    sgd_lr: float | None = None  # adam_then_sgd: SGD's learning rate (lr is Adam's)
+    switch_step: int | None = None  # adam_then_sgd: Adam takes the first switch_step steps, SGD the rest
+    lr_shrink: float = 0.1  # plateau: the factor applied after a validation that does not improve on the best
+    stop_lr: float = 0.0  # plateau: training ends once the learning rate falls below it (0: never)
     label_smoothing: float = 0.1
     clip_norm: float = 0.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
@@ -83,8 +90,8 @@ class TrainConfig:
                                  f"(max_tokens: the batch budget in tokens; eval_every/log_every: steps)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"trainer.precision={self.precision!r}; valid: auto, fp32, bf16, fp16")
-        if self.schedule not in ("inverse_sqrt", "constant", "cosine"):
-            raise ValueError(f"trainer.schedule={self.schedule!r}; valid: inverse_sqrt, constant, cosine")
+        if self.schedule not in ("inverse_sqrt", "constant", "cosine", "plateau"):
+            raise ValueError(f"trainer.schedule={self.schedule!r}; valid: inverse_sqrt, constant, cosine, plateau")
         if self.schedule == "cosine" and not (self.max_steps or self.max_seconds):
             raise ValueError("trainer.schedule=cosine needs trainer.max_steps or trainer.max_seconds (its length)")
         if not (self.threads in ("auto", None) or (type(self.threads) is int and self.threads >= 1)):
@@ -92,17 +99,21 @@ class TrainConfig:
                              "(torch's default) or a positive integer")
         if self.on_nonfinite not in ("fail", "skip"):
             raise ValueError(f"trainer.on_nonfinite={self.on_nonfinite!r}; valid: fail, skip")
+        optim.check(self)
         self.betas = tuple(self.betas)
 
 
-def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
-    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based), after ``seconds`` of training.
+def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 0) -> float:
+    """Multiplier of the learning rate at optimizer step ``step`` (0-based), after ``seconds`` of training and
+    ``shrinks`` validations that did not improve on the best one.
 
     ``inverse_sqrt`` is the schedule of Vaswani et al. (eq. 3) written with its
     peak: linear warm-up to ``lr`` over ``warmup_steps``, then ``lr * sqrt(warmup / step)``.
     ``cosine`` decays from the end of the warm-up to ``min_lr_ratio * lr`` at ``max_steps``; without
     ``max_steps`` it follows the training-time budget instead, reaching the floor at ``max_seconds``,
     so that every architecture anneals over the same wall-clock budget whatever its step rate.
+    ``plateau`` (Gehring et al.; fairseq's reduce-on-plateau with patience 0) keeps ``lr`` after the warm-up and
+    multiplies it by ``lr_shrink`` after every validation whose loss is not below the best so far.
     """
     s, w = step + 1, max(1, cfg.warmup_steps)
     if cfg.schedule == "inverse_sqrt":
@@ -110,17 +121,11 @@ def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0) -> float:
     warm = min(1.0, s / w)
     if cfg.schedule == "constant":
         return warm
+    if cfg.schedule == "plateau":
+        return warm * cfg.lr_shrink ** shrinks
     progress = (s - w) / max(1, cfg.max_steps - w) if cfg.max_steps else seconds / cfg.max_seconds
     progress = min(1.0, max(0.0, progress))
     return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def adam(params, cfg: TrainConfig, device: torch.device) -> torch.optim.Adam:
-    """Adam with the trainer's settings, fused on CPU and CUDA: one pass per tensor over weight, gradient and
-    both moments, where the unfused CPU update makes about seven (and allocates), cheap in flops but a larger
-    share of the step the faster the model's own work gets (bf16)."""
-    return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                            fused=device.type in ("cpu", "cuda"))
 
 
 @dataclass
@@ -134,6 +139,7 @@ class Progress:
     train_seconds: float = 0.0
     best_valid_nll: float = float("inf")
     snapshot_seconds: float = 0.0  # train_seconds at the last weight snapshot (trainer.save_every_seconds)
+    lr_shrinks: int = 0  # schedule=plateau: validations so far that did not improve on the best
     skipped_steps: list[int] = field(default_factory=list)
     log: list[dict] = field(default_factory=list)  # training loss curve
     evals: list[dict] = field(default_factory=list)  # validation curve
@@ -155,9 +161,8 @@ class Trainer:
         self.out_dir, self.seed, self.identity = Path(out_dir), seed, identity
         self.tracker, self.decoding, self.should_stop = tracker, dict(decoding or {}), should_stop
         self.precision, self.autocast = autocast_for(device, cfg.precision)  # resolved: never "auto"
-        self.opt = adam(model.parameters(), cfg, device)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(  # reads the training time so far (cosine over max_seconds)
-            self.opt, lambda s: lr_factor(cfg, s, self.p.train_seconds if hasattr(self, "p") else 0.0))
+        self.p = Progress()
+        self.start_phase(0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         wrapped = model
         if dist.enabled:  # gradients averaged over the processes; parameters broadcast from rank 0
@@ -165,8 +170,22 @@ class Trainer:
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward = torch.compile(wrapped) if cfg.compile else wrapped
         self.carry = lm_protocol.CarriedState(model, task, cfg.max_tokens, dist.enabled) if cfg.carry_state else None
-        self.p = Progress()
         self.resumed_from: int | None = None
+
+    def start_phase(self, step: int) -> None:
+        """The optimizer and schedule that take optimizer step ``step`` on (harness/optim.py); the schedule reads
+        the training time (cosine over max_seconds) and the plateau shrinks so far from the progress."""
+        kind, start = optim.phase(self.cfg, step)
+        self.opt = optim.build(self.model.parameters(), self.cfg, self.device, kind)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(self.cfg, start + s, self.p.train_seconds, self.p.lr_shrinks))
+
+    def shrink_lr(self) -> None:
+        """A validation did not improve on the best (schedule=plateau): shrink the learning rate from the next step."""
+        self.p.lr_shrinks += 1
+        factor = self.sched.lr_lambdas[0](self.sched.last_epoch)
+        for group, base in zip(self.opt.param_groups, self.sched.base_lrs):
+            group["lr"] = base * factor
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, name: str, *, collective: bool = True) -> None:
@@ -190,6 +209,7 @@ class Trainer:
             return
         ckpt = checkpoint.load(path, self.identity)
         self.model.load_state_dict(ckpt["model"])
+        self.start_phase(ckpt["progress"]["step"])  # adam_then_sgd past its switch: the SGD phase's state
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         ranks = ckpt.get("rng_ranks") or []
@@ -263,6 +283,8 @@ class Trainer:
             return False
         if c.max_epochs is not None and p.epoch + p.batch_in_epoch / max(1, n_batches) >= c.max_epochs:
             return False
+        if c.schedule == "plateau" and self.sched.base_lrs[0] * c.lr_shrink ** p.lr_shrinks < c.stop_lr:
+            return False
         return c.max_seconds is None or p.train_seconds < c.max_seconds
 
     # -- one step ----------------------------------------------------------------------------
@@ -323,6 +345,8 @@ class Trainer:
             raise NonFiniteLoss(f"validation loss is {row['valid_nll']} at step {self.p.step}: the model's weights or "
                                 "outputs are not finite; lower trainer.lr or set trainer.clip_norm (last.pt is "
                                 "the previous evaluation's)")
+        if self.cfg.schedule == "plateau" and row["valid_nll"] >= self.p.best_valid_nll:
+            self.shrink_lr()
         self.p.evals.append(row)
         if self.dist.main:
             log.info("eval %s", " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -382,6 +406,8 @@ class Trainer:
                     start = time.perf_counter()
                     loss = self.train_step(batch, n_tokens)
                     p.step, p.batch_in_epoch, p.tokens = p.step + 1, p.batch_in_epoch + 1, p.tokens + n_tokens
+                    if optim.phase(cfg, p.step) != optim.phase(cfg, p.step - 1):  # adam_then_sgd's switch
+                        self.start_phase(p.step)
                     if loss is not None:  # None: a skipped non-finite step, kept out of the logged loss
                         window[0] += loss
                         window[1] += n_tokens

@@ -4,16 +4,31 @@ Residual blocks of Figure 3 (left, the ReLU block used for translation), each
 ``LayerNorm -> ReLU -> 1x1 conv (D -> D/2) -> LayerNorm -> ReLU -> dilated conv k
 -> LayerNorm -> ReLU -> 1x1 conv (D/2 -> D)`` plus the residual, so ``d_model`` is
 the paper's 2d channels and the bottleneck its d hidden units. Dilations cycle
-through ``dilations`` (1,2,4,8,16 in the paper). The source network uses non-causal
-'same' convolutions with padding positions zeroed before every dilated conv; the
-target network uses masked (causal) convolutions and is stacked on the source
-network by dynamic unfolding: its input at position t is the target embedding
-concatenated with the source representation at t (zero for t >= |s|), projected
-back to ``d_model``. The paper bounds the target length by a|s|+b (a=1.2, b=0 for
-En->De characters); ``unfold_a``/``unfold_b`` record that bound for decoding
-(:meth:`ByteNet.max_target_length`) and change nothing in training. No positional
-encodings: convolutions see relative position. A final LayerNorm precedes the
-output projection, as the residual stream is never normalised otherwise.
+through ``dilations`` (1,2,4,8,16 in the paper). No positional encodings:
+convolutions see relative position. A final LayerNorm precedes the output
+projection, as the residual stream is never normalised otherwise.
+
+Dynamic unfolding (section 3.2). The source s is the source tokens followed by an
+end-of-sentence marker, so |s| counts the marker: the paper pads every sentence with
+special symbols before unfolding and tensor2tensor appends EOS to every source, so in
+both the encoder sees where the source ends through a learned symbol; here that is one
+EOS (the paper's padding to a multiple of 50 is a batching detail, left out). The
+source network produces a representation of L(s) = ceil(a|s| + b) columns (at least
+|s|; a = ``unfold_a``, b = ``unfold_b``; the paper's a = 1.2, b = 0 for En->De): the
+source is padded with zero embeddings to L(s) positions and the unmasked, non-causal
+source network runs over all of them, as tensor2tensor pads the source and runs its
+encoder over the padded length, so columns |s|..L(s)-1 carry the source too. Batch
+padding past L(s) is zeroed before every dilated convolution, so a sentence's columns
+do not depend on the batch. The causal target network reads, at position t, the target
+embedding concatenated with column t, projected back to ``d_model``.
+
+Length. A target of |t| tokens and its EOS fill |t| + 1 decoder positions; decoding stops
+at L(s) positions (:meth:`ByteNet.max_output_tokens`: at most L(s) - 1 tokens, the EOS in
+the last column). The paper lets the decoder run on past L(s) over zero columns until it
+emits EOS; training follows the paper there: a target longer than L(s) - 1 tokens is
+trained on in full, its positions from L(s) on reading zero columns (nothing is cut or
+dropped; on Multi30k En->De with the small preset, a = 1.2, b = 5, that is 170 of 29,000
+training pairs, 376 of 457,331 target positions).
 """
 from __future__ import annotations
 
@@ -23,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Dropout, LanguageModel, Seq2Seq, causal_conv_pad, check_odd_kernel, conv_step, padding_mask
+from .common import (EOS, PAD, Dropout, LanguageModel, Seq2Seq, causal_conv_pad, check_odd_kernel, conv_step,
+                     padding_mask)
 
 
 class ResidualBlock(nn.Module):
@@ -112,14 +128,31 @@ class ByteNet(Seq2Seq):
     def decoder_blocks(self):
         return list(self.decoder)
 
-    def max_target_length(self, src_lengths: torch.Tensor) -> torch.Tensor:
-        """Dynamic-unfolding bound a|s|+b on the target length, (B,) -> (B,)."""
-        return torch.ceil(self.unfold_a * src_lengths + self.unfold_b).long()
+    def unfolded_lengths(self, src_lengths: torch.Tensor) -> torch.Tensor:
+        """Columns of the source representation, L(s) = ceil(a|s| + b) with |s| counting the EOS marker, at least
+        |s|; (B,) source lengths without the marker -> (B,)."""
+        # rounded to 1e-9 first: 1.2 * 5 is 6.000000000000001 in floating point, whose ceiling would be 7
+        cols = [max(n, math.ceil(round(self.unfold_a * n + self.unfold_b, 9))) for n in (src_lengths + 1).tolist()]
+        return torch.tensor(cols, device=src_lengths.device)
+
+    def max_output_tokens(self, src_lengths: torch.Tensor) -> list[int]:
+        """Decoding limit: L(s) - 1 tokens, so that the EOS after them reads the last column; (B,) -> B ints."""
+        return (self.unfolded_lengths(src_lengths) - 1).tolist()
 
     def run_encoder(self, src, src_lengths):
-        """src (B,S) -> source representation (B,S,D), zero at padding positions."""
-        keep = (~padding_mask(src_lengths, src.size(1)))[..., None].to(self.enc_norm.weight.dtype)  # (B,S,1)
-        x = self.src_embed(src) * keep
+        """src (B,S), src_lengths (B,) -> source representation (B,W,D), W = max L(s), zero past each L(s).
+
+        The EOS marker goes at position |src|; positions from |s| to L(s) hold zero embeddings and are
+        convolved like the source (the unfolded extension); only batch padding past L(s) is masked.
+        """
+        cols = self.unfolded_lengths(src_lengths)
+        width = int(cols.max())
+        tokens = F.pad(src[:, :width], (0, max(0, width - src.size(1))), value=PAD)  # (B,W)
+        tokens = tokens.scatter(1, src_lengths[:, None], EOS)
+        dtype = self.enc_norm.weight.dtype
+        source = (~padding_mask(src_lengths + 1, width))[..., None].to(dtype)  # (B,W,1): tokens and EOS
+        keep = (~padding_mask(cols, width))[..., None].to(dtype)  # (B,W,1): the L(s) columns
+        x = self.src_embed(tokens) * source
         for block in self.encoder:
             block.keep = keep
             x = block(x)
@@ -132,9 +165,9 @@ class ByteNet(Seq2Seq):
 
     def forward(self, src, src_lengths, tgt_in):
         """src (B,S), src_lengths (B,), tgt_in (B,T) -> logits (B,T,V)."""
-        memory = self.run_encoder(src, src_lengths)  # (B,S,D)
-        S, T = memory.size(1), tgt_in.size(1)
-        source = memory[:, :T] if S >= T else F.pad(memory, (0, 0, 0, T - S))  # (B,T,D), zero past |s|
+        memory = self.run_encoder(src, src_lengths)  # (B,W,D)
+        W, T = memory.size(1), tgt_in.size(1)
+        source = memory[:, :T] if W >= T else F.pad(memory, (0, 0, 0, T - W))  # (B,T,D), zero from L(s) on
         y = self.decoder_input(tgt_in, source)
         for block in self.decoder:
             y = block(y)

@@ -16,7 +16,8 @@ Every encoder-decoder (``Seq2Seq``) implements::
 ``state`` is a flat ``dict[str, Tensor]`` whose tensors all have the batch
 as dimension 0, so one beam search can reorder any model's cache with
 :func:`reorder_state`. ``decode_step`` at ``step=t`` receives ``tgt_in[:, t]``
-and must return exactly ``forward(...)[:, t]``.
+and must return exactly ``forward(...)[:, t]``. ``max_output_tokens(src_lengths)`` may bound
+the output length per sentence (ByteNet's unfolding); decoding never runs past it.
 
 Entries named ``src_*`` (:data:`SOURCE_PREFIX`) are per sentence: ``encode``
 computes them from the source alone and ``decode_step`` passes them on
@@ -58,6 +59,10 @@ class Seq2Seq(nn.Module):
 
     def decode_step(self, prev: torch.Tensor, state: dict[str, torch.Tensor], step: int):
         raise NotImplementedError
+
+    def max_output_tokens(self, src_lengths: torch.Tensor) -> list[int] | None:
+        """Per-sentence limit on output tokens (EOS not counted) that the architecture sets itself, or None."""
+        return None
 
     def encoder_blocks(self) -> list[nn.Module]:
         """Ordered position-mixing blocks of the encoder."""

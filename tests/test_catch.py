@@ -81,13 +81,18 @@ def test_length_penalty_equals_hand_computed_values(length, alpha, expected):
 
 
 def test_output_limits_equal_hand_computed_values():
-    """int(a |src| + b), at least 1, capped at a model's learned target positions."""
+    """int(a |src| + b), at least 1, capped at a model's learned target positions (less the forced EOS's) and at
+    the model's own per-sentence limit."""
     assert max_lengths(torch.tensor([0, 1, 4, 10]), 1.2, 10) == [10, 11, 14, 22]  # 10, 11.2, 14.8, 22
     assert max_lengths(torch.tensor([0, 1, 3]), 0.5, 0) == [1, 1, 1]  # 0, 0.5, 1.5: never below one token
     capped = Seq2Seq()
     capped.max_target_positions = 12
-    assert max_lengths(torch.tensor([1, 5]), 1.2, 10, capped) == [11, 12]  # 11.2, 16 -> 12
+    # 11.2, 16 -> 11: 11 tokens fill positions 0..10, the EOS forced after them position 11, the last of 12
+    assert max_lengths(torch.tensor([1, 5]), 1.2, 10, capped) == [11, 11]
     assert max_lengths(torch.tensor([1, 5]), 1.2, 10, Seq2Seq()) == [11, 16]  # no learned positions: no cap
+    own = Seq2Seq()
+    own.max_output_tokens = lambda lengths: (2 * lengths).tolist()  # a per-sentence limit of the model's own
+    assert max_lengths(torch.tensor([1, 5, 9]), 1.2, 10, own) == [2, 10, 18]  # min(11, 2), min(16, 10), min(20, 18)
 
 
 # Step by step, for one sentence (probabilities; PAD and BOS never):
@@ -121,23 +126,23 @@ def test_greedy_takes_the_short_hypothesis_of_the_flip_table():
     assert beam_search(model, src, lengths, [12], beam=1, lenpen=1.0) == [SHORT]
 
 
-def hypothesis_score(table: torch.Tensor, sentence: int, hyp: list[int], max_len: int, alpha: float) -> float:
+def hypothesis_score(table: torch.Tensor, sentence: int, hyp: list[int], alpha: float) -> float:
     """Length-normalised log-probability of ``hyp`` under a TableDecoder table, computed here in float64.
 
-    A hypothesis shorter than ``max_len`` ends with EOS (which counts in its length); one of
-    ``max_len`` tokens was cut by the length limit and has no EOS.
+    Every hypothesis ends with EOS, which counts in its length; one that reached its length limit gets
+    the EOS forced after its last token (where the stub reads its last step's row), charged like any other.
     """
-    tokens = hyp + [EOS] if len(hyp) < max_len else hyp
+    tokens = hyp + [EOS]
     logp, prev = 0.0, BOS
     for t, tok in enumerate(tokens):
-        logp += torch.log_softmax(table[sentence, t, prev].double(), -1)[tok].item()
+        logp += torch.log_softmax(table[sentence, min(t, table.size(1) - 1), prev].double(), -1)[tok].item()
         prev = tok
     return logp / ((5.0 + len(tokens)) / 6.0) ** alpha
 
 
 def exhaustive_best(table: torch.Tensor, sentence: int, max_len: int, alpha: float) -> float:
     """The best score over every hypothesis of at most ``max_len`` tokens over {A, B} (EOS ends them)."""
-    return max(hypothesis_score(table, sentence, list(hyp), max_len, alpha)
+    return max(hypothesis_score(table, sentence, list(hyp), alpha)
                for n in range(max_len + 1) for hyp in itertools.product((A, B), repeat=n))
 
 
@@ -154,7 +159,7 @@ def test_a_beam_wide_enough_finds_the_exhaustive_optimum(alpha):
     hyps = beam_search(model, src, lengths, limits, beam=32, lenpen=alpha)
     for s, (hyp, limit) in enumerate(zip(hyps, limits)):
         assert len(hyp) <= limit and set(hyp) <= {A, B}
-        assert hypothesis_score(table, s, hyp, limit, alpha) == pytest.approx(
+        assert hypothesis_score(table, s, hyp, alpha) == pytest.approx(
             exhaustive_best(table, s, limit, alpha), abs=1e-5), (s, hyp)
 
 
@@ -205,6 +210,46 @@ def test_fewer_live_tokens_than_beams():
     model = one_sentence([{A: .9, EOS: .1}, {A: .6, EOS: .4}, {EOS: .9, A: .1}, {EOS: .9, A: .1}])
     src, lengths = sources(1)
     assert beam_search(model, src, lengths, [6], beam=3, lenpen=0.0) == [[A, A]]
+
+
+# -- the length limit: the EOS forced after the last token is charged (as fairseq does) ----------
+
+# Beam 2, limit 2 tokens. Step 1 keeps [A, A] (log .6 + log .9 = -0.6162) and [B, B] (log .4 + log .8 = -1.1394);
+# EOS has no probability before step 2, where it is forced: after [A, A] it has .1, after [B, B] .9.
+# Charged: [A, A] -0.6162 + log .1 = -2.9188 < [B, B] -1.1394 + log .9 = -1.2448 -> [B, B].
+# Not charged (the hypotheses cut at 2 tokens as they are): -0.6162 > -1.1394 -> [A, A].
+# Both have 3 tokens with the EOS, so the length penalty is the same for both.
+UNLIKELY_END = [{A: .6, B: .4}, {A: {A: .9, B: .1}, B: {B: .8, A: .2}}, {A: {EOS: .1, A: .9}, B: {EOS: .9, B: .1}}]
+
+
+@pytest.mark.parametrize("lenpen", [0.0, 0.6])
+def test_hypotheses_at_the_length_limit_are_charged_the_forced_eos(lenpen):
+    model = one_sentence(UNLIKELY_END)
+    src, lengths = sources(1)
+    assert beam_search(model, src, lengths, [2], beam=2, lenpen=lenpen) == [[B, B]]
+    assert model.rows == [2, 2, 2]  # steps 0, 1 and the forced EOS at step 2
+
+
+# Beam 2, limit 2. Step 1: [A] + EOS (log .55 + log .6 = -1.1087, |Y| = 2) finishes, ranked second after [B, B]
+# (log .45 + log .9 = -0.9039); [A, A] (-1.5141) is the other live beam. Step 2 forces EOS: [B, B] + EOS =
+# -0.9039 + log .7 = -1.2605 (|Y| = 3) is added, [A, A] + EOS (-2.2073) is not (two hypotheses finished).
+# alpha 0: [A] -1.1087 > [B, B] -1.2605 -> [A]   (EOS not charged: -0.9039 -> [B, B])
+# alpha 1: [A] -1.1087 / (7/6) = -0.9503 < [B, B] -1.2605 / (8/6) = -0.9454 -> [B, B]
+#          (EOS charged but not counted in |Y|: -1.2605 / (7/6) = -1.0805 -> [A])
+CUT_OR_ENDED = [{A: .55, B: .45}, {A: {EOS: .6, A: .4}, B: {B: .9, A: .1}}, {A: {EOS: .5, A: .5}, B: {EOS: .7, B: .3}}]
+
+
+@pytest.mark.parametrize("lenpen,expected", [(0.0, [A]), (1.0, [B, B])])
+def test_the_forced_eos_is_charged_and_counts_in_the_length(lenpen, expected):
+    src, lengths = sources(1)
+    assert beam_search(one_sentence(CUT_OR_ENDED), src, lengths, [2], beam=2, lenpen=lenpen) == [expected]
+
+
+def test_a_model_that_never_ends_still_returns_its_best_hypothesis():
+    """EOS has no probability at all: the forced EOS scores every hypothesis -inf, and the search returns the
+    best beam ([A, A]: .6 * .7, ahead of [B, A]: .4 * .7), not an empty translation."""
+    src, lengths = sources(1)
+    assert beam_search(one_sentence([{A: .6, B: .4}, {A: .7, B: .3}]), src, lengths, [2], beam=2) == [[A, A]]
 
 
 # -- evaluation: hypotheses stay aligned with their references ----------------------------------

@@ -116,6 +116,20 @@ def test_beam_search_moves_per_sentence_state_only_when_sentences_end(arch, eos,
         assert all(moved) if b < a else not any(moved)
 
 
+def test_bytenet_decoding_stops_at_its_unfolded_length():
+    """Sources of 9, 8, 7, 5, 3, 2 tokens (|s| = 10, 9, 8, 6, 4, 3 with EOS), a = 1.2, b = 0: L = ceil(1.2 |s|) = 12,
+    11, 10, 8, 5, 4 columns, so at most 11, 10, 9, 7, 4, 3 tokens, whatever a * |src| + b the harness allows (here
+    5 |src| + 10); the EOS beam search forces after them reads the last column (the longest: step 11)."""
+    model = build("bytenet", "translation")
+    src, lengths = sources()
+    limits = max_lengths(lengths, 5.0, 10, model)
+    assert limits == [11, 10, 9, 7, 4, 3] and max_lengths(lengths, 5.0, 10, NoEOS(model)) == limits
+    spy = Spy(NoEOS(model))
+    assert [len(h) for h in beam_search(spy, src, lengths, limits, beam=2)] == limits
+    assert len(spy.steps) == 12
+    assert [len(h) for h in greedy(NoEOS(model), src, lengths, limits)] == limits
+
+
 def test_decoding_computes_each_weight_norm_once():
     """ConvS2S's weight-normalised weights are computed once per search, not at every step."""
     model = build("convs2s", "translation")
@@ -129,7 +143,8 @@ def test_decoding_computes_each_weight_norm_once():
         calls.clear()
         spy = Spy(NoEOS(model))
         search(spy, src, lengths, limits)
-        assert len(spy.steps) == max(limits) and 0 < len(calls) <= len(norms)
+        forced_eos = search is beam_search  # one step more: the EOS forced after the longest hypotheses' last token
+        assert len(spy.steps) == max(limits) + forced_eos and 0 < len(calls) <= len(norms)
 
 
 def test_weight_norm_cache_ends_with_the_search():

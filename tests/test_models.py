@@ -162,6 +162,78 @@ def test_incremental_decoding_equals_forward_under_bf16_autocast(arch):
     torch.testing.assert_close(cached.float(), reference, atol=0.03 * scale, rtol=0)
 
 
+# -- ByteNet's dynamic unfolding ----------------------------------------------------------------
+
+def test_bytenet_unfolded_length_is_the_ceiling_of_a_s_plus_b():
+    """|s| counts the EOS marker: sources of 4 and 9 tokens are 5 and 10 long; a = 1.2, b = 0: 1.2 * 5 = 6 exactly
+    (not 7: the floating-point 6.000000000000001 is not rounded up), 1.2 * 10 = 12; b = 2.5: 8.5 -> 9, 14.5 -> 15;
+    a = 0.5: 2.5 -> 3 and 5 are shorter than the source, which the representation always covers: 5, 10."""
+    lengths = torch.tensor([4, 9])
+    assert build("bytenet", "translation").unfolded_lengths(lengths).tolist() == [6, 12]
+    assert build("bytenet", "translation", unfold_b=2.5).unfolded_lengths(lengths).tolist() == [9, 15]
+    assert build("bytenet", "translation", unfold_a=0.5).unfolded_lengths(lengths).tolist() == [5, 10]
+    assert build("bytenet", "translation", unfold_b=2.5).max_output_tokens(lengths) == [8, 14]  # the EOS: column L-1
+
+
+def source_columns(model, src, lengths, tgt) -> torch.Tensor:
+    """The source column each decoder position reads in ``model(src, lengths, tgt)``: (B,T,D)."""
+    seen = []
+    hook = model.unfold.register_forward_hook(lambda m, args, out: seen.append(args[0][..., m.in_features // 2:]))
+    model(src, lengths, tgt)
+    hook.remove()
+    return seen[0]
+
+
+def test_bytenet_decoder_reads_source_columns_up_to_the_unfolded_length_and_zeros_after():
+    """Sources of 7, 5, 3 tokens (|s| = 8, 6, 4 with EOS), b = 2: L = ceil(1.2 |s| + 2) = 12, 10, 7. Every decoder
+    position t < L reads a non-zero column that depends on the source (positions |s|..L-1 included: they were zero
+    before unfolding), every t >= L reads zeros; a 14-position target (longer than L) is trained on in full.
+    Four encoder blocks with dilations 1, 2, 4, 8 see 31 positions, so every column is within reach of the source."""
+    model = build("bytenet", "translation", unfold_b=2, n_layers=4, dilations=[1, 2, 4, 8])
+    src, lengths, tgt = batch(T=14)
+    assert model.unfolded_lengths(lengths).tolist() == [12, 10, 7]
+    columns = source_columns(model, src, lengths, tgt)
+    other = src.clone()
+    other[src != PAD] = (src[src != PAD] + 1 - 4) % (V - 4) + 4  # every source token another
+    changed = (source_columns(model, other, lengths, tgt) - columns).abs().amax(-1)  # (B,T)
+    for b, cols in enumerate([12, 10, 7]):
+        assert (columns[b, :cols].abs().amax(-1) > 0).all() and (changed[b, :cols] > 0).all(), b
+        assert (columns[b, cols:] == 0).all(), b
+    model.train()
+    logits = model(src, lengths, tgt)
+    assert logits.shape == (3, 14, V) and torch.isfinite(logits).all()
+    grads = torch.autograd.grad(logits[0, 13].logsumexp(-1), list(model.decoder.parameters()))  # past L = 12
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_bytenet_output_past_the_source_depends_on_the_source_through_its_own_column():
+    """One source of 3 tokens (|s| = 4), b = 8: L = ceil(4.8 + 8) = 13. The tiny decoder sees 7 columns (t-6..t),
+    so at t = 9..12 it sees only columns 3..12, which were zero past the source before unfolding: the gradient of
+    the output at t with respect to the source embeddings was zero there, and is not now."""
+    model = build("bytenet", "translation", unfold_b=8, share_embeddings=False)
+    src, lengths, tgt = batch(B=1, S=3, T=13)
+    lengths = torch.tensor([3])
+    assert model.unfolded_lengths(lengths).tolist() == [13]
+    embedded = []
+    model.src_embed.register_forward_hook(lambda m, args, out: embedded.append(out))
+    logits = model(src, lengths, tgt)
+    for t in range(9, 13):
+        grad, = torch.autograd.grad(logits[0, t].logsumexp(-1), embedded[0], retain_graph=True)
+        assert grad[0, :4].abs().sum() > 0, t  # the three tokens and the EOS
+
+
+def test_bytenet_incremental_decoding_equals_forward_across_the_unfolded_length():
+    """Positions before |s|, from |s| to L(s) and past L(s), for each of three sentences (b = 3: L = 13, 11, 8)."""
+    model = build("bytenet", "translation", unfold_b=3)
+    src, lengths, tgt = batch(T=15)
+    assert model.unfolded_lengths(lengths).tolist() == [13, 11, 8]
+    full = model(src, lengths, tgt)
+    state = model.encode(src, lengths)
+    for t in range(tgt.size(1)):
+        logits, state = model.decode_step(tgt[:, t], state, t)
+        torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_decode_step_passes_the_per_sentence_state_on(arch):
     """Every architecture has ``src_*`` entries (beam search leaves them in place), and decoding never changes them."""

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from harness import evaluate, job, precision, train
+from harness import evaluate, job, optim, precision, train
 from harness.precision import (autocast_for, busy_cpus, cpu_times, choose_threads, cpu_has_bf16_matmul, physical_cores,
                                resolve_precision)
 from harness.train import TrainConfig
@@ -207,7 +207,7 @@ def test_trainers_fused_adam_makes_the_unfused_update():
     fused_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     plain_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     plain_model.load_state_dict(fused_model.state_dict())
-    fused = train.adam(fused_model.parameters(), cfg, CPU)
+    fused = optim.adam(fused_model.parameters(), cfg, CPU)
     plain = torch.optim.Adam(plain_model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, foreach=False)
     assert fused.defaults["fused"] is True

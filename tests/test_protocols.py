@@ -73,9 +73,11 @@ def test_average_settings_are_checked(make_cfg):
 
 
 def test_paper_trainer_averages_the_last_five_checkpoints(make_cfg):
-    cfg = make_cfg("trainer=paper")
+    cfg = make_cfg("trainer=paper", "model=transformer_base")
     assert (cfg.eval.checkpoint, cfg.eval.average_last, cfg.trainer.save_every) == ("average", 5, 1400)
-    assert cfg.trainer.lr == 7e-4 and cfg.trainer.schedule == "inverse_sqrt"  # trainer/default.yaml's, under trainer
+    # eq. 3's peak for d_model 512 and 4000 warm-up steps: 512^-0.5 * 4000^-0.5 = 6.988e-4, the paper's 7e-4
+    assert cfg.trainer.lr == pytest.approx(512**-0.5 * 4000**-0.5, rel=1e-12) and round(cfg.trainer.lr, 4) == 7e-4
+    assert cfg.trainer.schedule == "inverse_sqrt"  # trainer/default.yaml's, under trainer
 
 
 def test_a_job_evaluates_the_average_of_its_last_checkpoints(make_cfg, tmp_path):

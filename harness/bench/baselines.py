@@ -21,7 +21,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import models
-from models.common import PAD, padding_mask, sinusoidal_table
+from models.common import EOS, PAD, padding_mask, sinusoidal_table
 
 SQRT_HALF = math.sqrt(0.5)
 
@@ -219,11 +219,12 @@ class PlainByteNet(nn.Module):
     """ByteNet: a dilated source network and a causal target network stacked by dynamic unfolding.
 
     No GLU here: seqbench's ByteNet uses the paper's ReLU residual block (Figure 3, left), and a
-    baseline must compute the same function to make the timing comparison mean anything.
+    baseline must compute the same function to make the timing comparison mean anything. The
+    unfolding is seqbench's: the source and an EOS, zero-padded to ceil(a (|src| + 1) + b) columns.
     """
 
     def __init__(self, vocab: int, *, d_model: int, n_layers: int, kernel_size: int, dilations: list[int],
-                 dropout: float, tie_output: bool = True):
+                 dropout: float, tie_output: bool = True, unfold_a: float = 1.2, unfold_b: float = 0.0):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model, padding_idx=PAD)
         self.drop, self.scale = nn.Dropout(dropout), math.sqrt(d_model)
@@ -234,16 +235,21 @@ class PlainByteNet(nn.Module):
         self.enc_norm, self.dec_norm = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.unfold = nn.Linear(2 * d_model, d_model)
         self.proj = nn.Linear(d_model, vocab, bias=False)
+        self.unfold_a, self.unfold_b = unfold_a, unfold_b
         tie(self.proj, self.embed, tie_output)
 
     def forward(self, src, src_lengths, tgt_in):
-        S, T = src.size(1), tgt_in.size(1)
-        pad = padding_mask(src_lengths, S)[..., None]  # (B,S,1)
-        x = self.drop(self.embed(src) * self.scale).masked_fill(pad, 0.0)
+        n = src_lengths + 1  # with the EOS
+        cols = torch.tensor([max(m, math.ceil(round(self.unfold_a * m + self.unfold_b, 9))) for m in n.tolist()],
+                            device=src.device)
+        W, T = int(cols.max()), tgt_in.size(1)
+        tokens = F.pad(src[:, :W], (0, max(0, W - src.size(1))), value=PAD).scatter(1, src_lengths[:, None], EOS)
+        pad = padding_mask(cols, W)[..., None]  # (B,W,1) past the unfolded length
+        x = self.drop(self.embed(tokens) * self.scale).masked_fill(padding_mask(n, W)[..., None], 0.0)
         for block in self.encoder:
             x = block(x, pad)
-        memory = self.enc_norm(x).masked_fill(pad, 0.0)  # (B,S,D)
-        source = memory[:, :T] if S >= T else F.pad(memory, (0, 0, 0, T - S))  # (B,T,D), zero past |s|
+        memory = self.enc_norm(x).masked_fill(pad, 0.0)  # (B,W,D)
+        source = memory[:, :T] if W >= T else F.pad(memory, (0, 0, 0, T - W))  # (B,T,D), zero past it
         y = self.unfold(torch.cat([self.drop(self.embed(tgt_in) * self.scale), source], dim=-1))
         for block in self.decoder:
             y = block(y)
@@ -332,4 +338,5 @@ def build_baseline(cfg: Mapping, vocab: int) -> nn.Module:
                             dropout=get("dropout"), max_positions=get("max_positions"), d_out=get("d_out"),
                             tie_output=get("tie_output"), weight_norm=get("weight_norm"))
     return PlainByteNet(vocab, d_model=get("d_model"), n_layers=get("n_layers"), kernel_size=get("kernel_size"),
-                        dilations=list(get("dilations")), dropout=get("dropout"), tie_output=get("tie_output"))
+                        dilations=list(get("dilations")), dropout=get("dropout"), tie_output=get("tie_output"),
+                        unfold_a=get("unfold_a"), unfold_b=get("unfold_b"))

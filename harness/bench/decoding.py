@@ -27,6 +27,7 @@ class RecomputePrefix:
     def __init__(self, model):
         self.model = model
         self.max_target_positions = getattr(model, "max_target_positions", None)
+        self.max_output_tokens = getattr(model, "max_output_tokens", None)
 
     def encode(self, src, src_lengths):
         return {"source": src, "lengths": src_lengths, "prefix": src.new_empty(src.size(0), 0)}
@@ -44,6 +45,7 @@ class NoEOS:
     def __init__(self, decoder):
         self.decoder = decoder
         self.max_target_positions = getattr(decoder, "max_target_positions", None)
+        self.max_output_tokens = getattr(decoder, "max_output_tokens", None)
 
     def encode(self, src, src_lengths):
         return self.decoder.encode(src, src_lengths)

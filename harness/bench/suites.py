@@ -56,25 +56,12 @@ from ..environment import cpu_name, git_info
 from ..loss import smoothed_cross_entropy
 from ..precision import autocast_for, cpu_has_bf16_matmul, resolve_precision
 from ..profile import count_flops
-from ..train import TrainConfig, adam
+from ..optim import adam
+from ..train import TrainConfig
 from .baselines import BASELINE_NAMES, WordLanguageModel, build_baseline
-from .decoding import (
-    NoEOS,
-    RecomputePrefix,
-    decode_batches,
-    newstest_like_lengths,
-    source_batches,
-)
-from .timing import (
-    Contender,
-    paired_ratio,
-    peak_call_bytes,
-    resident_bytes,
-    state_tensors,
-    summary,
-    sync,
-    time_interleaved,
-)
+from .decoding import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
+from .timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary, sync,
+                     time_interleaved)
 
 ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")
 SUITES = ("train", "lm", "precision", "decode")
