@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 import models
 import tasks
 
-from . import checkpoint, distributed, record, settings
+from . import checkpoint, distributed, record, settings, utilization
 from .analysis import influence
 from . import metrics as scoring
 from .evaluate import check_converged, evaluate_lm, evaluate_translation
@@ -290,7 +290,7 @@ def _costs(progress, metrics, flops_per_token, device) -> dict:
             "decode_sentences_per_second": decode[-1] if decode else None,
             "flops_per_token": flops_per_token, "train_flops": flops_per_token * progress.tokens,
             "flops_convention": FLOPS_CONVENTION,
-            **record.peak_memory_bytes(device)}
+            **record.peak_memory_bytes(device), **utilization.costs(progress, device)}
 
 
 def _print_summary(rec: dict) -> None:

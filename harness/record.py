@@ -8,7 +8,9 @@ Schema (version 1), top-level keys:
   model {name, preset, form, parameters, paper}, task (task.describe()),
   metrics {valid/test: bleu, chrf, signatures, perplexity, nll, ...},
   costs {train_seconds, steps, epochs, tokens, train_tokens_per_second,
-         decode_sentences_per_second, peak_memory_bytes, flops_per_token, train_flops},
+         decode_sentences_per_second, peak_memory_bytes, flops_per_token, train_flops,
+         cpu_utilization, cpu_seconds, cpu_threads, load_average {start, end}, gpu_utilization
+         (harness/utilization.py)},
   curves {train: [...], valid: [...]}, resumed_from_step, skipped_steps.
 """
 from __future__ import annotations

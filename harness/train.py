@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import models
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, utilization
 from .distributed import SINGLE, Dist
 from .io import remove_stale_temps
 from .loss import smoothed_cross_entropy
@@ -130,6 +130,8 @@ class Progress:
     batch_in_epoch: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # process CPU time over the same timed windows (harness/utilization.py)
+    load_average: dict = field(default_factory=dict)  # the 1-minute load average at training start and end
     best_valid_nll: float = float("inf")
     snapshot_seconds: float = 0.0  # train_seconds at the last weight snapshot (trainer.save_every_seconds)
     skipped_steps: list[int] = field(default_factory=list)
@@ -335,6 +337,9 @@ class Trainer:
         row = {"step": self.p.step, "epoch": self.p.epoch, "loss": window_loss / max(window_tokens, 1),
                "lr": self.sched.get_last_lr()[0], "tokens_per_second": window_tokens / max(window_seconds, 1e-9),
                "train_seconds": round(self.p.train_seconds, 3)}
+        gpu = utilization.gpu_percent(self.device)
+        if gpu is not None:
+            row["gpu_utilization"] = gpu
         self.p.log.append(row)
         log.info("step %d epoch %d loss %.4f lr %.3g tok/s %.0f", row["step"], row["epoch"], row["loss"], row["lr"],
                  row["tokens_per_second"])
@@ -362,6 +367,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=p.step, disable=not (cfg.progress and self.dist.main), dynamic_ncols=True,
                    desc="train", mininterval=2.0)
         window = [torch.zeros((), device=self.device), 0, 0.0]  # loss sum, tokens, seconds
+        p.load_average.setdefault("start", utilization.load_average())
         try:
             while True:
                 batches = self.task.batches("train", cfg.max_tokens, epoch=p.epoch, shuffle=True, seed=self.seed)
@@ -373,7 +379,7 @@ class Trainer:
                     if self.dist.enabled:
                         batch = batch.shard(self.dist.rank, self.dist.world)
                     batch = batch.to(self.device)
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     loss = self.train_step(batch, n_tokens)
                     p.step, p.batch_in_epoch, p.tokens = p.step + 1, p.batch_in_epoch + 1, p.tokens + n_tokens
                     if loss is not None:  # None: a skipped non-finite step, kept out of the logged loss
@@ -383,6 +389,7 @@ class Trainer:
                         sync(self.device)
                     elapsed = time.perf_counter() - start
                     p.train_seconds += elapsed
+                    p.cpu_seconds += time.process_time() - cpu_start
                     if self.dist.enabled:  # one clock and one stop decision for all ranks
                         stop, p.train_seconds = distributed.agree([float(self.should_stop()), p.train_seconds])
                         self._stop_agreed = stop > 0
@@ -412,6 +419,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+        p.load_average["end"] = utilization.load_average()
         if not p.evals or p.evals[-1]["step"] != p.step:
             self.evaluate_and_save()
         self.snapshot(final=True)

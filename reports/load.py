@@ -37,7 +37,9 @@ from harness import metrics as scoring  # torch-free
 RECORD_NAME = "record.json"  # harness.record.RECORD_NAME (not imported: it pulls in torch)
 BUDGET_KEYS = ("max_seconds", "max_steps", "max_tokens", "max_epochs")
 COST_KEYS = ("train_seconds", "steps", "tokens", "train_tokens_per_second", "decode_sentences_per_second",
-             "peak_memory_bytes", "peak_memory_kind", "train_flops", "flops_per_token")
+             "peak_memory_bytes", "peak_memory_kind", "train_flops", "flops_per_token", "cpu_utilization",
+             "gpu_utilization")
+TUNED_KEYS = ("lr", "warmup_steps", "clip_norm")  # trainer settings a tuning grid varies (reports/tuning.py)
 CURVE_KEYS = ("step", "train_seconds", "valid_bleu_greedy", "valid_ppl", "valid_accuracy")
 METRICS = tuple((m.name, m.record_key) for m in scoring.METRICS.values())  # (column, record)
 SIGNATURES = ("bleu_signature", "chrf_signature", "ter_signature")
@@ -214,7 +216,7 @@ def flatten(rec: dict, path: Path) -> dict:
         "device": env.get("device"), "device_name": env.get("device_name"),
         "torch": (env.get("packages") or {}).get("torch"), "python": env.get("python"),
         "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
-        **{k: trainer.get(k) for k in BUDGET_KEYS},
+        **{k: trainer.get(k) for k in BUDGET_KEYS}, **{k: trainer.get(k) for k in TUNED_KEYS},
         "precision": env.get("precision") or trainer.get("precision"),  # resolved (bf16/fp32), not "auto"
         "vocab_size": task_cfg.get("vocab_size"), "task_vocab": task.get("vocab", task.get("tgt_vocab")),
         "tokenization": task.get("segmentation") or task_cfg.get("tokenizer") or task_cfg.get("model_type"),
@@ -223,6 +225,7 @@ def flatten(rec: dict, path: Path) -> dict:
         **{f"valid_{k}": valid.get(m) for k, m in METRICS},
         **{k: test.get(k) or valid.get(k) for k in SIGNATURES},
         **{k: costs.get(k) for k in COST_KEYS},
+        **{f"load_average_{k}": (costs.get("load_average") or {}).get(k) for k in ("start", "end")},
         "packages": json.dumps(env.get("packages") or {}, sort_keys=True),
     }
 

@@ -12,16 +12,17 @@ import pandas as pd
 
 from harness.metrics import METRICS, Metric
 
-from .load import BUDGET_KEYS
+from . import hardware
+from .load import BUDGET_KEYS, TUNED_KEYS
 
-# rows of one summary group: same task (and metrics), architecture (variant and preset), device and budget;
-# seeds are pooled
-GROUP = ["task", "family", "metrics", "arch", "model", "label", "preset", "device_name", "budget"]
+# rows of one summary group: same task (and metrics), architecture (variant and preset), device, budget and
+# optimiser settings (a tuning grid's points are not seeds of one another); seeds are pooled
+GROUP = ["task", "family", "metrics", "arch", "model", "label", "preset", "device_name", "budget", "optimizer"]
 QUALITY = [f"test_{name}" for name in METRICS]  # every metric a record may hold; a task shows its own
 COSTS = [("parameters", "parameters", "{:,.0f}"), ("train_flops", "train FLOPs", "{:.2e}"),
          ("train_seconds", "train s", "{:.1f}"), ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
          ("decode_sentences_per_second", "decode sentences/s", "{:,.1f}"),
-         ("peak_memory_mib", "peak memory MiB", "{:,.0f}")]
+         ("peak_memory_mib", "peak memory MiB", "{:,.0f}"), ("cpu_utilization", "CPU utilisation", "{:.2f}")]
 # settings that must match for a fair comparison: (runs column, label)
 SETTINGS = [*[(k, f"trainer.{k}") for k in BUDGET_KEYS], ("preset", "model preset"), ("precision", "precision"),
             ("device_name", "device"), ("torch", "torch version"), ("tokenization", "tokenization")]
@@ -43,9 +44,15 @@ def budget(row) -> str:
     return ", ".join(parts) or "none"
 
 
+def optimizer(row) -> str:
+    """The optimiser settings a tuning grid varies, e.g. ``lr=0.002, warmup_steps=150, clip_norm=0``."""
+    return ", ".join(f"{k}={_plain(row.get(k))}" for k in TUNED_KEYS if not _missing(row.get(k))) or "?"
+
+
 def with_groups(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     runs["budget"] = runs.apply(budget, axis=1) if len(runs) else []
+    runs["optimizer"] = runs.apply(optimizer, axis=1) if len(runs) else []
     runs["peak_memory_mib"] = pd.to_numeric(runs.get("peak_memory_bytes"), errors="coerce") / 2**20
     for c in GROUP:
         runs[c] = runs[c].fillna("?").astype(str) if c in runs else "?"
@@ -60,11 +67,14 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
         agg[f"{c}_mean"], agg[f"{c}_std"] = (c, "mean"), (c, "std")
     for c, _, _ in COSTS:
         agg[c] = (c, "mean")
+    agg["low_utilization"] = ("low_utilization", lambda s: ", ".join(s.dropna()))
     done = with_groups(ok(runs))
     if done.empty:
         return pd.DataFrame(columns=[*GROUP, *agg])
     numbers = metrics + [c for c, _, _ in COSTS]
     done[numbers] = done[numbers].apply(pd.to_numeric, errors="coerce")
+    done["low_utilization"] = [None if why is None else f"seed {_plain(seed)}: {why}"
+                               for seed, why in zip(done["seed"], hardware.flag(done))]
     return done.groupby(GROUP, sort=True, dropna=False).agg(**agg).reset_index()
 
 
@@ -98,6 +108,10 @@ def summary_display(summ: pd.DataFrame, task: str) -> pd.DataFrame:
         out[f"test {m.label}"] = [pm(v, s, m.fmt) for v, s in zip(rows[f"{c}_mean"], rows[f"{c}_std"])]
     for c, label, fmt in COSTS:
         out[label] = rows[c].map(lambda v, fmt=fmt: num(v, fmt))
+    if rows["optimizer"].nunique() > 1:  # e.g. tuned settings per architecture, or a tuning grid
+        out.insert(3, "optimizer", rows["optimizer"])
+    if rows["low_utilization"].astype(bool).any():
+        out["hardware"] = [hardware.row_warning(text) if text else "" for text in rows["low_utilization"]]
     return out.reset_index(drop=True)
 
 
