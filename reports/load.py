@@ -42,7 +42,7 @@ COST_KEYS = ("train_seconds", "steps", "tokens", "train_tokens_per_second", "dec
 TUNED_KEYS = ("lr", "warmup_steps", "clip_norm")  # trainer settings a tuning grid varies (reports/tuning.py)
 CURVE_KEYS = ("step", "train_seconds", "valid_bleu_greedy", "valid_ppl", "valid_accuracy")
 METRICS = tuple((m.name, m.record_key) for m in scoring.METRICS.values())  # (column, record)
-SIGNATURES = ("bleu_signature", "chrf_signature", "ter_signature")
+SIGNATURES = ("bleu_signature", "chrf_signature", "ter_signature", "bleu_tok_signature")
 KEY = ("job", "record", "status", "kind", "model", "label", "preset", "arch", "task", "family", "metrics", "seed",
        "device_name")
 OBJECT, TEXT, NUMBER = (dict, type(None)), (str, type(None)), (int, float, type(None))

@@ -106,7 +106,9 @@ def table2(runs: pd.DataFrame) -> Section:
         Table(tables.reference_display(reference.table2()),
               f"Reference values, not measured here: {reference.CITATION}", kind="reference"),
         Note(f"Reference rows are quoted from the paper for task {reference.TASK} at the paper's scale; "
-             "compare them with measured rows only for that task and budget.", "note")])
+             "compare them with measured rows only for that task and budget, and like with like: the paper's BLEU is "
+             "tokenized and compound-split (set it beside the measured tokenized BLEU, which wmt14_en_de records as "
+             "bleu_tok), not sacreBLEU; its FLOPs are estimated from time and hardware, ours counted.", "note")])
 
 
 def table1(records: Records, figures: list[plots.Plot] = ()) -> Section:

@@ -14,6 +14,7 @@ from harness.metrics import METRICS, Metric
 
 from . import hardware
 from .load import BUDGET_KEYS, TUNED_KEYS
+from .reference import MEASURED
 
 # rows of one summary group: same task (and metrics), architecture (variant and preset), device, budget and
 # optimiser settings (a tuning grid's points are not seeds of one another); seeds are pooled
@@ -155,16 +156,21 @@ def table2_display(summ: pd.DataFrame) -> pd.DataFrame:
     """Measured rows of the Table 2 layout: BLEU and training cost in FLOPs, per translation task scored by BLEU."""
     rows = summ[(summ["family"] == "translation") & summ["metrics"].astype(str).str.split(",").map(
         lambda names: "bleu" in names)]
-    return pd.DataFrame({"task": rows["task"], "architecture": rows["arch"], "device": rows["device_name"],
-                         "n": rows["n"], "test BLEU": [pm(m, s) for m, s in zip(rows["test_bleu_mean"],
-                                                                                   rows["test_bleu_std"])],
-                         "training cost (FLOPs)": rows["train_flops"].map(lambda v: num(v, "{:.2e}"))}
-                        ).reset_index(drop=True)
+    out = pd.DataFrame({"task": rows["task"], "architecture": rows["arch"], "device": rows["device_name"],
+                        "n": rows["n"], "test BLEU": [pm(m, s) for m, s in zip(rows["test_bleu_mean"],
+                                                                                  rows["test_bleu_std"])],
+                        "training cost (FLOPs)": rows["train_flops"].map(lambda v: num(v, "{:.2e}")),
+                        "BLEU pipeline": MEASURED["bleu"], "FLOPs method": MEASURED["flops"]})
+    if pd.to_numeric(rows["test_bleu_tok_mean"], errors="coerce").notna().any():  # the paper's BLEU too (wmt14_en_de)
+        out.insert(5, "test BLEU, tokenized + compound split",
+                   [pm(m, s) for m, s in zip(rows["test_bleu_tok_mean"], rows["test_bleu_tok_std"])])
+    return out.reset_index(drop=True)
 
 
 def reference_display(ref: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"model (reference)": ref["model"], "EN-DE BLEU": ref["bleu"].map(lambda v: num(v, "{:g}")),
-                         "training cost (FLOPs)": ref["train_flops"].map(lambda v: num(v, "{:.1e}"))})
+                         "training cost (FLOPs)": ref["train_flops"].map(lambda v: num(v, "{:.1e}")),
+                         "BLEU pipeline": ref["bleu_pipeline"], "FLOPs method": ref["flops_method"]})
 
 
 def differing_settings(runs: pd.DataFrame) -> pd.DataFrame:
@@ -223,7 +229,8 @@ def appendix(runs: pd.DataFrame) -> pd.DataFrame:
 
 def signatures(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for col, metric in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF"), ("ter_signature", "TER")):
+    for col, metric in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF"), ("ter_signature", "TER"),
+                        ("bleu_tok_signature", "tokenized BLEU")):
         for sig, n in runs[col].dropna().value_counts().sort_index().items() if col in runs else []:
             rows.append({"metric": metric, "sacrebleu signature": sig, "runs": n})
     return pd.DataFrame(rows, columns=["metric", "sacrebleu signature", "runs"])
