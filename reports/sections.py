@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import hardware, plots, reference, tables
+from . import hardware, plots, reference, tables, tuning
 from .load import Records
 from .render import Note, Section, Table
 
@@ -20,7 +20,8 @@ def all_sections(records: Records, dirs: list[Path], plot_dir: Path) -> list[Sec
     runs = records.runs
     figures = plots.make_all(records, plot_dir)
     analysis = [p for p in figures if p.name in plots.TABLE1]
-    return [overview(records, dirs), fairness(runs), *results(runs), table2(runs), table1(records, analysis),
+    return [overview(records, dirs), fairness(runs), *tuning.sections(runs), *results(runs), table2(runs),
+            table1(records, analysis),
             Section("Plots", [p for p in figures if p.name not in plots.TABLE1]), failures(runs), appendix(runs)]
 
 
