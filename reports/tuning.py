@@ -126,7 +126,8 @@ def grid_display(points: pd.DataFrame, chosen: pd.DataFrame, task: str) -> pd.Da
     for _, r in rows.iterrows():
         row = table.setdefault(r["architecture"], {"architecture": r["architecture"],
                                                    **{LABELS[k]: _value(r[k]) for k in TUNED_KEYS if k not in varying}})
-        row[", ".join(f"{LABELS[k]} {_value(r[k])}" for k in varying)] = _cell(r) + (" ✓" if _point(r) in picked else "")
+        column = ", ".join(f"{LABELS[k]} {_value(r[k])}" for k in varying)
+        row[column] = _cell(r) + (" ✓" if _point(r) in picked else "")
     return pd.DataFrame(list(table.values())).fillna("–")
 
 
@@ -140,7 +141,8 @@ def choice_display(chosen: pd.DataFrame) -> pd.DataFrame:
 
 def _cell(r) -> str:
     """A grid point's score as the report shows it: the value, the seeds when not one, the runs that failed."""
-    notes = ([f"n={r['seeds']}"] if r["seeds"] not in (0, 1) else []) + ([f"{r['failed']} failed"] if r["failed"] else [])
+    notes = [f"n={r['seeds']}"] if r["seeds"] not in (0, 1) else []
+    notes += [f"{r['failed']} failed"] if r["failed"] else []
     score = "–" if pd.isna(r["valid"]) else METRICS[r["metric"]].fmt.format(r["valid"])
     return score + (f" ({', '.join(notes)})" if notes else "")
 
