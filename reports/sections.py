@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import hardware, plots, reference, tables, tuning
+from . import hardware, plots, reference, tables
 from .load import Records
 from .render import Note, Section, Table
 
@@ -17,6 +17,8 @@ log = logging.getLogger("seqbench.reports")
 def all_sections(records: Records, dirs: list[Path], plot_dir: Path) -> list[Section]:
     if records.runs.empty:
         return [overview(records, dirs)]
+    from . import tuning  # here, not at the top: `python -m reports.tuning` runs that module as __main__
+
     runs = records.runs
     figures = plots.make_all(records, plot_dir)
     analysis = [p for p in figures if p.name in plots.TABLE1]

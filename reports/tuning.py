@@ -33,7 +33,9 @@ GRID = ["task", "architecture", "model", "preset", *TUNED_KEYS, "metric", "valid
 def grid(runs: pd.DataFrame) -> pd.DataFrame:
     """Per task, architecture and grid point (in grid order): the mean validation score over seeds, the seeds
     scored, and the runs that did not finish (a learning rate that diverges shows here)."""
-    train = runs[runs["kind"] == "train"] if len(runs) else runs
+    if runs.empty:
+        return pd.DataFrame(columns=GRID)
+    train = runs[runs["kind"] == "train"]
     rows = []
     for (task, arch), group in train.groupby(["task", "arch"], sort=True):
         metrics = tables.task_metrics(group)

@@ -121,6 +121,10 @@ def test_tuning_cli_writes_tuned_yaml_and_names_a_missing_folder(tmp_path, capsy
             "trainer.warmup_steps=150 trainer.clip_norm=0") in printed
     assert yaml.safe_load((tmp_path / "sweep" / "tuned.yaml").read_text())["wikitext2"]["transformer-tiny"][
         "valid_ppl"] == 100.0
+    (tmp_path / "empty").mkdir()
+    assert tuning.main([str(tmp_path / "empty")]) == 0
+    assert "no finished runs with a validation score: nothing chosen" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "empty" / "tuned.yaml").read_text()) == {}
     with pytest.raises(SystemExit):
         tuning.main([str(tmp_path / "missing")])
     assert "missing: no such folder; give the folder of an experiment=tune sweep" in capsys.readouterr().err
