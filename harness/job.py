@@ -14,7 +14,7 @@ import models
 import tasks
 from tasks.base import EvalContext
 
-from . import checkpoint, distributed, environment, lm_protocol, schema, secrets, settings
+from . import checkpoint, distributed, environment, lm_protocol, schema, secrets, settings, utilization
 from . import metrics as scoring
 from .analysis import influence
 from .cluster.signals import StopFlag, slurm_job_id
@@ -212,7 +212,7 @@ def _costs(progress, metrics, flops_per_token, device) -> dict:
             "decode_sentences_per_second": decode[-1] if decode else None,
             "flops_per_token": flops_per_token, "train_flops": flops_per_token * progress.tokens,
             "flops_convention": FLOPS_CONVENTION,
-            **environment.peak_memory_bytes(device)}
+            **environment.peak_memory_bytes(device), **utilization.costs(progress, device)}
 
 
 def _print_summary(rec: dict) -> None:

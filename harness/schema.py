@@ -12,7 +12,9 @@ Schema (version 1), top-level keys:
                threads_chosen, hostname, deterministic, precision, processes}  (harness/environment.py),
   model {name, preset, form, paper, parameters, warnings}, task (the task's ``describe()``: name, family, form,
   metrics, ...), metrics {<split>: the task's ``evaluate`` entries}, eval_checkpoint,
-  costs {COST_KEYS, flops_convention, peak_memory_kind}, curves {train: [...], valid: [...]},
+  costs {COST_KEYS, flops_convention, cpu_seconds, cpu_threads, load_average {start, end},
+         gpu_utilization_samples} (harness/utilization.py: how much of the machine the run had),
+  curves {train: [...], valid: [...]},
   resumed_from_step, skipped_steps, best_recreated; analysis jobs carry path_length or analysis instead.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ RECORD_NAME = "record.json"
 STATUSES = ("running", "ok", "failed", "interrupted")
 BUDGET_KEYS = ("max_seconds", "max_steps", "max_tokens", "max_epochs")  # config.trainer: what bounds training
 COST_KEYS = ("train_seconds", "steps", "tokens", "train_tokens_per_second", "decode_sentences_per_second",
-             "peak_memory_bytes", "peak_memory_kind", "train_flops", "flops_per_token")
+             "peak_memory_bytes", "peak_memory_kind", "train_flops", "flops_per_token", "cpu_utilization",
+             "gpu_utilization")
 CURVE_KEYS = ("step", "train_seconds", "valid_bleu_greedy", "valid_ppl", "valid_accuracy")  # curves.valid rows
 OBJECT, TEXT, NUMBER = (dict, type(None)), (str, type(None)), (int, float, type(None))
 # the JSON types the report accepts where it reads a record (absent keys are fine)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 import models
 from tasks.base import EvalContext
 
-from . import checkpoint, distributed, lm_protocol, optim
+from . import checkpoint, distributed, lm_protocol, optim, utilization
 from .device import sync
 from .distributed import SINGLE, Dist
 from .evaluate import mean_nll, perplexity
@@ -137,6 +137,8 @@ class Progress:
     batch_in_epoch: int = 0
     tokens: int = 0
     train_seconds: float = 0.0
+    cpu_seconds: float = 0.0  # process CPU time over the same timed windows (harness/utilization.py)
+    load_average: dict = field(default_factory=dict)  # the 1-minute load average at training start and end
     best_valid_nll: float = float("inf")
     snapshot_seconds: float = 0.0  # train_seconds at the last weight snapshot (trainer.save_every_seconds)
     lr_shrinks: int = 0  # schedule=plateau: validations so far that did not improve on the best
@@ -364,6 +366,9 @@ class Trainer:
         row = {"step": self.p.step, "epoch": self.p.epoch, "loss": window_loss / max(window_tokens, 1),
                "lr": self.sched.get_last_lr()[0], "tokens_per_second": window_tokens / max(window_seconds, 1e-9),
                "train_seconds": round(self.p.train_seconds, 3)}
+        gpu = utilization.gpu_percent(self.device)
+        if gpu is not None:
+            row["gpu_utilization"] = gpu
         self.p.log.append(row)
         log.info("step %d epoch %d loss %.4f lr %.3g tok/s %.0f", row["step"], row["epoch"], row["loss"], row["lr"],
                  row["tokens_per_second"])
@@ -391,6 +396,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=p.step, disable=not (cfg.progress and self.dist.main), dynamic_ncols=True,
                    desc="train", mininterval=2.0)
         window = [torch.zeros((), device=self.device), 0, 0.0]  # loss sum, tokens, seconds
+        p.load_average.setdefault("start", utilization.load_average())
         try:
             while True:
                 batches = self.carry.batches if self.carry else self.task.batches(
@@ -403,7 +409,7 @@ class Trainer:
                     if self.dist.enabled:
                         batch = batch.shard(self.dist.rank, self.dist.world)
                     batch = batch.to(self.device)
-                    start = time.perf_counter()
+                    start, cpu_start = time.perf_counter(), time.process_time()
                     loss = self.train_step(batch, n_tokens)
                     p.step, p.batch_in_epoch, p.tokens = p.step + 1, p.batch_in_epoch + 1, p.tokens + n_tokens
                     if optim.phase(cfg, p.step) != optim.phase(cfg, p.step - 1):  # adam_then_sgd's switch
@@ -415,6 +421,7 @@ class Trainer:
                         sync(self.device)
                     elapsed = time.perf_counter() - start
                     p.train_seconds += elapsed
+                    p.cpu_seconds += time.process_time() - cpu_start
                     if self.dist.enabled:  # one clock and one stop decision for all ranks
                         stop, p.train_seconds = distributed.agree([float(self.should_stop()), p.train_seconds])
                         self._stop_agreed = stop > 0
@@ -444,6 +451,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+        p.load_average["end"] = utilization.load_average()
         if not p.evals or p.evals[-1]["step"] != p.step:
             self.evaluate_and_save()
         self.snapshot(final=True)

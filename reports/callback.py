@@ -1,4 +1,4 @@
-"""Hydra callback: build the sweep's report when a multirun ends.
+"""Hydra callback: build the sweep's report when a multirun ends (and, after ``experiment=tune``, tuned.yaml).
 
 Wire it in ``conf/config.yaml``::
 
@@ -30,7 +30,13 @@ class BuildReport(Callback):
         scrub_files(sweep)  # multirun.yaml holds the command-line overrides
         try:
             path = build([sweep], sweep / "report")
+            print(f"[seqbench] report: {path}")
         except Exception:  # the records are safe; a report bug must not fail the finished sweep
             log.exception("report failed; rebuild it with: python -m reports %s --out %s", sweep, sweep / "report")
-            return
-        print(f"[seqbench] report: {path}")
+        if "tune" in config:  # experiment=tune: the choice per architecture, and the overrides to use
+            from . import tuning
+
+            try:
+                tuning.main([str(sweep)])
+            except Exception:
+                log.exception("choosing the tuned settings failed; rerun: python -m reports.tuning %s", sweep)

@@ -37,7 +37,8 @@ from harness.schema import BUDGET_KEYS, COST_KEYS, CURVE_KEYS, RECORD_NAME, SHAP
 
 METRICS = tuple((m.name, m.record_key) for m in scoring.METRICS.values())  # (column, record)
 QUALITY = [f"test_{name}" for name, _ in METRICS]  # every metric a record may hold; a task shows its own
-SIGNATURES = ("bleu_signature", "chrf_signature", "ter_signature")
+SIGNATURES = ("bleu_signature", "chrf_signature", "ter_signature", "bleu_tok_signature")
+TUNED_KEYS = ("lr", "warmup_steps", "clip_norm")  # trainer settings a tuning grid varies (reports/tuning.py)
 KEY = ("job", "record", "status", "kind", "model", "label", "preset", "arch", "task", "family", "metrics", "seed",
        "device_name", "lm_protocol")
 # names cut to LABEL_LIMIT characters in plots and report tables, errors to TEXT_LIMIT (the tidy tables keep them)
@@ -204,7 +205,7 @@ def flatten(rec: dict, path: Path) -> dict:
         "device": env.get("device"), "device_name": env.get("device_name"),
         "torch": (env.get("packages") or {}).get("torch"), "python": env.get("python"),
         "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
-        **{k: trainer.get(k) for k in BUDGET_KEYS},
+        **{k: trainer.get(k) for k in BUDGET_KEYS}, **{k: trainer.get(k) for k in TUNED_KEYS},
         "precision": env.get("precision") or trainer.get("precision"),  # resolved (bf16/fp32), not "auto"
         "vocab_size": task_cfg.get("vocab_size"), "task_vocab": task.get("vocab", task.get("tgt_vocab")),
         "tokenization": task.get("segmentation") or task_cfg.get("tokenizer") or task_cfg.get("model_type"),
@@ -214,6 +215,7 @@ def flatten(rec: dict, path: Path) -> dict:
         **{f"valid_{k}": valid.get(m) for k, m in METRICS},
         **{k: test.get(k) or valid.get(k) for k in SIGNATURES},
         **{k: costs.get(k) for k in COST_KEYS},
+        **{f"load_average_{k}": (costs.get("load_average") or {}).get(k) for k in ("start", "end")},
         "packages": json.dumps(env.get("packages") or {}, sort_keys=True),
     }
 

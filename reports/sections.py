@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots, reference, significance, tables
+from . import hardware, plots, reference, significance, tables
 from .load import Records
 from .render import Note, Section, Table
 
@@ -19,11 +19,14 @@ def all_sections(records: Records, dirs: list[Path], plot_dir: Path,
     """The report's sections; ``pairs`` is :func:`significance.pairwise` of the runs (computed here if not given)."""
     if records.runs.empty:
         return [overview(records, dirs)]
+    from . import tuning  # here, not at the top: `python -m reports.tuning` runs that module as __main__
+
     runs = records.runs
     figures = plots.make_all(records, plot_dir)
     analysis = [p for p in figures if p.name in plots.TABLE1]
     pairs = significance.pairwise(runs) if pairs is None else pairs
-    return [overview(records, dirs), fairness(runs), *results(runs, pairs), table2(runs), table1(records, analysis),
+    return [overview(records, dirs), fairness(runs), *tuning.sections(runs), *results(runs, pairs), table2(runs),
+            table1(records, analysis),
             Section("Plots", [p for p in figures if p.name not in plots.TABLE1]), failures(runs), appendix(runs)]
 
 
@@ -57,15 +60,36 @@ def fairness(runs: pd.DataFrame) -> Section:
     blocks = [Note(m, "warning") for msgs in tables.fairness_warnings(runs).values() for m in msgs]
     for note in blocks:
         log.warning(note.text)
+    low, unfair = hardware_blocks(tables.ok(runs))
+    blocks += low
     differ = tables.differing_settings(runs)
     checked = ", ".join(label for _, label in tables.SETTINGS) + ", task.* (task settings and tokenization)"
     if tables.ok(runs).empty:
         blocks.append(Note("no finished training runs to compare", "note"))
     elif differ.empty:
-        blocks.append(Note(f"Within each task, all finished runs share these settings: {checked}.", "text"))
+        blocks.append(Note(f"Within each task, all finished runs share these settings: {checked}."
+                           + (" They did not share the hardware alike: the comparison is not fair for the runs "
+                              f"flagged above ({unfair})." if unfair else ""), "text"))
     else:
         blocks.append(Table(differ, f"Settings that differ between the finished runs of one task (checked: {checked})"))
     return Section("Fair comparison", blocks)
+
+
+def hardware_blocks(done: pd.DataFrame) -> tuple[list, int]:
+    """The warning and table of runs that got too little of the machine (reports/hardware.py), and their number."""
+    low = hardware.flagged(done)
+    blocks = []
+    if len(low):
+        blocks.append(Note(f"WARNING: {len(low)} runs got less of the machine than the runs they are compared with "
+                           f"(CPU utilisation below {hardware.RELATIVE} x their group's median or below "
+                           f"{hardware.FLOOR}; group: the finished runs of one task on one device): their throughput "
+                           "and budget-bound quality are not comparable; rerun them on a quiet machine.", "warning"))
+        blocks.append(Table(low, "Runs with low hardware utilisation (CPU seconds / (training seconds x threads))"))
+    missing = hardware.unknown(done)
+    if missing:
+        blocks.append(Note(f"{missing} finished runs record no CPU utilisation (older records): whether they had the "
+                           "machine to themselves is unknown.", "note"))
+    return blocks, len(low)
 
 
 def results(runs: pd.DataFrame, pairs: pd.DataFrame) -> list[Section]:
@@ -102,7 +126,9 @@ def table2(runs: pd.DataFrame) -> Section:
         Table(tables.reference_display(reference.table2()),
               f"Reference values, not measured here: {reference.CITATION}", kind="reference"),
         Note(f"Reference rows are quoted from the paper for task {reference.TASK} at the paper's scale; "
-             "compare them with measured rows only for that task and budget.", "note")])
+             "compare them with measured rows only for that task and budget, and like with like: the paper's BLEU is "
+             "tokenized and compound-split (set it beside the measured tokenized BLEU, which wmt14_en_de records as "
+             "bleu_tok), not sacreBLEU; its FLOPs are estimated from time and hardware, ours counted.", "note")])
 
 
 def table1(records: Records, figures: list[plots.Plot] = ()) -> Section:

@@ -12,16 +12,18 @@ import pandas as pd
 
 from harness.metrics import METRICS, Metric
 
-from . import stats
-from .load import BUDGET_KEYS, QUALITY
+from . import hardware, stats
+from .load import BUDGET_KEYS, QUALITY, TUNED_KEYS
+from .reference import MEASURED
 
-# rows of one summary group: same task (and metrics), architecture (variant and preset), device and budget;
-# seeds are pooled
-GROUP = ["task", "family", "metrics", "arch", "model", "label", "preset", "device_name", "budget", "lm_protocol"]
+# rows of one summary group: same task (and metrics), architecture (variant and preset), device, budget,
+# optimiser settings (a tuning grid's points are not seeds of one another) and LM protocol; seeds are pooled
+GROUP = ["task", "family", "metrics", "arch", "model", "label", "preset", "device_name", "budget", "optimizer",
+         "lm_protocol"]
 COSTS = [("parameters", "parameters", "{:,.0f}"), ("train_flops", "train FLOPs", "{:.2e}"),
          ("train_seconds", "train s", "{:.1f}"), ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
          ("decode_sentences_per_second", "decode sentences/s", "{:,.1f}"),
-         ("peak_memory_mib", "peak memory MiB", "{:,.0f}")]
+         ("peak_memory_mib", "peak memory MiB", "{:,.0f}"), ("cpu_utilization", "CPU utilisation", "{:.2f}")]
 # settings that must match for a fair comparison: (runs column, label)
 SETTINGS = [*[(k, f"trainer.{k}") for k in BUDGET_KEYS], ("preset", "model preset"), ("precision", "precision"),
             ("device_name", "device"), ("torch", "torch version"), ("tokenization", "tokenization"),
@@ -44,9 +46,15 @@ def budget(row) -> str:
     return ", ".join(parts) or "none"
 
 
+def optimizer(row) -> str:
+    """The optimiser settings a tuning grid varies, e.g. ``lr=0.002, warmup_steps=150, clip_norm=0``."""
+    return ", ".join(f"{k}={_plain(row.get(k))}" for k in TUNED_KEYS if not _missing(row.get(k))) or "?"
+
+
 def with_groups(runs: pd.DataFrame) -> pd.DataFrame:
     runs = runs.copy()
     runs["budget"] = runs.apply(budget, axis=1) if len(runs) else []
+    runs["optimizer"] = runs.apply(optimizer, axis=1) if len(runs) else []
     runs["peak_memory_mib"] = pd.to_numeric(runs.get("peak_memory_bytes"), errors="coerce") / 2**20
     for c in GROUP:
         runs[c] = runs[c].fillna("?").astype(str) if c in runs else "?"
@@ -64,11 +72,14 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
         agg[f"{c}_ci_high"] = (c, lambda s: stats.t_interval(s).high)
     for c, _, _ in COSTS:
         agg[c] = (c, "mean")
+    agg["low_utilization"] = ("low_utilization", lambda s: ", ".join(s.dropna()))
     done = with_groups(ok(runs))
     if done.empty:
         return pd.DataFrame(columns=[*GROUP, *agg])
     numbers = metrics + [c for c, _, _ in COSTS]
     done[numbers] = done[numbers].apply(pd.to_numeric, errors="coerce")
+    done["low_utilization"] = [None if why is None else f"seed {_plain(seed)}: {why}"
+                               for seed, why in zip(done["seed"], hardware.flag(done))]
     return done.groupby(GROUP, sort=True, dropna=False).agg(**agg).reset_index()
 
 
@@ -103,6 +114,10 @@ def summary_display(summ: pd.DataFrame, task: str) -> pd.DataFrame:
         out[f"test {m.label}"] = [spread(row, f"test_{m.name}", m.fmt) for _, row in rows.iterrows()]
     for c, label, fmt in COSTS:
         out[label] = rows[c].map(lambda v, fmt=fmt: num(v, fmt))
+    if rows["optimizer"].nunique() > 1:  # e.g. tuned settings per architecture, or a tuning grid
+        out.insert(3, "optimizer", rows["optimizer"])
+    if rows["low_utilization"].astype(bool).any():
+        out["hardware"] = [hardware.row_warning(text) if text else "" for text in rows["low_utilization"]]
     return out.reset_index(drop=True)
 
 
@@ -148,15 +163,20 @@ def table2_display(summ: pd.DataFrame) -> pd.DataFrame:
     """Measured rows of the Table 2 layout: BLEU and training cost in FLOPs, per translation task scored by BLEU."""
     rows = summ[(summ["family"] == "translation") & summ["metrics"].astype(str).str.split(",").map(
         lambda names: "bleu" in names)]
-    return pd.DataFrame({"task": rows["task"], "architecture": rows["arch"], "device": rows["device_name"],
-                         "n": rows["n"], "test BLEU": [spread(row, "test_bleu") for _, row in rows.iterrows()],
-                         "training cost (FLOPs)": rows["train_flops"].map(lambda v: num(v, "{:.2e}"))}
-                        ).reset_index(drop=True)
+    out = pd.DataFrame({"task": rows["task"], "architecture": rows["arch"], "device": rows["device_name"],
+                        "n": rows["n"], "test BLEU": [spread(row, "test_bleu") for _, row in rows.iterrows()],
+                        "training cost (FLOPs)": rows["train_flops"].map(lambda v: num(v, "{:.2e}")),
+                        "BLEU pipeline": MEASURED["bleu"], "FLOPs method": MEASURED["flops"]})
+    if pd.to_numeric(rows["test_bleu_tok_mean"], errors="coerce").notna().any():  # the paper's BLEU too (wmt14_en_de)
+        out.insert(5, "test BLEU, tokenized + compound split",
+                   [spread(row, "test_bleu_tok") for _, row in rows.iterrows()])
+    return out.reset_index(drop=True)
 
 
 def reference_display(ref: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"model (reference)": ref["model"], "EN-DE BLEU": ref["bleu"].map(lambda v: num(v, "{:g}")),
-                         "training cost (FLOPs)": ref["train_flops"].map(lambda v: num(v, "{:.1e}"))})
+                         "training cost (FLOPs)": ref["train_flops"].map(lambda v: num(v, "{:.1e}")),
+                         "BLEU pipeline": ref["bleu_pipeline"], "FLOPs method": ref["flops_method"]})
 
 
 def differing_settings(runs: pd.DataFrame) -> pd.DataFrame:
@@ -216,7 +236,8 @@ def appendix(runs: pd.DataFrame) -> pd.DataFrame:
 
 def signatures(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
-    for col, metric in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF"), ("ter_signature", "TER")):
+    for col, metric in (("bleu_signature", "BLEU"), ("chrf_signature", "chrF"), ("ter_signature", "TER"),
+                        ("bleu_tok_signature", "tokenized BLEU")):
         for sig, n in runs[col].dropna().value_counts().sort_index().items() if col in runs else []:
             rows.append({"metric": metric, "sacrebleu signature": sig, "runs": n})
     return pd.DataFrame(rows, columns=["metric", "sacrebleu signature", "runs"])

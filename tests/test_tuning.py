@@ -1,0 +1,141 @@
+"""One tuning protocol for every architecture: ``experiment=tune`` end to end through run.py's multirun, and the
+choice (reports/tuning.py) against values derived by hand from the records."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+import reports
+from reports import tuning
+from reports.load import load
+from tests.conftest import ROOT
+from tests.test_reports import record, write_records
+
+
+def write_text_folder(folder: Path) -> Path:
+    """A small word-level language-modelling folder (train/valid/test.txt), fixed by its seed."""
+    rng = random.Random(0)
+    words = "the cat dog sat on mat a big small red runs jumps over under house tree".split()
+    folder.mkdir(parents=True)
+    for split, n in (("train", 400), ("valid", 40), ("test", 40)):
+        lines = (" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n))
+        (folder / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def test_experiment_tune_runs_end_to_end_and_chooses_the_best_validation_score(tmp_path, data_root):
+    text, sweep = write_text_folder(tmp_path / "words"), tmp_path / "sweep"
+    env = {**os.environ, "SEQBENCH_DATA_ROOT": str(data_root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "run.py", "-m", "experiment=tune", "model=transformer_tiny,lstm_tiny",
+                          "task=text_files", f"task.path={text}", "trainer=smoke", "trainer.lr=1e-3,1e-2",
+                          "trainer.warmup_steps=2", "device=cpu", "data.download=false", f"hydra.sweep.dir={sweep}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/record.json"))]
+    assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
+    assert all(set(r["metrics"]) == {"valid"} for r in records)  # chosen on validation: the test set never decoded
+    clip = {r["model"]["name"]: r["config"]["trainer"]["clip_norm"] for r in records}
+    assert clip == {"lstm": 5.0, "transformer": 0.0}  # the LSTM's paper clips at 5; the Transformer's does not
+    # the choice, derived from the records alone: per model, the lr of the lowest validation perplexity
+    best = {}
+    for r in records:
+        key, ppl = f"{r['model']['name']}-{r['model']['preset']}", r["metrics"]["valid"]["perplexity"]
+        if key not in best or ppl < best[key][0]:
+            best[key] = (ppl, r["config"]["trainer"]["lr"])
+    assert len({ppl for ppl, _ in best.values()}) == 2
+    chosen = yaml.safe_load((sweep / "tuned.yaml").read_text())["words"]
+    for arch, (ppl, lr) in best.items():
+        model, preset = arch.split("-")
+        assert chosen[arch]["overrides"] == [f"model={model}_{preset}", f"trainer.lr={lr}", "trainer.warmup_steps=2",
+                                             f"trainer.clip_norm={int(clip[model])}"]
+        assert chosen[arch]["valid_ppl"] == pytest.approx(ppl) and chosen[arch]["seeds"] == 1
+        assert f"words {arch} (valid ppl {ppl:.4g}, 1 seeds): {' '.join(chosen[arch]['overrides'])}" in out.stdout
+    md = (sweep / "report" / "report.md").read_text()
+    assert "## Tuning: one grid for every architecture" in md
+    assert "| architecture | warm-up | clip | lr 0.001 | lr 0.01 |" in md
+
+
+def grid_records() -> list[dict]:
+    """Translation: the Transformer at lr 1e-3 (valid BLEU 20 and 24: mean 22), 2e-3 (23 and 23: mean 23) and 4e-3
+    (failed); its test BLEU favours 1e-3, which must not count. The LSTM at 1e-3 and 2e-3 ties at 10: the smaller
+    lr wins. Language model: perplexity, lower is better: 120 at 1e-3, 100 at 2e-3."""
+    def run(model, task, seed, lr, valid, test, status="ok"):
+        rec = record(model, task, seed, scores=(test, 50.0) if task == "multi30k" else (test,), status=status,
+                     name=f"{model}_{task}_lr{lr}_s{seed}")
+        rec["config"]["trainer"].update(lr=lr, warmup_steps=150, clip_norm=5.0 if model == "lstm" else 0.0)
+        if status == "ok":
+            rec["metrics"]["valid"] = {"bleu": valid, "chrf": 50.0} if task == "multi30k" else {"perplexity": valid}
+        return rec
+    return [run("transformer", "multi30k", 1, 1e-3, 20.0, 30.0), run("transformer", "multi30k", 2, 1e-3, 24.0, 30.0),
+            run("transformer", "multi30k", 1, 2e-3, 23.0, 10.0), run("transformer", "multi30k", 2, 2e-3, 23.0, 10.0),
+            run("transformer", "multi30k", 1, 4e-3, None, None, status="failed"),
+            run("lstm", "multi30k", 1, 1e-3, 10.0, 12.0), run("lstm", "multi30k", 1, 2e-3, 10.0, 12.0),
+            run("transformer", "wikitext2", 1, 1e-3, 120.0, 90.0),
+            run("transformer", "wikitext2", 1, 2e-3, 100.0, 95.0)]
+
+
+def test_the_choice_is_the_best_mean_validation_score_per_architecture(tmp_path):
+    runs = load([write_records(tmp_path, grid_records())]).runs
+    points = tuning.grid(runs)
+    assert tuning.is_grid(points)
+    chosen = tuning.choose(points)
+    picked = {(r.task, r.architecture): (r.lr, r.valid, r.seeds) for r in chosen.itertuples()}
+    assert picked == {("multi30k", "lstm-tiny"): (1e-3, 10.0, 1), ("multi30k", "transformer-tiny"): (2e-3, 23.0, 2),
+                      ("wikitext2", "transformer-tiny"): (2e-3, 100.0, 1)}
+    failed = points[(points["architecture"] == "transformer-tiny") & (points["lr"] == 4e-3)].iloc[0]
+    assert failed["failed"] == 1 and failed["seeds"] == 0 and pd.isna(failed["valid"])
+    assert tuning.tuned(chosen)["multi30k"]["lstm-tiny"] == {
+        "overrides": ["model=lstm_tiny", "trainer.lr=0.001", "trainer.warmup_steps=150", "trainer.clip_norm=5"],
+        "valid_bleu": 10.0, "seeds": 1}
+
+
+def test_report_shows_the_grid_and_the_choice_per_architecture(tmp_path):
+    reports.build([write_records(tmp_path / "records", grid_records())], tmp_path / "report")
+    section = (tmp_path / "report" / "report.md").read_text().split("## Tuning")[1].split("## Results")[0]
+    assert "| architecture | warm-up | clip | lr 0.001 | lr 0.002 | lr 0.004 |" in section
+    assert "| transformer-tiny | 150 | 0 | 22.00 (n=2) | 23.00 (n=2) ✓ | – (1 failed) |" in section
+    assert "| lstm-tiny | 150 | 5 | 10.00 ✓ | 10.00 | – |" in section
+    assert "| wikitext2 | transformer-tiny | 0.002 | 150 | 0 | perplexity 100.00 | model=transformer_tiny " \
+           "trainer.lr=0.002 trainer.warmup_steps=150 trainer.clip_norm=0 |" in section
+
+
+def test_records_of_one_setting_per_architecture_get_no_tuning_section(tmp_path):
+    recs = [record("transformer", "multi30k", s, scores=(20.0, 50.0)) for s in (1, 2)]
+    reports.build([write_records(tmp_path / "records", recs)], tmp_path / "report")
+    assert "## Tuning" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_tuning_cli_writes_tuned_yaml_and_names_a_missing_folder(tmp_path, capsys):
+    write_records(tmp_path / "sweep", grid_records())
+    assert tuning.main([str(tmp_path / "sweep")]) == 0
+    printed = capsys.readouterr().out
+    assert ("multi30k transformer-tiny (valid bleu 23, 2 seeds): model=transformer_tiny trainer.lr=0.002 "
+            "trainer.warmup_steps=150 trainer.clip_norm=0") in printed
+    assert yaml.safe_load((tmp_path / "sweep" / "tuned.yaml").read_text())["wikitext2"]["transformer-tiny"][
+        "valid_ppl"] == 100.0
+    (tmp_path / "empty").mkdir()
+    assert tuning.main([str(tmp_path / "empty")]) == 0
+    assert "no finished runs with a validation score: nothing chosen" in capsys.readouterr().out
+    assert yaml.safe_load((tmp_path / "empty" / "tuned.yaml").read_text()) == {}
+    with pytest.raises(SystemExit):
+        tuning.main([str(tmp_path / "missing")])
+    assert "missing: no such folder; give the folder of an experiment=tune sweep" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model,clip", [("convs2s", 0.1), ("lstm", 5.0), ("gru", 5.0), ("transformer", 0.0),
+                                        ("bytenet", 0.0), ("convs2s_tiny", 0.1)])
+def test_tune_clips_where_the_architectures_paper_does(make_cfg, model, clip):
+    cfg = make_cfg("experiment=tune", f"model={model}")
+    assert cfg.trainer.clip_norm == clip and list(cfg.eval.splits) == ["valid"]
+
+
+def test_an_explicit_clip_norm_overrides_the_papers(make_cfg):
+    assert make_cfg("experiment=tune", "model=convs2s", "trainer.clip_norm=1.0").trainer.clip_norm == 1.0
