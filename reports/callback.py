@@ -13,24 +13,30 @@ import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("seqbench.reports")
 
 
 class BuildReport(Callback):
-    """Writes ``<sweep dir>/report/`` from the sweep's records and prints its path."""
+    """Writes ``<sweep dir>/report/`` from the sweep's records and prints its path; with ``logger=wandb`` the
+    report is also logged as a wandb run in the sweep's group."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from . import build  # pandas/seaborn load only when the sweep ends
+        from . import build_report  # pandas/seaborn load only when the sweep ends
 
         sweep = Path(config.hydra.sweep.dir)
         from harness.record import scrub_files
 
         scrub_files(sweep)  # multirun.yaml holds the command-line overrides
         try:
-            path = build([sweep], sweep / "report")
+            report = build_report([sweep], sweep / "report")
         except Exception:  # the records are safe; a report bug must not fail the finished sweep
             log.exception("report failed; rebuild it with: python -m reports %s --out %s", sweep, sweep / "report")
             return
-        print(f"[seqbench] report: {path}")
+        print(f"[seqbench] report: {report.html}")
+        logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else None
+        if logger and logger.get("kind") == "wandb":
+            from .wandb_run import log_report
+
+            log_report(report, group=config.get("sweep_name"), logger=logger)
