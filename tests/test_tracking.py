@@ -48,6 +48,12 @@ def wandb_records(path: Path):
             buf = b""
 
 
+def wandb_flushed() -> None:
+    """Wait until wandb has written the files of the runs this process finished: ``run.finish()`` returns before
+    wandb-core completes a run's offline transaction log (``run-<id>.wandb``); stopping its service waits for it."""
+    wandb.teardown()
+
+
 def _items(items) -> dict:
     return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
 
@@ -139,7 +145,7 @@ def test_a_resumed_job_continues_its_wandb_run(make_cfg, tmp_path, monkeypatch):
     out = tmp_path / "job"
     first = job.run(make_cfg(*common, "trainer.max_steps=3"), out)
     resumed = job.run(make_cfg(*common, "trainer.max_steps=6"), out)
-    wandb.teardown()  # waits for wandb to complete the run files (it closes them after run.finish() returns)
+    wandb_flushed()
     assert first["status"] == resumed["status"] == "ok" and resumed["resumed_from_step"] == 3
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2, files

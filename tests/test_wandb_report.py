@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import wandb
 from omegaconf import OmegaConf
 
 import reports
@@ -26,7 +25,7 @@ from reports.callback import BuildReport
 from tests.conftest import ROOT
 from tests.test_reports import record, write_records
 from tests.test_security import CLI_KEY, ENV_KEY, SECRET_ARGS, holding_secrets, secret_env
-from tests.test_tracking import wandb_records
+from tests.test_tracking import wandb_flushed, wandb_records
 
 DRAWN = {"learning_curves", "pareto", "quality_vs_parameters", "throughput"}  # the plots the fixture has data for
 
@@ -60,15 +59,9 @@ def read_run(run_file: Path) -> dict:
     return out
 
 
-def flushed() -> None:
-    """Wait until wandb has written its runs' files: ``run.finish()`` returns before its offline transaction log is
-    complete (wandb-core closes it asynchronously); stopping wandb's service waits for that."""
-    wandb.teardown()
-
-
 def publish(report, **kwargs):
     run = wandb_run.publish(report, **kwargs)
-    flushed()
+    wandb_flushed()
     return run
 
 
@@ -104,13 +97,14 @@ def offline(tmp_path, monkeypatch):
 def test_the_report_run_holds_the_tables_plots_failures_and_files(offline, capsys):
     records, out = write_records(offline / "records", fixture_sweep()), offline / "report"
     assert reports_main([str(records), "--out", str(out), "--wandb"]) == 0
-    flushed()
+    wandb_flushed()
     (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
     got = read_run(run_file)
     run = got["run"]
     assert run.job_type == "report" and run.run_group == "fixture" and got["exit"] == 0
     assert run.run_id == run_file.stem.removeprefix("run-") == wandb_run.run_id("fixture")
-    assert f"wandb report run {run.run_id}: offline in {run_file.parent}" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"wandb report run {run.run_id}: offline in {run_file.parent}" in printed.out
 
     # one table per task, one row per architecture, best BLEU first; columns read from the summary
     summary = rows(got["tables"]["summary/multi30k"])
@@ -143,7 +137,7 @@ def test_the_report_run_holds_the_tables_plots_failures_and_files(offline, capsy
     assert artifact.name == "report-fixture" and set(contents) == expected
     assert all(contents[p] == md5(out / p) for p in expected)
 
-    assert holding_secrets(offline / "report", offline / "wandb_home") == {}
+    assert holding_secrets(offline, text=printed.out + printed.err) == {}
     assert b"+logger.api_key=<redacted>" in run_file.read_bytes()  # wandb's copy of the command line
 
 
@@ -161,7 +155,7 @@ def test_a_rebuilt_report_updates_its_run_and_its_files_are_scrubbed(offline, mo
     assert sorted(ids) == sorted([first.id, first.id, other.id])  # two parts of one run (wandb sync merges them)
     assert all(read_run(f)["run"].resume for f in files)
     assert (report.out / "report.md").read_text().endswith("\nkey <redacted>\n")
-    assert holding_secrets(offline / "report", offline / "wandb_home") == {}
+    assert holding_secrets(offline) == {}
 
     monkeypatch.setenv("WANDB_MODE", "disabled")  # tracking off: the report run writes nothing
     before = {p: p.stat().st_mtime_ns for p in offline.rglob("*") if p.is_file()}
@@ -175,7 +169,7 @@ def test_the_sweep_callback_logs_the_report_run_with_the_sweeps_logger(offline, 
               "init_timeout": 15}
     BuildReport().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}, "logger": logger,
                                                     "sweep_name": "fixture"}))
-    flushed()
+    wandb_flushed()
     (run_file,) = (sweep / "report").glob("wandb/offline-run-*/run-*.wandb")
     got = read_run(run_file)
     run = got["run"]
@@ -198,7 +192,7 @@ def test_no_records_still_give_a_report_run_with_the_report(offline):
     (offline / "empty").mkdir()
     out = offline / "report"
     assert reports_main([str(offline / "empty"), "--out", str(out), "--wandb"]) == 0
-    flushed()
+    wandb_flushed()
     (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
     got = read_run(run_file)
     assert got["run"].run_group == "seqbench" and got["tables"] == {} and got["images"] == {} and got["exit"] == 0
