@@ -21,10 +21,10 @@ from .cluster.signals import StopFlag, slurm_job_id
 from .device import pick
 from .evaluate import check_converged
 from .io import FolderLock, atomic_write_text, write_json
-from .precision import choose_threads
+from .precision import choose_threads, resolve_precision
 from .profile import CONVENTION as FLOPS_CONVENTION
 from .profile import sample_batches, train_flops_per_token
-from .tracking import make_tracker
+from .tracking import job_tags, make_tracker
 from .train import Interrupted, TrainConfig, Trainer
 
 log = logging.getLogger("seqbench")
@@ -101,7 +101,8 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
             followers_waiting = False
         tracker = make_tracker(OmegaConf.to_container(cfg.logger, resolve=True), name=name, group=rec["job"]["sweep"],
                                config=secrets.scrub(resolved), out_dir=str(out_dir),
-                               resume=train_cfg.resume and (out_dir / "last.pt").is_file())
+                               resume=train_cfg.resume and (out_dir / "last.pt").is_file(),
+                               tags=job_tags(rec, resolve_precision(train_cfg.precision, device)))
         trainer = Trainer(model, task, train_cfg, out_dir, device, seed=cfg.seed, identity=identity,
                           tracker=tracker, decoding=OmegaConf.to_container(cfg.eval.decoding, resolve=True),
                           should_stop=stop, dist=d,
@@ -137,7 +138,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         schema.write(path, rec)
         secrets.scrub_files(out_dir)  # Hydra's copies of the config (.hydra/*.yaml) and the logs
         if tracker is not None:
-            tracker.finish(exit_code=0 if rec["status"] == "ok" else 1)
+            tracker.finish(exit_code=0 if rec["status"] == "ok" else 1, record=path)
         lock.release()
         if rec["status"] == "interrupted" and stop is not None:
             stop.hand_over()  # under SLURM: requeue, or exit leaving no result, so the requeued job finishes it

@@ -373,7 +373,8 @@ class Trainer:
         log.info("step %d epoch %d loss %.4f lr %.3g tok/s %.0f", row["step"], row["epoch"], row["loss"], row["lr"],
                  row["tokens_per_second"])
         if self.tracker:
-            self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=self.p.step)
+            self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}
+                             | {"train_seconds": row["train_seconds"]}, step=self.p.step)  # both x-axes
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}",
                         eta=self.eta())
 

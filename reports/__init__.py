@@ -1,6 +1,7 @@
 """The comparison report: result records in, ``report.md`` / ``report.html`` / plots / tidy tables out.
 
     python -m reports results/quick --out results/quick/report
+    python -m reports results/quick --out results/quick/report --wandb   # also as a wandb run (reports.wandb_run)
     reports.build(["results/quick"], "results/quick/report")   # -> Path to report.html
 
 Reads only the records (``load``), so a report can be rebuilt at any time from any set of sweeps.
@@ -8,6 +9,7 @@ Reads only the records (``load``), so a report can be rebuilt at any time from a
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -15,16 +17,39 @@ import pandas as pd
 
 from . import significance, tables
 from .load import Records, for_display, load
-from .render import write_html, write_markdown
+from .plots import Plot
+from .render import Section, write_html, write_markdown
 from .sections import all_sections
 
-__all__ = ["build", "load"]
+__all__ = ["build", "build_report", "load"]
 TITLE = "seqbench comparison report"
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet reads a cell starting so as a formula
 
 
+@dataclass
+class Report:
+    """A built report: the folder of its files, the folders and records it was built from, its sections."""
+    out: Path
+    dirs: list[Path]
+    records: Records
+    sections: list[Section]
+
+    @property
+    def html(self) -> Path:
+        return self.out / "report.html"
+
+    def plots(self) -> list[Plot]:
+        """The plots drawn for this report (not the skipped ones), in the report's order."""
+        return [b for s in self.sections for b in s.blocks if isinstance(b, Plot) and not b.skipped]
+
+
 def build(record_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
     """Build the report of every ``record.json`` under ``record_dirs`` into ``out_dir``; returns report.html."""
+    return build_report(record_dirs, out_dir).html
+
+
+def build_report(record_dirs: Iterable[str | Path], out_dir: str | Path) -> Report:
+    """``build``, returning what was built (for ``reports.wandb_run``, which logs it as a wandb run)."""
     record_dirs = [Path(d) for d in ([record_dirs] if isinstance(record_dirs, (str, Path)) else record_dirs)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -35,7 +60,7 @@ def build(record_dirs: Iterable[str | Path], out_dir: str | Path) -> Path:
     sections = all_sections(for_display(records), record_dirs, out / "plots", pairs)  # long names cut; tables keep them
     write_markdown(out / "report.md", TITLE, sections)
     write_html(out / "report.html", TITLE, sections)
-    return out / "report.html"
+    return Report(out, record_dirs, records, sections)
 
 
 def write_tables(records: Records, out: Path, pairs: pd.DataFrame | None = None) -> None:

@@ -1,4 +1,4 @@
-"""``python -m reports <record dirs...> --out <dir>``: build the comparison report."""
+"""``python -m reports <record dirs...> --out <dir> [--wandb]``: build the comparison report (and its wandb run)."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from . import build
+from . import build_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,14 +14,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dirs", nargs="+", help="folders searched recursively for record.json (or record files)")
     parser.add_argument("--out", required=True, type=out_folder,
                         help="output folder for report.md, report.html, plots/ and tables (made if missing)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the report as a wandb run (job_type report) in the records' group: offline "
+                             "without WANDB_API_KEY; a rebuild updates the same run")
+    parser.add_argument("--wandb-group", help="the report run's group (default: the records' sweep name, several "
+                                              "joined by +)")
+    parser.add_argument("--wandb-project", default="seqbench", help="the report run's project (default: seqbench)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        path = build(args.dirs, args.out)
+        report = build_report(args.dirs, args.out)
     except FileNotFoundError as err:
         parser.error(str(err))
-    print(f"[seqbench] report: {path}")
-    print(f"[seqbench] markdown: {path.with_suffix('.md')}")
+    print(f"[seqbench] report: {report.html}")
+    print(f"[seqbench] markdown: {report.html.with_suffix('.md')}")
+    if args.wandb:
+        from .wandb_run import log_report
+
+        return 0 if log_report(report, group=args.wandb_group, logger={"project": args.wandb_project}) else 1
     return 0
 
 

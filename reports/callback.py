@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from harness.secrets import scrub_files  # torch-free
 
@@ -21,17 +21,19 @@ log = logging.getLogger("seqbench.reports")
 
 
 class BuildReport(Callback):
-    """Writes ``<sweep dir>/report/`` from the sweep's records and prints its path."""
+    """Writes ``<sweep dir>/report/`` from the sweep's records and prints its path; with ``logger=wandb`` the
+    report is also logged as a wandb run in the sweep's group."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from . import build  # pandas/seaborn load only when the sweep ends
+        from . import build_report  # pandas/seaborn load only when the sweep ends
 
         sweep = Path(config.hydra.sweep.dir)
         scrub_files(sweep)  # multirun.yaml holds the command-line overrides
         try:
-            path = build([sweep], sweep / "report")
-            print(f"[seqbench] report: {path}")
+            report = build_report([sweep], sweep / "report")
+            print(f"[seqbench] report: {report.html}")
         except Exception:  # the records are safe; a report bug must not fail the finished sweep
+            report = None
             log.exception("report failed; rebuild it with: python -m reports %s --out %s", sweep, sweep / "report")
         if "tune" in config:  # experiment=tune: the choice per architecture, and the overrides to use
             from . import tuning
@@ -40,3 +42,8 @@ class BuildReport(Callback):
                 tuning.main([str(sweep)])
             except Exception:
                 log.exception("choosing the tuned settings failed; rerun: python -m reports.tuning %s", sweep)
+        logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else None
+        if report is not None and logger and logger.get("kind") == "wandb":
+            from .wandb_run import log_report
+
+            log_report(report, group=config.get("sweep_name"), logger=logger)

@@ -14,7 +14,7 @@ from pathlib import Path
 from harness import job, secrets
 from tests.conftest import ROOT
 from tests.test_reliability import KILL_RUN, kill_after_checkpoint, run_py
-from tests.test_tracking import JOB, wandb_env, wandb_records
+from tests.test_tracking import JOB, wandb_env, wandb_flushed, wandb_records
 
 CLI_KEY = "cli-key-Zq8Wv3Lp0Xr5"  # given on the command line
 ENV_KEY = "env-key-Hn4Tc7Ys2Kd9"  # WANDB_API_KEY
@@ -78,6 +78,7 @@ def test_the_tracker_hides_command_line_keys_from_wandb(make_cfg, tmp_path, monk
     monkeypatch.setattr(sys, "argv", argv[:])
     rec = job.run(make_cfg(*JOB, f"+logger.api_key={CLI_KEY}"), tmp_path / "job")
     assert rec["status"] == "ok" and sys.argv == argv  # restored after wandb.init
+    wandb_flushed()
     (run_file,) = (tmp_path / "job").glob("wandb/offline-run-*/run-*.wandb")
     assert b"+logger.api_key=<redacted>" in run_file.read_bytes()
     assert holding_secrets(tmp_path) == {}

@@ -1,6 +1,8 @@
 """Experiment tracking: a wandb run in offline mode, read back from its .wandb file, matches the job's record."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import struct
@@ -8,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import wandb
 
 from harness import job
 from tests.conftest import ROOT
@@ -45,6 +48,12 @@ def wandb_records(path: Path):
             buf = b""
 
 
+def wandb_flushed() -> None:
+    """Wait until wandb has written the files of the runs this process finished: ``run.finish()`` returns before
+    wandb-core completes a run's offline transaction log (``run-<id>.wandb``); stopping its service waits for it."""
+    wandb.teardown()
+
+
 def _items(items) -> dict:
     return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
 
@@ -70,7 +79,7 @@ def test_offline_wandb_run_matches_the_record(tmp_path):
 
     runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1, runs
-    history, summary, run, exit_code = {}, {}, None, None
+    history, summary, run, exit_code, axes, artifacts = {}, {}, None, None, {}, []
     for r in wandb_records(runs[0]):
         kind = r.WhichOneof("record_type")
         if kind == "history":
@@ -82,6 +91,10 @@ def test_offline_wandb_run_matches_the_record(tmp_path):
             run = r.run
         elif kind == "exit":
             exit_code = r.exit.exit_code
+        elif kind == "metric":
+            axes[r.metric.name or r.metric.glob_name] = r.metric.step_metric
+        elif kind == "artifact":
+            artifacts.append(r.artifact)
     assert run is not None and exit_code == 0
     assert run.display_name == rec["job"]["name"] and run.run_group == "tracking-test"
     assert _items(run.config.update)["model"] == rec["config"]["model"]
@@ -93,6 +106,20 @@ def test_offline_wandb_run_matches_the_record(tmp_path):
     train = {s: h["train/loss"] for s, h in history.items() if "train/loss" in h}
     assert train == {r["step"]: r["loss"] for r in rec["curves"]["train"]}
     assert summary["record"]["metrics"] == rec["metrics"] and summary["record"]["status"] == "ok"
+
+    # dashboard axes: both declared; validation against training seconds, training rows against the step; every
+    # row holds both, with the record's values
+    assert axes == {"step": "", "train_seconds": "", "valid_*": "train_seconds", "train/*": "step"}
+    for curve in (rec["curves"]["valid"], rec["curves"]["train"]):
+        assert {r["step"]: (history[r["step"]]["step"], history[r["step"]]["train_seconds"]) for r in curve} == {
+            r["step"]: (r["step"], r["train_seconds"]) for r in curve}
+    assert run.job_type == "train"
+    assert set(run.tags) == {"arch:transformer", "preset:tiny", "task:copy", "device:cpu", "precision:fp32"}
+    # the record as the run's artifact: the very file the job left (wandb's manifest digest is its base64 MD5)
+    (artifact,) = [a for a in artifacts if a.type == "record"]
+    (entry,) = artifact.manifest.contents
+    assert artifact.name == f"record-{run.run_id}" and entry.path == "record.json"
+    assert entry.digest == base64.b64encode(hashlib.md5((out / "record.json").read_bytes()).digest()).decode()
 
     # offline means local only: nothing outside the job's folder (WANDB_DIR, the working directory)
     assert not list((tmp_path / "wandb_home" / "wandb_dir").iterdir())
@@ -118,15 +145,19 @@ def test_a_resumed_job_continues_its_wandb_run(make_cfg, tmp_path, monkeypatch):
     out = tmp_path / "job"
     first = job.run(make_cfg(*common, "trainer.max_steps=3"), out)
     resumed = job.run(make_cfg(*common, "trainer.max_steps=6"), out)
+    wandb_flushed()
     assert first["status"] == resumed["status"] == "ok" and resumed["resumed_from_step"] == 3
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2, files
     assert files[0].name == files[1].name  # run-<id>.wandb: one run id for both parts
     assert files[0].stem.removeprefix("run-") == (out / "wandb-run-id").read_text().strip()
-    runs, steps = [], []
+    runs, steps, artifacts = [], [], []
     for f in files:
         kinds = [(r.WhichOneof("record_type"), r) for r in wandb_records(f)]
         runs.append(next(r.run for k, r in kinds if k == "run"))
         steps.append({_items(r.history.item)["_step"] for k, r in kinds if k == "history"})
+        artifacts.append([r.artifact.name for k, r in kinds if k == "artifact" and r.artifact.type == "record"])
     assert {r.run_id for r in runs} == {files[0].stem.removeprefix("run-")}
     assert max(steps[0]) == 3 and min(steps[1]) > 3  # the second part continues after the first
+    # each part logs the record it ended with, as versions of the run's one record artifact
+    assert artifacts == [[f"record-{runs[0].run_id}"]] * 2
