@@ -171,16 +171,7 @@ def _way_out(path: Path) -> str:
 def data_checksums(task) -> dict:
     """sha256 per split of the token ids the model reads: they change with the files and with the tokenizer
     (a rewritten training file of the same vocabulary size too), not with where the files are."""
-    if hasattr(task, "streams"):  # language models: one token stream per split
-        arrays = {s: [task.streams[s]] for s in task.streams}
-    elif hasattr(task, "src_ids"):  # translation: the subword ids of both sides
-        arrays = {s: [*task.src_ids[s], *task.tgt_ids[s]] for s in task.src_ids}
-    elif hasattr(task, "data"):  # probes: generated arrays
-        arrays = {s: [d[k] for k in sorted(d)] for s, d in task.data.items()}
-    else:
-        raise TypeError(f"cannot take checksums of task {type(task).__name__}: it has no token ids per split "
-                        "(streams, src_ids/tgt_ids or data)")
-    return {split: _digest(a) for split, a in arrays.items()}
+    return {split: _digest(a) for split, a in task.data_arrays().items()}
 
 
 def _digest(arrays: list, chunk: int = 1 << 16) -> str:

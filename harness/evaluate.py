@@ -80,7 +80,8 @@ def scores_by_length(hyps: list[str], refs: list[str], src_lengths: list[int],
     return rows
 
 
-def evaluate_translation(model, task, split: str, device, decoding: dict, check_stop=None) -> dict:
+def evaluate_translation(model, task, split: str, device, decoding: dict,
+                         check_stop=None) -> tuple[dict, list[str]]:
     """Decode ``split`` and score against the raw references with the task's metrics (exact match always).
 
     Sources cut to ``max_source_tokens`` for decoding are counted (``truncated_sources``) and named in a warning.

@@ -99,16 +99,16 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         if followers_waiting:
             distributed.setup_done()
             followers_waiting = False
-        tracker = make_tracker(OmegaConf.to_container(cfg.logger, resolve=True), name=name, group=rec["job"]["sweep"],
+        tracker = make_tracker(resolved["logger"], name=name, group=rec["job"]["sweep"],
                                config=secrets.scrub(resolved), out_dir=str(out_dir),
                                resume=train_cfg.resume and (out_dir / "last.pt").is_file(),
                                tags=job_tags(rec, resolve_precision(train_cfg.precision, device)))
         trainer = Trainer(model, task, train_cfg, out_dir, device, seed=cfg.seed, identity=identity,
-                          tracker=tracker, decoding=OmegaConf.to_container(cfg.eval.decoding, resolve=True),
+                          tracker=tracker, decoding=resolved["eval"]["decoding"],
                           should_stop=stop, dist=d,
                           keep_snapshots=cfg.eval.average_last if cfg.eval.checkpoint == "average" else None)
         rec["environment"]["precision"] = trainer.precision  # resolved: what trainer.precision=auto chose
-        sample = sample_batches(task.batches("train", train_cfg.max_tokens, epoch=0, shuffle=True, seed=cfg.seed))
+        sample = sample_batches(trainer.epoch_batches(0))
         flops_per_token = train_flops_per_token(model, [batch.to(device) for batch in sample])
         progress = trainer.fit()
         rec["eval_checkpoint"] = _load_for_eval(model, cfg, out_dir, identity)
@@ -173,21 +173,21 @@ def _build(cfg: DictConfig, device: torch.device, rec: dict | None = None):
     ``rec`` (rank 0's record) gets the threads and how they were chosen, and the task's description
     as soon as the task exists, so a failed model build still records which task it was for.
     """
-    train_cfg = TrainConfig(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    conf = OmegaConf.to_container(cfg, resolve=True)  # plain values, once
+    train_cfg = TrainConfig(**conf["trainer"])
     threads, chosen = choose_threads(train_cfg.threads)
     if threads:
         torch.set_num_threads(threads)
     if rec is not None:
         rec["environment"].update(threads=torch.get_num_threads(), threads_chosen=chosen)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
-    task = tasks.build(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
+    task = tasks.build(conf["task"], conf["data"])
     described = task.describe()
     if rec is not None:
         rec["task"] = described
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    model = models.build(model_cfg, task)
-    identity = {"model": model_cfg, "task": described["name"], "vocab": task.vocab(), "device": device.type,
-                "config": secrets.scrub(OmegaConf.to_container(cfg, resolve=True)),
+    model = models.build(conf["model"], task)
+    identity = {"model": conf["model"], "task": described["name"], "vocab": task.vocab(), "device": device.type,
+                "config": secrets.scrub(conf),
                 "data": checkpoint.data_checksums(task)}
     return train_cfg, task, model, identity
 

@@ -173,6 +173,7 @@ class Trainer:
         self.forward = torch.compile(wrapped) if cfg.compile else wrapped
         self.carry = lm_protocol.CarriedState(model, task, cfg.max_tokens, dist.enabled) if cfg.carry_state else None
         self.resumed_from: int | None = None
+        self._epoch_batches: tuple[int | None, list] = (None, [])
 
     def start_phase(self, step: int) -> None:
         """The optimizer and schedule that take optimizer step ``step`` on (harness/optim.py); the schedule reads
@@ -290,8 +291,9 @@ class Trainer:
         return c.max_seconds is None or p.train_seconds < c.max_seconds
 
     # -- one step ----------------------------------------------------------------------------
-    def train_step(self, batch, n_tokens: int | None = None) -> torch.Tensor:
-        """Forward, backward and update on one batch; returns the summed token loss (detached).
+    def train_step(self, batch, n_tokens: int | None = None) -> torch.Tensor | None:
+        """Forward, backward and update on one batch; returns the summed token loss (detached), or None when the
+        update was skipped (a non-finite loss, ``trainer.on_nonfinite=skip``).
 
         ``n_tokens``: the loss is a mean over this many tokens (data-parallel: the global batch's;
         DistributedDataParallel averages gradients over the ranks, hence the factor ``world``).
@@ -388,6 +390,16 @@ class Trainer:
         return f"{max(0, min(left)) / 60:.1f}min" if left else "?"
 
     # -- the loop ----------------------------------------------------------------------------
+    def epoch_batches(self, epoch: int) -> list:
+        """The training batches of ``epoch`` in its shuffled order, built once per epoch (the job also samples
+        epoch 0's to count FLOPs); carried-state training has one fixed order."""
+        if self.carry:
+            return self.carry.batches
+        if self._epoch_batches[0] != epoch:
+            self._epoch_batches = (epoch, self.task.batches("train", self.cfg.max_tokens, epoch=epoch, shuffle=True,
+                                                             seed=self.seed))
+        return self._epoch_batches[1]
+
     def fit(self) -> Progress:
         """Train until the budget is spent; returns the final progress (logs included)."""
         torch.manual_seed(self.seed + 7919 * self.dist.rank)  # rank 0 draws what a single process draws
@@ -400,8 +412,7 @@ class Trainer:
         p.load_average.setdefault("start", utilization.load_average())
         try:
             while True:
-                batches = self.carry.batches if self.carry else self.task.batches(
-                    "train", cfg.max_tokens, epoch=p.epoch, shuffle=True, seed=self.seed)
+                batches = self.epoch_batches(p.epoch)
                 while p.batch_in_epoch < len(batches) and self.budget_left(len(batches)):
                     if self._stop_agreed if self.dist.enabled else self.should_stop():
                         raise Interrupted(f"stop requested at step {p.step}")

@@ -1,4 +1,9 @@
-"""Model registry: one entry per architecture, each with a seq2seq and a language-model form."""
+"""Model registry: one entry per architecture, each with a seq2seq and a language-model form; presets in
+conf/model/ (:func:`load_preset`).
+
+May import torch and the vocabulary and task interface of ``tasks`` (``tasks.vocab``, ``tasks.base``); never
+``harness`` or ``reports``.
+"""
 from __future__ import annotations
 
 import inspect

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (EOS, PAD, Dropout, LanguageModel, Seq2Seq, causal_conv_pad, check_odd_kernel, conv_step,
-                     padding_mask)
+from .common import (EOS, PAD, Dropout, LanguageModel, ScaledEmbedding, Seq2Seq, causal_conv_pad, check_odd_kernel,
+                     conv_step, padding_mask)
 
 
 class ResidualBlock(nn.Module):
@@ -82,21 +82,6 @@ def make_blocks(n_layers, d_model, kernel_size, dilations, dropout, causal) -> n
                          for i in range(n_layers))
 
 
-class Embedding(nn.Module):
-    """Token embedding scaled by sqrt(d_model), then dropout; no positions."""
-
-    def __init__(self, vocab: int, d_model: int, dropout: float, pad_id: int | None):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d_model, padding_idx=pad_id)
-        nn.init.normal_(self.tok.weight, std=d_model**-0.5)
-        if pad_id is not None:
-            nn.init.zeros_(self.tok.weight[pad_id])
-        self.drop, self.scale = Dropout(dropout), math.sqrt(d_model)
-
-    def forward(self, tokens):
-        return self.drop(self.tok(tokens) * self.scale)  # (B,T,D)
-
-
 class ByteNet(Seq2Seq):
     """ByteNet encoder-decoder: target network stacked on the source network by dynamic unfolding."""
 
@@ -108,9 +93,10 @@ class ByteNet(Seq2Seq):
         check_odd_kernel(kernel_size, "ByteNet")
         args = (n_layers, d_model, kernel_size, list(dilations), dropout)
         self.pad_id, self.unfold_a, self.unfold_b = pad_id, unfold_a, unfold_b
-        self.src_embed = Embedding(src_vocab, d_model, dropout, pad_id)
+        self.src_embed = ScaledEmbedding(src_vocab, d_model, dropout, pad_id, positions=False)
         share = share_embeddings and src_vocab == tgt_vocab
-        self.tgt_embed = self.src_embed if share else Embedding(tgt_vocab, d_model, dropout, pad_id)
+        self.tgt_embed = (self.src_embed if share else
+                          ScaledEmbedding(tgt_vocab, d_model, dropout, pad_id, positions=False))
         self.encoder = make_blocks(*args, causal=False)
         self.enc_norm = nn.LayerNorm(d_model)
         self.unfold = nn.Linear(2 * d_model, d_model)  # [target embedding; source column] -> decoder input
@@ -121,12 +107,6 @@ class ByteNet(Seq2Seq):
             self.proj.weight = self.tgt_embed.tok.weight
         else:
             nn.init.normal_(self.proj.weight, std=d_model**-0.5)
-
-    def encoder_blocks(self):
-        return list(self.encoder)
-
-    def decoder_blocks(self):
-        return list(self.decoder)
 
     def unfolded_lengths(self, src_lengths: torch.Tensor) -> torch.Tensor:
         """Columns of the source representation, L(s) = ceil(a|s| + b) with |s| counting the EOS marker, at least
@@ -205,7 +185,7 @@ class ByteNetLM(LanguageModel):
                  dilations: list[int] = (1, 2, 4, 8, 16), dropout: float = 0.1, share_embeddings: bool = True,
                  tie_output: bool = True, unfold_a: float = 1.2, unfold_b: float = 0.0):
         super().__init__()
-        self.tok_embed = Embedding(vocab, d_model, dropout, None)
+        self.tok_embed = ScaledEmbedding(vocab, d_model, dropout, None, positions=False)
         self.blocks = make_blocks(n_layers, d_model, kernel_size, list(dilations), dropout, causal=True)
         self.norm = nn.LayerNorm(d_model)
         self.proj = nn.Linear(d_model, vocab, bias=False)

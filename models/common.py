@@ -64,14 +64,6 @@ class Seq2Seq(nn.Module):
         """Per-sentence limit on output tokens (EOS not counted) that the architecture sets itself, or None."""
         return None
 
-    def encoder_blocks(self) -> list[nn.Module]:
-        """Ordered position-mixing blocks of the encoder."""
-        raise NotImplementedError
-
-    def decoder_blocks(self) -> list[nn.Module]:
-        """Ordered position-mixing blocks of the decoder."""
-        raise NotImplementedError
-
 
 class LanguageModel(nn.Module):
     """Base class of every language model; ``forward = head(blocks(embed(x)))``."""
@@ -156,6 +148,24 @@ class SinusoidalPositions(nn.Module):
         if end > self.table.size(0):
             self.table = sinusoidal_table(max(end, 2 * self.table.size(0)), self.d_model).to(x.device)
         return x + self.table[offset:end].to(x.dtype)
+
+
+class ScaledEmbedding(nn.Module):
+    """Token embedding scaled by sqrt(d_model) (Vaswani et al. 2017, sec. 3.4), plus sinusoidal positions when
+    ``positions`` (the Transformer; ByteNet's convolutions need none), then dropout."""
+
+    def __init__(self, vocab: int, d_model: int, dropout: float, pad_id: int | None, positions: bool = True):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d_model, padding_idx=pad_id)
+        nn.init.normal_(self.tok.weight, std=d_model**-0.5)
+        if pad_id is not None:
+            nn.init.zeros_(self.tok.weight[pad_id])
+        self.pos = SinusoidalPositions(d_model) if positions else None
+        self.drop, self.scale = Dropout(dropout), math.sqrt(d_model)
+
+    def forward(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        x = self.tok(tokens) * self.scale  # (B,T,D)
+        return self.drop(x if self.pos is None else self.pos(x, offset))
 
 
 class LearnedPositions(nn.Module):

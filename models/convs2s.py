@@ -232,12 +232,6 @@ class ConvS2S(Seq2Seq):
                                tgt_tok if tie_output else None)
         self.grad_scale = 1.0 / (2.0 * len(self.decoder))  # one attention per decoder layer
 
-    def encoder_blocks(self):
-        return list(self.encoder)
-
-    def decoder_blocks(self):
-        return list(self.decoder)
-
     def run_encoder(self, src, src_lengths) -> Memory:
         pad = padding_mask(src_lengths, src.size(1))  # (B,S)
         e = self.src_embed(src)  # (B,S,E)

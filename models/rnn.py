@@ -128,12 +128,6 @@ class RNNSeq2Seq(Seq2Seq):
         if tie_output:
             self.proj.weight = self.tgt_embed.weight
 
-    def encoder_blocks(self):
-        return list(self.encoder)
-
-    def decoder_blocks(self):
-        return list(self.decoder)
-
     def encode(self, src, src_lengths):
         """src (B,S), src_lengths (B,) -> decoder state (every tensor batch-first)."""
         x = pack_padded_sequence(self.src_embed(src), src_lengths.cpu(), batch_first=True, enforce_sorted=False)

@@ -7,13 +7,12 @@ embeddings and pre-softmax projection, attention through
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Dropout, LanguageModel, Seq2Seq, SinusoidalPositions, check_divisible, padding_mask
+from .common import Dropout, LanguageModel, ScaledEmbedding, Seq2Seq, check_divisible, padding_mask
 
 
 class MultiHeadAttention(nn.Module):
@@ -132,21 +131,6 @@ class CausalLayer(nn.Module):
         return self.r[-1](x, self.ff)
 
 
-class Embedding(nn.Module):
-    """Token embedding scaled by sqrt(d_model), plus sinusoidal positions and dropout."""
-
-    def __init__(self, vocab: int, d_model: int, dropout: float, pad_id: int | None):
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d_model, padding_idx=pad_id)
-        nn.init.normal_(self.tok.weight, std=d_model**-0.5)
-        if pad_id is not None:
-            nn.init.zeros_(self.tok.weight[pad_id])
-        self.pos, self.drop, self.scale = SinusoidalPositions(d_model), Dropout(dropout), math.sqrt(d_model)
-
-    def forward(self, tokens, offset: int = 0):
-        return self.drop(self.pos(self.tok(tokens) * self.scale, offset))  # (B,T,D)
-
-
 def init_linear(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
@@ -164,9 +148,9 @@ class TransformerSeq2Seq(Seq2Seq):
         super().__init__()
         args = (d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm)
         self.pad_id = pad_id
-        self.src_embed = Embedding(src_vocab, d_model, dropout, pad_id)
+        self.src_embed = ScaledEmbedding(src_vocab, d_model, dropout, pad_id)
         share = share_embeddings and src_vocab == tgt_vocab
-        self.tgt_embed = self.src_embed if share else Embedding(tgt_vocab, d_model, dropout, pad_id)
+        self.tgt_embed = self.src_embed if share else ScaledEmbedding(tgt_vocab, d_model, dropout, pad_id)
         self.encoder = nn.ModuleList(EncoderLayer(*args) for _ in range(n_layers))
         self.decoder = nn.ModuleList(CausalLayer(*args) for _ in range(n_decoder_layers or n_layers))
         self.enc_norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
@@ -177,12 +161,6 @@ class TransformerSeq2Seq(Seq2Seq):
             self.proj.weight = self.tgt_embed.tok.weight
         else:
             nn.init.normal_(self.proj.weight, std=d_model**-0.5)
-
-    def encoder_blocks(self):
-        return list(self.encoder)
-
-    def decoder_blocks(self):
-        return list(self.decoder)
 
     def run_encoder(self, src, src_lengths):
         mask = ~padding_mask(src_lengths, src.size(1))[:, None, None, :]  # (B,1,1,S) True = attend
@@ -234,7 +212,7 @@ class TransformerLM(LanguageModel):
         if attn_window is not None and attn_window < 1:
             raise ValueError(f"attn_window must be a positive number of previous positions or None; got {attn_window}")
         args = (d_model, n_heads, d_ff, dropout, attn_dropout, act_dropout, pre_norm)
-        self.tok_embed = Embedding(vocab, d_model, dropout, None)
+        self.tok_embed = ScaledEmbedding(vocab, d_model, dropout, None)
         self.blocks = nn.ModuleList(CausalLayer(*args, cross=False, window=attn_window)
                                     for _ in range(n_decoder_layers or n_layers))
         self.norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()

@@ -5,6 +5,9 @@
     reports.build(["results/quick"], "results/quick/report")   # -> Path to report.html
 
 Reads only the records (``load``), so a report can be rebuilt at any time from any set of sweeps.
+
+May import pandas, seaborn, scipy, sacrebleu and the torch-free ``harness`` modules (``schema``, ``secrets``,
+``metrics``, ``io``); never torch (a report builds where pandas runs) and wandb only in ``wandb_run``.
 """
 from __future__ import annotations
 

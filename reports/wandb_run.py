@@ -121,7 +121,7 @@ def task_table(rows: pd.DataFrame) -> pd.DataFrame:
     if quality:
         rows = tables.best_first(rows, quality[0], f"test_{quality[0].name}_mean")
     frame = rows.drop(columns=[c for c in IDENTITY if c in rows]).rename(columns={"arch": "architecture"})
-    unscored = [c for c in frame if c.endswith("_n") and f"{c[:-2]}_mean" in frame and frame[f"{c[:-2]}_mean"].isna().all()]
+    unscored = [c for c in frame if c.endswith("_n") and frame.get(f"{c[:-2]}_mean", pd.Series([0])).isna().all()]
     frame = frame.drop(columns=unscored).dropna(axis=1, how="all")  # counts of metrics the task does not report
     return frame[["architecture", *(c for c in frame.columns if c != "architecture")]].reset_index(drop=True)
 

@@ -1,4 +1,10 @@
-"""Task registry: every task is built by ``build(cfg, data_cfg)``."""
+"""Tasks: data, vocabularies and batches, behind one interface (``tasks.base.Task``); the registry builds each
+task by ``build(cfg, data_cfg)``.
+
+May import numpy, torch, sentencepiece and the torch-free ``harness.metrics``; never ``models`` (the special
+token ids live here, in ``tasks.vocab``). A task's ``evaluate`` calls the harness's decoding and scoring when it
+runs (imported there), so importing ``tasks`` loads neither.
+"""
 from __future__ import annotations
 
 import inspect

@@ -53,6 +53,9 @@ class Task(Protocol):
     def vocab(self) -> dict[str, int]:
         """Vocabulary sizes the model is built with: ``{"src", "tgt"}`` (seq2seq) or ``{"lm"}``."""
 
+    def data_arrays(self) -> dict[str, list]:
+        """The token ids the model reads, per split (arrays): a checkpoint's data checksums are taken over them."""
+
     def batches(self, split: str, max_tokens: int, epoch: int = 0, shuffle: bool = False,
                 seed: int = 0) -> list[Batch]:
         """Teacher-forced batches of at most ``max_tokens`` tokens (shuffled per epoch when ``shuffle``)."""

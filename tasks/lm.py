@@ -90,6 +90,9 @@ class LMTask:
     def vocab(self) -> dict[str, int]:
         return {"lm": self.vocab_size}
 
+    def data_arrays(self) -> dict[str, list]:
+        return {s: [self.streams[s]] for s in self.streams}  # one token stream per split
+
     def describe(self) -> dict:
         about = {"path": None if self.path is None else str(self.path), "warnings": self.tokenizer.warnings}
         return {"name": self.name, "family": self.family, "form": self.form, "vocab": self.vocab_size, "bptt": self.bptt,

@@ -58,6 +58,9 @@ class ProbeTask:
                 "examples": {s: len(d["length"]) for s, d in self.data.items()},
                 "answers": {s: self.n_predicted(s) for s in self.data}}
 
+    def data_arrays(self) -> dict[str, list]:
+        return {s: [d[k] for k in sorted(d)] for s, d in self.data.items()}  # the generated arrays
+
     def n_predicted(self, split: str) -> int:
         """Answer positions (the only scored targets) in a split."""
         return int((self.data[split]["target"] != IGNORE).sum())

@@ -76,6 +76,9 @@ class TranslationTask:
                 "src_vocab": self.src_vocab_size, "tgt_vocab": self.tgt_vocab_size, "max_len": self.max_len,
                 "metrics": list(self.metrics), **_about(self.src_tok, self.tgt_tok, self.path)}
 
+    def data_arrays(self) -> dict[str, list]:
+        return {s: [*self.src_ids[s], *self.tgt_ids[s]] for s in self.src_ids}  # the subword ids of both sides
+
     def examples(self, split: str) -> np.ndarray:
         return self.train_keep if split == "train" else np.arange(len(self.src_ids[split]))
 

@@ -20,11 +20,14 @@ log = logging.getLogger("seqbench")
 
 
 def forward_from_embeddings(model: nn.Module, tokens: torch.Tensor, x: torch.Tensor,
-                            rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``model(tokens)`` with ``embed(tokens)`` replaced by x (B,T,D), its (position-wise) head run only at
-    (rows[p], positions[p]): returns logits (1,P,V). The head over every position would cost the most."""
-    called = []
-    head = model.head
+                            rows: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """``model(tokens)`` itself with ``embed(tokens)`` replaced by x (B,T,D), so that gradients reach x; with
+    ``rows``/``positions`` its (position-wise) head runs only at (rows[p], positions[p]) and the logits are
+    (1,P,V) (the head over every position would cost the most). The path-length analysis uses it too.
+
+    Raises TypeError when the model's forward is not ``head(blocks(embed(tokens)))`` (the LanguageModel interface).
+    """
+    called, head = [], model.head
 
     def embed(_tokens):
         called.append("embed")
@@ -32,7 +35,7 @@ def forward_from_embeddings(model: nn.Module, tokens: torch.Tensor, x: torch.Ten
 
     def selected_head(h):  # (B,T,D) -> (1,P,V)
         called.append("head")
-        return head(h[rows, positions][None])
+        return head(h if rows is None else h[rows, positions][None])
 
     model.embed, model.head = embed, selected_head  # instance attributes shadow the methods for this one call
     try:
@@ -41,7 +44,7 @@ def forward_from_embeddings(model: nn.Module, tokens: torch.Tensor, x: torch.Ten
         del model.embed, model.head
     if called != ["embed", "head"]:
         raise TypeError(f"{type(model).__name__}.forward does not compute head(blocks(embed(tokens))) "
-                        f"(calls: {called}); influence needs the LanguageModel interface")
+                        f"(calls: {called}); the analysis needs the LanguageModel interface")
     return logits
 
 

@@ -1,9 +1,10 @@
 """Path length: Table 1 of Vaswani et al. (2017, arXiv:1706.03762), measured from each language model's computation.
 
-    python -m harness.path_length --out results/path_length [--models transformer,lstm] [--n 8,16,32,64,128]
     python run.py -m experiment=path_length [model=lstm_tiny,gru_tiny] [path_length.n=[8,16]]
+    python -m harness.analysis.path_length --out results/path_length [--models transformer,lstm] [--n 8,16,32]
 
-(defaults: conf/experiment/path_length.yaml; run.py runs one job per model preset through :func:`run`).
+Both run the same job per model preset (:func:`run`) on the config Hydra composes from
+conf/experiment/path_length.yaml; the module's command line also prints Table 1 as Markdown.
 
 Nothing here knows an architecture; it uses the ``LanguageModel`` interface alone
 (``embed``, ``mixing_blocks``, ``forward = head(blocks(embed(tokens)))``).
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import statistics
 import sys
@@ -62,6 +64,7 @@ from tasks.base import Shape
 from .. import environment, schema
 from ..device import pick, sync
 from ..profile import flop_counter
+from .influence import forward_from_embeddings
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = ROOT / "conf" / "experiment" / "path_length.yaml"  # the CLI's defaults (node ``path_length``)
@@ -252,21 +255,10 @@ def check_reachability(stacked: torch.Tensor, whole: torch.Tensor) -> None:
 def model_dependencies(model: nn.Module, tokens: torch.Tensor, x: torch.Tensor, generator) -> torch.Tensor:
     """(n,n) bool: logits at i depend on embed's output at j, from ``model(tokens)`` itself with embed -> x."""
     def run(z):
-        called = []
-
-        def embed(_tokens):
-            called.append(True)
-            return z
-
-        model.embed = embed  # an instance attribute shadows the method for this one call
         try:
-            y = model(tokens)
-        finally:
-            del model.embed
-        if not called:
-            raise PathLengthError(f"{type(model).__name__}.forward does not call self.embed; the analysis needs "
-                                  "forward = head(blocks(embed(tokens)))")
-        return y
+            return forward_from_embeddings(model, tokens, z)
+        except TypeError as err:
+            raise PathLengthError(str(err)) from None
     return dependencies(run, x, generator)
 
 
@@ -486,7 +478,8 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = yaml.safe_load(EXPERIMENT.read_text())["path_length"]
-    parser = argparse.ArgumentParser(prog="python -m harness.path_length", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m harness.analysis.path_length",
+                                     description=__doc__.split("\n\n")[0],
                                      epilog=f"defaults: {EXPERIMENT.relative_to(ROOT)}")
     parser.add_argument("--out", required=True, type=Path, help="writes <out>/<model>/record.json")
     parser.add_argument("--models", default=",".join(defaults["models"]),
@@ -501,19 +494,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=defaults["reps"], help="timed forward passes per n")
     parser.add_argument("--seed", type=int, default=defaults["seed"])
     args = parser.parse_args(argv)
-    ns = [int(v) for v in args.n.split(",")]
     chosen = {**(defaults.get("settings") or {}), **parse_settings(args.set)}
-    device = None if args.device == "none" else pick(args.device)
     results, failed = {}, 0
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
-        settings = chosen.get(name, {})
-        rec = analyze_preset(lambda: preset_config(name, args.preset, settings), {"name": name, "preset": args.preset},
-                             args.out / name, ns=ns, device=device, trials=args.trials, seed=args.seed, reps=args.reps,
-                             settings=settings)
+        try:
+            cfg = job_config(name, args, chosen.get(name))
+        except Exception as err:  # e.g. no such preset: a failed record, and the others carry on
+            rec = analyze_preset(lambda err=err: _raise(err), {"name": name, "preset": args.preset}, args.out / name,
+                                 ns=[], device=None, trials=args.trials, seed=args.seed, reps=args.reps, settings={})
+        else:
+            rec = run(cfg, args.out / name, raise_errors=False)
         failed += rec["status"] != "ok"
         results[rec["job"]["name"].removeprefix("path_length_")] = rec["path_length"]
     print(table1_markdown(results))
     return 1 if failed else 0
+
+
+def job_config(name: str, args: argparse.Namespace, settings: dict | None):
+    """The config ``python run.py experiment=path_length model=<name's preset>`` composes, with the command line's
+    n, trials, reps, seed, device and model settings."""
+    from hydra import compose, initialize_config_dir  # noqa: PLC0415 (the command line only)
+
+    stem = f"{name}_{args.preset}" if (models.PRESETS / f"{name}_{args.preset}.yaml").is_file() else name
+    node = {"n": "[" + args.n + "]", "trials": args.trials, "reps": args.reps, "seed": args.seed,
+            "device": args.device, "preset": args.preset}
+    overrides = ["experiment=path_length", f"model={stem}", *(f"path_length.{k}={v}" for k, v in node.items())]
+    if settings is not None:  # replaces the experiment's settings of this model
+        values = ",".join(f"{k}:{json.dumps(v)}" for k, v in settings.items())
+        overrides.append(f"++path_length.settings.{name}={{{values}}}")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def _raise(err: Exception):
+    raise err
 
 
 def analyze_preset(make_cfg, fallback: dict, out_dir: Path, *, ns: list[int], device: torch.device | None,
