@@ -11,6 +11,7 @@ import hashlib
 import logging
 import random
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +204,15 @@ def mismatch(path: Path, saved: dict, identity: dict) -> str | None:
             "(device index, trainer.threads/progress/log_every/resume, data.root/cache_dir/download, sweep_name).")
 
 
+def _added_at_default(old: dict, new: dict) -> set[str]:
+    """Trainer settings this run has and the checkpoint's config lacks, at their default: settings added to
+    seqbench after the checkpoint was written, whose default is what the older code did, so resuming is safe."""
+    from .train import TrainConfig  # noqa: PLC0415 (train imports this module)
+
+    defaults = {f"trainer.{f.name}": f.default for f in fields(TrainConfig)}
+    return {k for k, v in new.items() if k not in old and k in defaults and v == defaults[k]}
+
+
 def _changes(saved: dict, identity: dict) -> list[tuple[str, object, object]]:
     """(name, checkpoint's, this run's) for each checked setting, the device type and each data split that differ."""
     missing = [k for k in ("config", "device", "data") if k in identity and k not in saved]
@@ -215,8 +225,9 @@ def _changes(saved: dict, identity: dict) -> list[tuple[str, object, object]]:
         if "cosine" in (old.get("trainer.schedule"), new.get("trainer.schedule")):
             schedule_length = ("trainer.max_steps" if old.get("trainer.max_steps") or new.get("trainer.max_steps")
                                else "trainer.max_seconds")
+        added = _added_at_default(old, new)
         for key in dict.fromkeys([*new, *old]):
-            free = any(key == r or key.startswith(r + ".") for r in RESUMABLE)
+            free = any(key == r or key.startswith(r + ".") for r in RESUMABLE) or key in added
             if key == schedule_length:
                 free = False  # the cosine schedule's length
             if not free and old.get(key, _ABSENT) != new.get(key, _ABSENT):

@@ -22,7 +22,7 @@ import torch
 import models
 from reports.load import load as load_records
 import tasks
-from harness import io, job, train
+from harness import checkpoint, io, job, train
 from harness.evaluate import perplexity
 from harness.train import TrainConfig, Trainer
 from tests.test_reliability import KILL_RUN, TINY, digest, on_disk, run_py, saved_step, temp_files, write_text_files
@@ -296,3 +296,15 @@ def test_a_best_pt_deleted_mid_training_is_rewritten_by_the_next_evaluation(make
     assert rec["best_recreated"]["lost"] == {"step": 2, "valid_nll": first["curves"]["valid"][0]["valid_nll"]}
     assert (rec["best_recreated"]["step"], rec["best_recreated"]["valid_nll"]) == (chosen["step"], chosen["valid_nll"])
     assert torch.load(out / "best.pt", weights_only=True)["progress"]["step"] == chosen["step"]
+
+
+def test_a_checkpoint_from_before_a_new_trainer_setting_resumes_when_the_setting_is_at_its_default():
+    """Settings added to the trainer later (carry_state, optimizer, ...) are absent from older checkpoints: at
+    their default (what the older code did) the resume goes on; set to anything else it is refused, naming it."""
+    saved = {"config": {"trainer": {"lr": 0.002, "warmup_steps": 150}}}
+    now = {"config": {"trainer": {"lr": 0.002, "warmup_steps": 150, "carry_state": False, "optimizer": "adam"}}}
+    assert checkpoint.mismatch(Path("last.pt"), saved, now) is None
+    now["config"]["trainer"]["carry_state"] = True
+    assert "trainer.carry_state: (absent) -> true" in checkpoint.mismatch(Path("last.pt"), saved, now)
+    now["config"]["trainer"].update(carry_state=False, lr=0.001)  # an old setting changed: refused as before
+    assert "trainer.lr: 0.002 -> 0.001" in checkpoint.mismatch(Path("last.pt"), saved, now)
