@@ -7,13 +7,13 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from . import lm_protocol
 from . import metrics as scoring
 from .decode import MAX_SOURCE_TOKENS, beam_search, greedy, long_sources, max_lengths
 from .device import sync
 from .lm_protocol import Protocol
+from .loss import sequence_nll
 from .precision import autocast_for
 
 log = logging.getLogger("seqbench.evaluate")
@@ -126,10 +126,9 @@ def chunk_nll(model, task, split: str, device, max_tokens: int, autocast=None) -
         batch = batch.to(device)
         with autocast() if autocast else torch.autocast(device.type, enabled=False):
             logits = model(**batch.inputs)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(),
-                              ignore_index=batch.ignore_index, reduction="none").view_as(batch.target)  # (B,T)
-        sums += nll.sum(1).tolist()
-        counts += (batch.target != batch.ignore_index).sum(1).tolist()
+        batch_sums, batch_counts = sequence_nll(logits, batch.target, batch.ignore_index)
+        sums += batch_sums
+        counts += batch_counts
     return sums, counts
 
 

@@ -25,12 +25,13 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import models
 from tasks.batching import Batch
 from tasks.streams import carried_batches, sliding_batches
+
+from .loss import sequence_nll
 
 PROTOCOLS = ("chunks", "carry", "sliding")
 RECURRENT_FIX = "or train a recurrent language model (model=lstm, model=gru)"
@@ -133,11 +134,10 @@ def score(model, task, split: str, device, max_tokens: int, protocol: Protocol) 
             logits, state = model(**batch.inputs, state=state)
         else:
             logits = model(**batch.inputs)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(),
-                              ignore_index=batch.ignore_index, reduction="none").view_as(batch.target)  # (B,T)
+        batch_sums, batch_counts = sequence_nll(logits, batch.target, batch.ignore_index)
         count += batch.n_tokens
-        sums += nll.sum(1).tolist()
-        counts += (batch.target != batch.ignore_index).sum(1).tolist()
+        sums += batch_sums
+        counts += batch_counts
         read = offset + torch.arange(1, batch.target.size(1) + 1, device=device)  # tokens read at each position
         context += int(((batch.target != batch.ignore_index) * read).sum())
         offset += batch.target.size(1) if carry else 0

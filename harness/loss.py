@@ -66,3 +66,12 @@ def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing
                          "the target's shape plus a vocabulary dimension")
     return _SmoothedCrossEntropy.apply(logits.reshape(-1, logits.size(-1)), target.reshape(-1), float(smoothing),
                                        int(ignore_index))
+
+
+def sequence_nll(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[list[float], list[int]]:
+    """Per sequence of a batch: the summed token NLL (fp32 log-softmax, no label smoothing) and the number of
+    scored tokens; logits (B,T,V), target (B,T). What evaluation sums, and what the report's paired bootstrap
+    resamples."""
+    nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=ignore_index,
+                                            reduction="none").view_as(target)  # (B,T)
+    return nll.sum(1).tolist(), (target != ignore_index).sum(1).tolist()

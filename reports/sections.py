@@ -96,9 +96,7 @@ def results(runs: pd.DataFrame, pairs: pd.DataFrame) -> list[Section]:
     """A heading, then one section per task: its fairness warnings above its summary table, then its pairwise
     significance table (``pairs``: :func:`significance.pairwise`)."""
     summ = tables.summary(runs)
-    warnings = tables.fairness_warnings(runs)
-    for task, msgs in tables.task_warnings(tables.ok(runs)).items():
-        warnings.setdefault(task, []).extend(msgs)
+    warnings = tables.warnings_by_task(runs)
     sections = [Section("Results per task and architecture", [] if len(summ) else [Note("no finished runs")])]
     for task in sorted(summ["task"].unique()):
         sections.append(Section(f"Task {task}", [*(Note(m, "warning") for m in warnings.get(task, [])),

@@ -219,6 +219,14 @@ def task_warnings(runs: pd.DataFrame) -> dict[str, list[str]]:
     return out
 
 
+def warnings_by_task(runs: pd.DataFrame) -> dict[str, list[str]]:
+    """Per task, every warning shown above its summary table: fairness first, then the task's own."""
+    out = fairness_warnings(runs)
+    for task, msgs in task_warnings(ok(runs)).items():
+        out.setdefault(task, []).extend(msgs)
+    return out
+
+
 def failures(runs: pd.DataFrame) -> pd.DataFrame:
     bad = runs[runs["status"] != "ok"] if len(runs) else runs
     return pd.DataFrame({"job": bad.get("job"), "status": bad.get("status"), "error": bad.get("error"),

@@ -128,9 +128,7 @@ def task_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def warnings(runs: pd.DataFrame) -> pd.DataFrame:
     """The warnings the report shows above each task's table: runs on different devices or budgets, task notes."""
-    found = tables.fairness_warnings(runs)
-    for task, msgs in tables.task_warnings(tables.ok(runs)).items():
-        found.setdefault(task, []).extend(msgs)
+    found = tables.warnings_by_task(runs)
     return pd.DataFrame([(t, m) for t, msgs in sorted(found.items()) for m in msgs], columns=["task", "warning"])
 
 
