@@ -44,11 +44,10 @@ def evaluate(model, task, cfg: DictConfig, device, precision: str = "fp32",
     A stop signal (``stop``) ends evaluation between two batches, with :class:`Interrupted`.
     """
     metrics, outputs = {}, {}
-    decoding = OmegaConf.to_container(cfg.eval.decoding, resolve=True)
+    decoding, protocol = OmegaConf.to_container(cfg.eval.decoding, resolve=True), lm_protocol.from_config(cfg)
     for split in cfg.eval.splits:
         ctx = EvalContext(device, cfg.trainer.max_tokens, decoding, precision,
-                          stop.check(f"while evaluating the {split} split") if stop else None,
-                          lm_protocol=lm_protocol.from_config(cfg))
+                          stop.check(f"while evaluating the {split} split") if stop else None, lm_protocol=protocol)
         metrics[split], files = task.evaluate(model, split, ctx)
         outputs.update(files)
     return metrics, outputs
