@@ -79,6 +79,10 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
     rec = schema.started(OmegaConf.to_container(cfg), cfg.seed,
                          schema.job_entry(name, sweep or cfg.get("sweep_name"), out_dir, started=schema.now(),
                                           slurm_job_id=slurm_job_id()))
+    kept = schema.keep_previous(path)  # a finished record already here survives this run whatever happens
+    if kept is not None:
+        rec["job"]["previous_record"] = str(kept)
+        log.info("this folder held a finished run; its record is kept in %s", kept)
     tracker = stop = None
     followers_waiting = d.enabled  # data-parallel ranks 1.. wait for rank 0's set-up (or its error)
     try:

@@ -6,7 +6,7 @@ report (reports/load.py) reads the keys named here.
 
 Schema (version 1), top-level keys:
   schema_version, status (one of STATUSES), error, traceback (failed jobs),
-  job {name, sweep, output_dir, started, finished, slurm_job_id},
+  job {name, sweep, output_dir, started, finished, slurm_job_id, previous_record},
   config (the resolved Hydra config, secrets redacted), seed,
   environment {git_commit, git_dirty, python, packages, device, device_name, device_count, threads,
                threads_chosen, hostname, deterministic, precision, processes}  (harness/environment.py),
@@ -19,6 +19,7 @@ Schema (version 1), top-level keys:
 """
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .secrets import scrub
 
 SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
+PREVIOUS_NAME = "record.previous.json"  # a folder's earlier finished record, kept when a rerun starts there
 STATUSES = ("running", "ok", "failed", "interrupted")
 BUDGET_KEYS = ("max_seconds", "max_steps", "max_tokens", "max_epochs")  # config.trainer: what bounds training
 COST_KEYS = ("train_seconds", "steps", "tokens", "train_tokens_per_second", "decode_sentences_per_second",
@@ -51,6 +53,27 @@ def now() -> str:
 def write(path: Path, record: dict) -> None:
     """Atomically write a record (secrets scrubbed), stamped with the schema version."""
     write_json(path, scrub({"schema_version": SCHEMA_VERSION, **record}))
+
+
+def keep_previous(path: Path) -> Path | None:
+    """Keep the folder's earlier finished record (status ``ok``) beside it before a rerun writes over it.
+
+    A rerun in a finished job's folder (a longer budget, a changed setting whose resume is refused, a
+    crash) replaces ``record.json`` with its own; the finished one is copied to ``record.previous.json``
+    first, so no computed result is lost. Returns that path, or None when there is no finished record
+    (none, unreadable, or not a regular file: reading a FIFO would block).
+    """
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(old, dict) or old.get("status") != "ok":
+        return None
+    kept = path.with_name(PREVIOUS_NAME)
+    write_json(kept, old)
+    return kept
 
 
 def job_entry(name: str, sweep: str | None, out_dir: Path | str, *, started: str | None = None,

@@ -342,6 +342,20 @@ def test_checkpoint_of_another_model_or_vocabulary_is_refused(make_cfg, trained,
     assert {p.name: digest(p) for p in trained.glob("*.pt")} == before
 
 
+def test_a_refused_rerun_keeps_the_finished_record_beside_its_own(make_cfg, trained):
+    finished = on_disk(trained)
+    assert finished["status"] == "ok" and "previous_record" not in finished["job"]
+    rec = job.run(make_cfg(*TINY, "model.d_model=64", "trainer.max_steps=4"), trained, raise_errors=False)
+    assert rec["status"] == "failed" and "made for another model" in rec["error"]
+    assert on_disk(trained)["status"] == "failed"  # record.json says what this run did
+    kept = trained / "record.previous.json"
+    assert rec["job"]["previous_record"] == str(kept)
+    assert json.loads(kept.read_text()) == finished  # the finished run's record, byte for byte the same content
+    # a failed record is not "finished": a second failure leaves the kept one alone
+    job.run(make_cfg(*TINY, "model.d_model=64", "trainer.max_steps=4"), trained, raise_errors=False)
+    assert json.loads(kept.read_text()) == finished
+
+
 def test_a_file_that_is_not_a_seqbench_checkpoint_is_refused(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "last.pt")
     with pytest.raises(CheckpointError, match=r"last.pt is not a seqbench checkpoint \(format 1\); delete it"):
