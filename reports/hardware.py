@@ -4,8 +4,11 @@ A run's CPU utilisation (the record's ``costs.cpu_utilization``: process CPU sec
 threads, harness/utilization.py) falls when another process takes its cores; it then trains slower and, under a
 time budget, takes fewer updates, so its throughput and budget-bound quality are not comparable with the others'.
 A finished training run is flagged when its utilisation is below ``RELATIVE`` x the median of its group (the
-finished runs of the same task on the same device, the runs one table compares) or below ``FLOOR``. Runs whose
-records hold no utilisation (older records) are counted as unknown, never flagged.
+finished runs of the same task on the same device, the runs one table compares) or below ``FLOOR``, or when
+the CPUs it kept busy training (threads x utilisation) are below ``RELATIVE`` x its group's median: a run that
+found the CPUs busy at its start takes fewer threads (``trainer.threads=auto``) and keeps them busy, so its
+utilisation alone looks fine while it had half the machine. Runs whose records hold no utilisation (older
+records) are counted as unknown, never flagged; without a thread count only the utilisation is checked.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import pandas as pd
 RELATIVE = 0.8  # flagged below this fraction of the group's median utilisation
 FLOOR = 0.5  # or below this utilisation, whatever the group's
 GROUP = ["task", "device_name"]
-COLUMNS = ["task", "device", "architecture", "seed", "job", "CPU utilisation", "group median", "why"]
+COLUMNS = ["task", "device", "architecture", "seed", "job", "CPU utilisation", "group median", "threads", "why"]
 
 
 def utilization(runs: pd.DataFrame) -> pd.Series:
@@ -23,21 +26,41 @@ def utilization(runs: pd.DataFrame) -> pd.Series:
         pd.Series(float("nan"), index=runs.index)
 
 
+def threads(runs: pd.DataFrame) -> pd.Series:
+    """Each run's intra-op thread count (the record's ``environment.threads``; NaN where it has none)."""
+    return pd.to_numeric(runs["threads"], errors="coerce") if "threads" in runs else \
+        pd.Series(float("nan"), index=runs.index)
+
+
+def busy_cpus(runs: pd.DataFrame) -> pd.Series:
+    """The CPUs each run kept busy training, on average: threads x utilisation (CPU seconds / training seconds)."""
+    return threads(runs) * utilization(runs)
+
+
+def _median(values: pd.Series, runs: pd.DataFrame) -> pd.Series:
+    return values.groupby([runs[c].fillna("?").astype(str) for c in GROUP]).transform("median")
+
+
 def group_median(runs: pd.DataFrame) -> pd.Series:
     """Per run, the median utilisation of its group (the runs with a known utilisation)."""
-    return utilization(runs).groupby([runs[c].fillna("?").astype(str) for c in GROUP]).transform("median")
+    return _median(utilization(runs), runs)
 
 
 def flag(runs: pd.DataFrame) -> pd.Series:
-    """Per run (``runs``: finished training runs), why its utilisation is too low to compare, or None."""
-    def why(util: float, median: float) -> str | None:
+    """Per run (``runs``: finished training runs), why it got too little of the machine to compare, or None."""
+    def why(util: float, median: float, n: float, busy: float, busy_median: float) -> str | None:
         if util < FLOOR:
             return f"CPU utilisation {util:.2f}, below {FLOOR}"
         if util < RELATIVE * median:
             return f"CPU utilisation {util:.2f}, below {RELATIVE} x its group's median {median:.2f}"
+        if busy < RELATIVE * busy_median:
+            return (f"{n:g} threads x CPU utilisation {util:.2f} = {busy:.2f} CPUs training, below {RELATIVE} x its "
+                    f"group's median {busy_median:.2f} (fewer threads: the CPUs were busy at its start, or "
+                    "trainer.threads differed)")
         return None  # fine, or unknown (NaN compares false)
-    return pd.Series([why(u, m) for u, m in zip(utilization(runs), group_median(runs))], index=runs.index,
-                     dtype=object)
+    busy = busy_cpus(runs)
+    return pd.Series([why(*row) for row in zip(utilization(runs), group_median(runs), threads(runs), busy,
+                                                 _median(busy, runs))], index=runs.index, dtype=object)
 
 
 def flagged(runs: pd.DataFrame) -> pd.DataFrame:
@@ -48,7 +71,8 @@ def flagged(runs: pd.DataFrame) -> pd.DataFrame:
     bad = why.notna()
     return pd.DataFrame({"task": runs["task"], "device": runs["device_name"], "architecture": runs["arch"],
                          "seed": runs["seed"], "job": runs["job"], "CPU utilisation": util.round(2),
-                         "group median": median.round(2), "why": why})[bad].reset_index(drop=True)
+                         "group median": median.round(2), "threads": threads(runs),
+                         "why": why})[bad].reset_index(drop=True)
 
 
 def row_warning(seeds: str) -> str:

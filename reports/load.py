@@ -202,7 +202,7 @@ def flatten(rec: dict, path: Path) -> dict:
         "task_path": task.get("path"), "task_label": task_cfg.get("label"),
         "task_warnings": json.dumps(task["warnings"]) if task.get("warnings") else None,
         "seed": rec.get("seed", cfg.get("seed")),
-        "device": env.get("device"), "device_name": env.get("device_name"),
+        "device": env.get("device"), "device_name": env.get("device_name"), "threads": env.get("threads"),
         "torch": (env.get("packages") or {}).get("torch"), "python": env.get("python"),
         "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
         **{k: trainer.get(k) for k in BUDGET_KEYS}, **{k: trainer.get(k) for k in TUNED_KEYS},

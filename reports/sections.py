@@ -82,7 +82,9 @@ def hardware_blocks(done: pd.DataFrame) -> tuple[list, int]:
     if len(low):
         blocks.append(Note(f"WARNING: {len(low)} runs got less of the machine than the runs they are compared with "
                            f"(CPU utilisation below {hardware.RELATIVE} x their group's median or below "
-                           f"{hardware.FLOOR}; group: the finished runs of one task on one device): their throughput "
+                           f"{hardware.FLOOR}, or fewer CPUs busy training, threads x utilisation, than "
+                           f"{hardware.RELATIVE} x their group's median; group: the finished runs of one task on one "
+                           "device): their throughput "
                            "and budget-bound quality are not comparable; rerun them on a quiet machine.", "warning"))
         blocks.append(Table(low, "Runs with low hardware utilisation (CPU seconds / (training seconds x threads))"))
     missing = hardware.unknown(done)

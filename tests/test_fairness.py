@@ -65,6 +65,26 @@ def test_runs_below_the_groups_median_or_the_floor_are_flagged(tmp_path):
     assert hardware.unknown(runs) == 1
 
 
+def test_a_run_that_took_fewer_threads_is_flagged_though_it_kept_them_busy(tmp_path):
+    """threads=auto gives a job that finds the CPUs busy at its start fewer threads; it keeps those busy, so its
+    utilisation is high, but it trained on 1 CPU where its group trained on 2: 1 x 0.99 < 0.8 x median(1.94, 1.92,
+    0.99) = 0.8 x 1.92. Without a thread count (older records) only the utilisation is checked."""
+    recs = []
+    for (model, seed), n, util in [(("transformer", 1), 2, 0.97), (("lstm", 1), 2, 0.96), (("lstm", 2), 1, 0.99)]:
+        rec = with_utilization(record(model, "multi30k", seed, scores=(20.0, 50.0)), util)
+        rec["environment"]["threads"] = n
+        recs.append(rec)
+    runs = tables.ok(load([write_records(tmp_path / "a", recs)]).runs)
+    low = hardware.flagged(runs)
+    assert list(low["job"]) == ["lstm-tiny_multi30k_s2"] and list(low["threads"]) == [1]
+    assert list(low["why"]) == ["1 threads x CPU utilisation 0.99 = 0.99 CPUs training, below 0.8 x its group's "
+                                "median 1.92 (fewer threads: the CPUs were busy at its start, or trainer.threads "
+                                "differed)"]
+    for rec in recs:
+        del rec["environment"]["threads"]
+    assert hardware.flagged(tables.ok(load([write_records(tmp_path / "b", recs)]).runs)).empty
+
+
 def test_report_warns_about_flagged_runs_in_the_fairness_section_and_beside_their_row(tmp_path):
     root = write_records(tmp_path / "records", fleet())
     reports.build([root], tmp_path / "report")
