@@ -2,6 +2,7 @@
 (the record's ``environment`` entry and memory costs; the record itself: harness/schema.py)."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import socket
@@ -15,7 +16,11 @@ import torch
 PACKAGES = ("torch", "hydra-core", "sacrebleu", "sentencepiece", "numpy", "wandb", "submitit")
 
 
+@functools.cache
 def git_info() -> dict:
+    """The commit (and whether tracked files differed from it) of the code this process runs: looked up once, at
+    the first job, since the code is loaded then; a commit made while a sweep runs does not change what its
+    later jobs run, so their records must not name it."""
     root = Path(__file__).resolve().parents[1]
     def git(*args):
         try:

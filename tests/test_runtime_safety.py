@@ -308,3 +308,21 @@ def test_a_checkpoint_from_before_a_new_trainer_setting_resumes_when_the_setting
     assert "trainer.carry_state: (absent) -> true" in checkpoint.mismatch(Path("last.pt"), saved, now)
     now["config"]["trainer"].update(carry_state=False, lr=0.001)  # an old setting changed: refused as before
     assert "trainer.lr: 0.002 -> 0.001" in checkpoint.mismatch(Path("last.pt"), saved, now)
+
+
+def test_records_name_the_commit_the_process_started_from(monkeypatch):
+    """A sweep's jobs run the code loaded at its start: a commit made meanwhile must not appear in later records."""
+    from harness import environment
+    heads = iter(["a" * 40, "", "b" * 40, ""])  # rev-parse, status; then what a second lookup would see
+
+    def fake_git(args, **kwargs):
+        return subprocess.CompletedProcess(args, 0, stdout=next(heads) + "\n", stderr="")
+    environment.git_info.cache_clear()
+    monkeypatch.setattr(environment.subprocess, "run", fake_git)
+    try:
+        first = environment.describe(torch.device("cpu"))
+        later = environment.describe(torch.device("cpu"))
+        assert first["git_commit"] == later["git_commit"] == "a" * 40 and first["git_dirty"] is False
+        assert next(heads) == "b" * 40  # git was asked once
+    finally:
+        environment.git_info.cache_clear()
