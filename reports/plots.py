@@ -192,7 +192,8 @@ def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
     return panels(curves, prepare, draw, "no validation curves (curves.valid) in the records",
                   "per model: the mean over seeds, band = 95% confidence interval of the mean (Student t over "
                   "seeds; none for one seed), each seed's curve interpolated at the times the model's seeds all "
-                  "reached; colour = model, line style = preset (and device); perplexity on a log axis")
+                  "reached (seeds whose curves share no span of time: each seed's own points); colour = model, line "
+                  "style = preset (and device); perplexity on a log axis")
 
 
 def with_variant(d: pd.DataFrame) -> pd.DataFrame:
@@ -204,13 +205,18 @@ def with_variant(d: pd.DataFrame) -> pd.DataFrame:
 def on_common_grid(d: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     """Each run's curve (``record``) interpolated at its model's common x values, so seeds average point by point.
 
-    A model's grid is every x of its runs within the range all of them cover; a lone run keeps its own points.
+    A model's grid is every x of its runs within the range all of them cover; a lone run keeps its own points, and
+    so do runs whose curves cover no common range (one evaluation each, at the end of an update budget the seeds
+    reach at slightly different seconds): averaging them would leave nothing to draw.
     """
     out = []
     for _, model in d.groupby(["label", "variant"], sort=True):
         runs = [run.sort_values(x) for _, run in model.groupby("record", sort=True)]
         low, high = max(r[x].min() for r in runs), min(r[x].max() for r in runs)
         grid = np.array(sorted({v for r in runs for v in r[x] if low <= v <= high}))
+        if not len(grid):
+            out.extend(run[[x, y, "record", "label", "variant", "preset", "device_name"]] for run in runs)
+            continue
         for run in runs:
             out.append(pd.DataFrame({x: grid, y: np.interp(grid, run[x], run[y]), "record": run["record"].iloc[0],
                                      **{c: run[c].iloc[0] for c in ("label", "variant", "preset", "device_name")}}))

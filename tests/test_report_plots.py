@@ -137,3 +137,16 @@ def _in_view(axis, label) -> bool:
     low, high = sorted(axis.get_view_interval())
     position = label.get_position()[0 if axis.axis_name == "x" else 1]
     return low <= position <= high
+
+
+def test_seeds_with_one_evaluation_each_at_other_times_are_drawn_not_dropped(tmp_path):
+    """An update budget evaluated once at its end: the seeds reach it at 240 and 260 s, so their curves share no span
+    of time; the panel shows both points (it was empty)."""
+    recs = [record("transformer", "multi30k", s, scores=(30.0, 60.0)) for s in (1, 2)]
+    for rec, (t, b) in zip(recs, [(240.0, 15.0), (260.0, 17.0)]):
+        rec["curves"]["valid"] = [{"step": 200, "train_seconds": t, "valid_bleu_greedy": b}]
+    records = reports.load([write_records(tmp_path, recs)])
+    fig, caption = plots.learning_curves(records.curves)
+    (line,) = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) and ln.get_label().startswith("_")]
+    assert list(line.get_xdata()) == [240.0, 260.0] and list(line.get_ydata()) == [15.0, 17.0]
+    assert "seeds whose curves share no span of time: each seed's own points" in caption
