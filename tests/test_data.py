@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import tasks
-from tasks.batching import token_budget_batches
+from tasks.batching import token_budget_batches, translation_batch
+from tasks.vocab import BOS, EOS, PAD
 from tasks.data import DataError
 
 
@@ -98,6 +99,30 @@ def test_token_budget_batches_cover_each_example_once_within_budget():
         assert len(b) * max(max(src[i], tgt[i] + 1) for i in b) <= 300
     assert batches == token_budget_batches(src, tgt, 300, shuffle=True, seed=3, epoch=2)
     assert batches != token_budget_batches(src, tgt, 300, shuffle=True, seed=3, epoch=3)
+
+
+def test_translation_batch_pads_and_frames_each_side_and_keeps_the_indices():
+    """Written out by hand: the source as it is, the decoder input after BOS, the target before EOS, all padded
+    with PAD to the longest row; the example indices stay with the batch (they put translations back in order)."""
+    src = [np.array([11, 12, 13]), np.array([14])]
+    tgt = [np.array([21]), np.array([22, 23])]
+    batch = translation_batch(src, tgt, [7, 3])
+    assert batch.inputs["src"].tolist() == [[11, 12, 13], [14, PAD, PAD]]
+    assert batch.inputs["src_lengths"].tolist() == [3, 1]
+    assert batch.inputs["tgt_in"].tolist() == [[BOS, 21, PAD], [BOS, 22, 23]]
+    assert batch.target.tolist() == [[21, EOS, PAD], [22, 23, EOS]]
+    assert batch.n_tokens == 5 and batch.index == [7, 3]
+
+
+def test_token_budget_ties_are_shuffled_only_when_asked_and_an_example_may_fill_the_budget():
+    """Eight examples of one length, 4 padded tokens each (target 3 + EOS), budget 8: two per batch. Without
+    shuffling, the batches are the indices in order; with it, ties are broken at random, so some seed pairs
+    other examples. An example exactly as long as the budget fits."""
+    src, tgt = np.full(8, 3), np.full(8, 3)
+    assert token_budget_batches(src, tgt, 8, shuffle=False, seed=1, epoch=0) == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    pairs = {tuple(sorted(b)) for seed in range(5) for b in token_budget_batches(src, tgt, 8, True, seed, 0)}
+    assert pairs - {(0, 1), (2, 3), (4, 5), (6, 7)}
+    assert token_budget_batches(np.array([4, 2]), np.array([3, 1]), 4, shuffle=False, seed=1, epoch=0) == [[1], [0]]
 
 
 def test_lm_batches_predict_every_token_once(data_root):
