@@ -123,6 +123,8 @@ def test_token_budget_ties_are_shuffled_only_when_asked_and_an_example_may_fill_
     pairs = {tuple(sorted(b)) for seed in range(5) for b in token_budget_batches(src, tgt, 8, True, seed, 0)}
     assert pairs - {(0, 1), (2, 3), (4, 5), (6, 7)}
     assert token_budget_batches(np.array([4, 2]), np.array([3, 1]), 4, shuffle=False, seed=1, epoch=0) == [[1], [0]]
+    empty = np.array([], dtype=int)
+    assert token_budget_batches(empty, empty, 8, shuffle=True, seed=1, epoch=0) == []  # an empty split: no batch
 
 
 def test_lm_batches_predict_every_token_once(data_root):
