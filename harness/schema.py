@@ -23,7 +23,7 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .io import write_json
+from .io import atomic_write_text, write_json
 from .secrets import scrub
 
 SCHEMA_VERSION = 1
@@ -66,13 +66,14 @@ def keep_previous(path: Path) -> Path | None:
     if not path.is_file():
         return None
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        old = json.loads(text)
     except (OSError, ValueError):
         return None
     if not isinstance(old, dict) or old.get("status") != "ok":
         return None
     kept = path.with_name(PREVIOUS_NAME)
-    write_json(kept, old)
+    atomic_write_text(kept, text)  # the file as it was, not re-serialised
     return kept
 
 

@@ -20,16 +20,19 @@ GROUP = ["task", "device_name"]
 COLUMNS = ["task", "device", "architecture", "seed", "job", "CPU utilisation", "group median", "threads", "why"]
 
 
+def _numbers(runs: pd.DataFrame, column: str) -> pd.Series:
+    """A column of the runs as numbers (NaN where a record has none, or where the column is missing)."""
+    return pd.to_numeric(runs[column], errors="coerce") if column in runs else pd.Series(float("nan"), index=runs.index)
+
+
 def utilization(runs: pd.DataFrame) -> pd.Series:
     """Each run's CPU utilisation as a number (NaN where the record has none)."""
-    return pd.to_numeric(runs["cpu_utilization"], errors="coerce") if "cpu_utilization" in runs else \
-        pd.Series(float("nan"), index=runs.index)
+    return _numbers(runs, "cpu_utilization")
 
 
 def threads(runs: pd.DataFrame) -> pd.Series:
     """Each run's intra-op thread count (the record's ``environment.threads``; NaN where it has none)."""
-    return pd.to_numeric(runs["threads"], errors="coerce") if "threads" in runs else \
-        pd.Series(float("nan"), index=runs.index)
+    return _numbers(runs, "threads")
 
 
 def busy_cpus(runs: pd.DataFrame) -> pd.Series:

@@ -209,17 +209,16 @@ def on_common_grid(d: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     so do runs whose curves cover no common range (one evaluation each, at the end of an update budget the seeds
     reach at slightly different seconds): averaging them would leave nothing to draw.
     """
-    out = []
+    out, same = [], ("record", "label", "variant", "preset", "device_name")  # one value per run
     for _, model in d.groupby(["label", "variant"], sort=True):
         runs = [run.sort_values(x) for _, run in model.groupby("record", sort=True)]
         low, high = max(r[x].min() for r in runs), min(r[x].max() for r in runs)
         grid = np.array(sorted({v for r in runs for v in r[x] if low <= v <= high}))
         if not len(grid):
-            out.extend(run[[x, y, "record", "label", "variant", "preset", "device_name"]] for run in runs)
+            out.extend(run[[x, y, *same]] for run in runs)
             continue
         for run in runs:
-            out.append(pd.DataFrame({x: grid, y: np.interp(grid, run[x], run[y]), "record": run["record"].iloc[0],
-                                     **{c: run[c].iloc[0] for c in ("label", "variant", "preset", "device_name")}}))
+            out.append(pd.DataFrame({x: grid, y: np.interp(grid, run[x], run[y]), **{c: run[c].iloc[0] for c in same}}))
     return pd.concat(out, ignore_index=True)
 
 
