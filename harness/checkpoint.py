@@ -24,8 +24,9 @@ STRUCTURE = ("model", "task", "vocab")  # what the weights' shapes and meaning d
 # Settings a resumed run may change (a key or a whole group). Budgets and evaluation: the same training, taken
 # further or scored otherwise; logger: tracking only; operational: where and how fast it runs, not what it
 # computes. The data are compared by content (``data_checksums``), so their location may move; the device by
-# type (``device``: cpu | cuda), so a requeued job may land on another GPU of the same kind.
-RESUMABLE = ("trainer.max_steps", "trainer.max_seconds", "trainer.max_epochs", "eval", "logger", "device",
+# type (``device``: cpu | cuda), so a requeued job may land on another GPU of the same kind. ``tuned`` names the
+# file the trainer settings came from; the settings themselves are compared.
+RESUMABLE = ("tuned", "trainer.max_steps", "trainer.max_seconds", "trainer.max_epochs", "eval", "logger", "device",
              "trainer.threads", "trainer.progress", "trainer.log_every", "trainer.resume", "data.root",
              "data.cache_dir", "data.download", "sweep_name", "trainer.save_every", "trainer.save_every_seconds")
 SNAPSHOTS = "ckpt"  # <out>/ckpt/step_<k>.pt: the weights every trainer.save_every steps (eval.checkpoint=average)

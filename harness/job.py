@@ -14,7 +14,7 @@ import models
 import tasks
 from tasks.base import EvalContext
 
-from . import checkpoint, distributed, environment, lm_protocol, schema, secrets, settings, utilization
+from . import checkpoint, distributed, environment, lm_protocol, schema, secrets, settings, tuned, utilization
 from . import metrics as scoring
 from .analysis import influence
 from .cluster.signals import StopFlag, slurm_job_id
@@ -86,6 +86,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
     tracker = stop = None
     followers_waiting = d.enabled  # data-parallel ranks 1.. wait for rank 0's set-up (or its error)
     try:
+        cfg = tuned.apply(cfg)  # tuned=<tuned.yaml>: this task's and architecture's tuned trainer settings
         settings.check(cfg)  # first: a bad setting fails before any device, data or model is touched
         stop = StopFlag()  # from the start: a stop signal during set-up ends the job at its first step
         device = pick(distributed.device_for(d, cfg.device))
@@ -152,6 +153,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
 def _follow(cfg: DictConfig, d: distributed.Dist) -> dict:
     """A data-parallel rank other than 0: trains its share of every batch; rank 0 evaluates and writes the record."""
     try:
+        cfg = tuned.apply(cfg)  # as rank 0 does
         settings.check(cfg)  # as rank 0 does, which fails before it would set up the process group
         device = pick(distributed.device_for(d, cfg.device))
         out_dir = distributed.follow(d, device)

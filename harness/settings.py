@@ -97,6 +97,8 @@ SETTINGS: dict[str, Rule] = {
     "seed": integer(0, 2**32 - 1),
     "device": Rule(lambda v: isinstance(v, str) and DEVICE.fullmatch(v) is not None, "auto, cpu, cuda, cuda:N",
                    listing=True),
+    "tuned": Rule(lambda v: v is None or (isinstance(v, str) and v != ""),
+                  "the path of a tuning sweep's tuned.yaml, or null"),
     "data.download": BOOLEAN,
     "trainer.max_tokens": integer(1),
     "trainer.max_steps": budget("integer"),

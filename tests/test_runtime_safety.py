@@ -310,6 +310,17 @@ def test_a_checkpoint_from_before_a_new_trainer_setting_resumes_when_the_setting
     assert "trainer.lr: 0.002 -> 0.001" in checkpoint.mismatch(Path("last.pt"), saved, now)
 
 
+def test_tuned_names_where_settings_came_from_and_the_settings_themselves_are_compared():
+    """A run continued with tuned=<file> resumes when the file gives the checkpoint's own trainer settings (e.g. the
+    tuning run itself, decoded on test afterwards), and is refused when the file's settings differ."""
+    saved = {"config": {"trainer": {"lr": 0.004, "warmup_steps": 50}, "eval": {"splits": ["valid"]}}}
+    now = {"config": {"tuned": "tune/tuned.yaml", "trainer": {"lr": 0.004, "warmup_steps": 50},
+                      "eval": {"splits": ["valid", "test"]}}}
+    assert checkpoint.mismatch(Path("last.pt"), saved, now) is None
+    now["config"]["trainer"]["warmup_steps"] = 100
+    assert "trainer.warmup_steps: 50 -> 100" in checkpoint.mismatch(Path("last.pt"), saved, now)
+
+
 def test_records_name_the_commit_the_process_started_from(monkeypatch):
     """A sweep's jobs run the code loaded at its start: a commit made meanwhile must not appear in later records."""
     from harness import environment

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,9 @@ import pytest
 import yaml
 
 import reports
+from harness import job
+from harness import tuned as harness_tuned
+from harness.settings import SettingError
 from reports import tuning
 from reports.load import load
 from tests.conftest import ROOT
@@ -61,6 +65,19 @@ def test_experiment_tune_runs_end_to_end_and_chooses_the_best_validation_score(t
     md = (sweep / "report" / "report.md").read_text()
     assert "## Tuning: one grid for every architecture" in md
     assert "| architecture | warm-up | clip | lr 0.001 | lr 0.01 |" in md
+    # the compare sweep reads the file: one command, each architecture with its own chosen settings
+    out = subprocess.run([sys.executable, "run.py", "-m", "model=transformer_tiny,lstm_tiny", "task=text_files",
+                          f"task.path={text}", "trainer=smoke", f"tuned={sweep / 'tuned.yaml'}", "device=cpu",
+                          "eval.splits=[valid]", "data.download=false", f"hydra.sweep.dir={tmp_path / 'compare'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    compared = [json.loads(p.read_text()) for p in sorted((tmp_path / "compare").glob("*/record.json"))]
+    assert len(compared) == 2 and {r["status"] for r in compared} == {"ok"}
+    for r in compared:
+        model = r["model"]["name"]
+        trainer = r["config"]["trainer"]
+        assert (trainer["lr"], trainer["warmup_steps"], trainer["clip_norm"]) == (
+            best[f"{model}-tiny"][1], 2, clip[model])
 
 
 def grid_records() -> list[dict]:
@@ -139,3 +156,60 @@ def test_tune_clips_where_the_architectures_paper_does(make_cfg, model, clip):
 
 def test_an_explicit_clip_norm_overrides_the_papers(make_cfg):
     assert make_cfg("experiment=tune", "model=convs2s", "trainer.clip_norm=1.0").trainer.clip_norm == 1.0
+
+
+def write_tuned(path: Path) -> Path:
+    path.write_text(yaml.safe_dump({
+        "multi30k": {"lstm-tiny": {"overrides": ["model=lstm_tiny", "trainer.lr=0.004", "trainer.warmup_steps=50",
+                                                 "trainer.clip_norm=5"], "valid_bleu": 20.0, "seeds": 1},
+                     "transformer-tiny": {"overrides": ["model=transformer_tiny", "trainer.lr=0.002",
+                                                        "trainer.warmup_steps=100", "trainer.clip_norm=0"]}},
+        "mytexts": {"gru-tiny": {"overrides": ["model=gru_tiny", "trainer.lr=0.001"]}}}))
+    return path
+
+
+def test_a_job_given_tuned_takes_its_own_architectures_settings(make_cfg, tmp_path):
+    path = write_tuned(tmp_path / "tuned.yaml")
+    for model, expected in (("lstm_tiny", (0.004, 50, 5)), ("transformer_tiny", (0.002, 100, 0))):
+        cfg = harness_tuned.apply(make_cfg(f"model={model}", "task=multi30k", f"tuned={path}"), given=set())
+        assert (cfg.trainer.lr, cfg.trainer.warmup_steps, cfg.trainer.clip_norm) == expected
+    untouched = make_cfg("model=lstm_tiny", "task=multi30k")
+    assert harness_tuned.apply(untouched, given=set()) is untouched
+    # a folder task goes by its folder's name (or task.label), as in its record and in tuned.yaml
+    folder = make_cfg("model=gru_tiny", "task=text_files", f"task.path={tmp_path / 'mytexts'}", f"tuned={path}")
+    assert harness_tuned.apply(folder, given=set()).trainer.lr == 0.001
+    labelled = make_cfg("model=gru_tiny", "task=text_files", f"task.path={tmp_path / 'x'}", "task.label=mytexts",
+                        f"tuned={path}")
+    assert harness_tuned.apply(labelled, given=set()).trainer.lr == 0.001
+
+
+@pytest.mark.parametrize("overrides,given,message", [
+    (["model=gru_tiny", "task=multi30k"], set(),
+     "has no settings for gru-tiny on multi30k (it has: lstm-tiny, transformer-tiny); tune this architecture too"),
+    (["model=lstm_tiny", "task=wikitext2"], set(),
+     "has no settings for task 'wikitext2' (it has: multi30k, mytexts); tune this task too"),
+    (["model=lstm_tiny", "task=multi30k"], {"trainer.lr", "seed"},
+     "trainer.lr given on the command line and by tuned="),
+])
+def test_tuned_settings_that_do_not_fit_the_job_are_refused_by_name(make_cfg, tmp_path, overrides, given, message):
+    path = write_tuned(tmp_path / "tuned.yaml")
+    with pytest.raises(SettingError, match=re.escape(message)):
+        harness_tuned.apply(make_cfg(*overrides, f"tuned={path}"), given=given)
+
+
+def test_a_missing_or_broken_tuned_file_is_named_with_the_fix(make_cfg, tmp_path):
+    with pytest.raises(SettingError, match="no such file; give the tuned.yaml a tuning sweep wrote"):
+        harness_tuned.apply(make_cfg(f"tuned={tmp_path / 'nope.yaml'}"), given=set())
+    (tmp_path / "bad.yaml").write_text("multi30k: [unclosed\n")
+    with pytest.raises(SettingError, match="not a YAML file"):
+        harness_tuned.apply(make_cfg(f"tuned={tmp_path / 'bad.yaml'}"), given=set())
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(SettingError, match="holds no choices"):
+        harness_tuned.apply(make_cfg(f"tuned={tmp_path / 'empty.yaml'}"), given=set())
+
+
+def test_a_job_with_a_bad_tuned_file_fails_with_a_record_naming_it(make_cfg, tmp_path):
+    rec = job.run(make_cfg("model=lstm_tiny", "task=multi30k", "trainer=smoke", f"tuned={tmp_path / 'nope.yaml'}"),
+                  tmp_path / "out", raise_errors=False)
+    assert rec["status"] == "failed" and "no such file" in rec["error"]
+    assert json.loads((tmp_path / "out" / "record.json").read_text())["status"] == "failed"
