@@ -7,8 +7,10 @@ budget where the task has several). Two systems are compared seed pair by seed p
 the i-th seed of the other (seeds sorted; a system with more seeds has its extra ones left out), each pair by a
 paired bootstrap on the test set (``stats``): sacreBLEU's for BLEU, chrF and TER, chunks of the test stream for
 the per-token NLL of language models. The bootstrap measures how much the test set's sample moves one trained
-model's score; the spread over seeds is the t-interval of the summary table. A difference counts as significant
-only when every seed pair is significant (p < 0.05) in the same direction.
+model's score; the spread over seeds is the t-interval of the summary table. The p-values of one task and metric
+(every pair of systems, every seed pair) are one family, adjusted by Holm's step-down method (statsmodels), which
+holds the chance of any false "significant" in the family at 5%. A difference counts as significant only when
+every seed pair is significant (adjusted p < 0.05) in the same direction.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from itertools import combinations
 from pathlib import Path
 
 import pandas as pd
+from statsmodels.stats.multitest import multipletests
 
 from harness.metrics import METRICS
 
@@ -27,7 +30,7 @@ from .load import shorten
 SPLIT = "test"
 NLL = "nll"  # the paired test of language models (perplexity and bits per character are both its exponent)
 COLUMNS = ["task", "metric", "a", "b", "seed_a", "seed_b", "a_score", "b_score", "delta", "ci_low", "ci_high", "p",
-           "significant", "units", "n_samples", "note"]
+           "p_holm", "significant", "units", "n_samples", "note"]
 NOTES = 5  # reasons for untested pairs shown per task
 ABSENT = "(jobs of this version write it beside record.json)"  # ends the note of an output file not there
 NOTE_SEPARATOR = "; "  # between the two runs' reasons in one note
@@ -55,7 +58,18 @@ def pairwise(runs: pd.DataFrame) -> pd.DataFrame:
                 for run_a, run_b in zip(systems[a], systems[b]):
                     rows.append({"task": task, "metric": name, "a": a, "b": b, "seed_a": run_a["seed"],
                                  "seed_b": run_b["seed"], **_compare(name, run_a, run_b, cache)})
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return holm(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def holm(pairs: pd.DataFrame) -> pd.DataFrame:
+    """``pairs`` with ``p_holm``, each tested row's p-value adjusted by Holm's method over its family (the tested
+    rows of its task and metric), and ``significant`` decided on it."""
+    pairs = pairs.assign(p_holm=pd.to_numeric(pairs["p_holm"]), significant=pairs["significant"].astype(object))
+    for _, family in pairs[pairs["p"].notna()].groupby(["task", "metric"], sort=False):
+        adjusted = multipletests(family["p"].astype(float).to_numpy(), alpha=stats.ALPHA, method="holm")[1]
+        pairs.loc[family.index, "p_holm"] = adjusted
+        pairs.loc[family.index, "significant"] = adjusted < stats.ALPHA  # strictly below, as stats.Paired
+    return pairs
 
 
 def testable(rows: pd.DataFrame) -> list[str]:
@@ -196,9 +210,9 @@ def caption(pairs: pd.DataFrame, task: str) -> str:
           if NLL in names else "")
     return (f"Paired bootstrap on the {SPLIT} set, {stats.N_SAMPLES:,} resamples (sacreBLEU's for BLEU, chrF and TER; "
             f"test chunks for NLL), seed {stats.SEED}: Δ = A − B for each seed pair (the i-th seed of A with the i-th "
-            f"of B) with its 95% interval and p-value. 'yes' only when every seed pair has p < {stats.ALPHA:g} in the "
-            f"same direction; 'no' marks a difference that is not significant. No correction for multiple "
-            f"comparisons.{lm}")
+            f"of B) with its 95% interval and p-value, and the p-value adjusted by Holm's method over every seed pair of "
+            f"every pair of systems in this table for that metric. 'yes' only when every seed pair has an adjusted "
+            f"p < {stats.ALPHA:g} in the same direction; 'no' marks a difference that is not significant.{lm}")
 
 
 def verdict(name: str, tested: pd.DataFrame, a: str, b: str) -> str:
@@ -210,12 +224,12 @@ def verdict(name: str, tested: pd.DataFrame, a: str, b: str) -> str:
     if significant.all() and len(signs) == 1:
         higher = METRICS[name].higher_is_better if name in METRICS else False  # lower NLL is better
         return f"yes: {shorten(a if signs == {higher} else b)} better"
-    return f"no ({int(significant.sum())} of {len(tested)} seed pairs p < {stats.ALPHA:g})"
+    return f"no ({int(significant.sum())} of {len(tested)} seed pairs Holm-adjusted p < {stats.ALPHA:g})"
 
 
 def _pair(name: str, r) -> str:
     return (f"s{tables._plain(r.seed_a)}/s{tables._plain(r.seed_b)}: {_number(name, r.delta, sign=True)} "
-            f"(CI {_number(name, r.ci_low)}, {_number(name, r.ci_high)}) p={r.p:.3f}")
+            f"(CI {_number(name, r.ci_low)}, {_number(name, r.ci_high)}) p={r.p:.3f} (Holm {r.p_holm:.3f})")
 
 
 def _label(name: str) -> str:

@@ -191,16 +191,21 @@ def test_significance_table_holds_the_hand_computed_differences(paired_report):
     pairs = pd.read_csv(out / "significance.csv")
     tested = pairs[pairs["note"].isna()]
     key = lambda r: (r["task"], r["metric"], r["a"], r["b"], r["seed_a"], r["seed_b"])
-    got = {key(r): (r["delta"], r["ci_low"], r["ci_high"], r["p"], r["significant"]) for _, r in tested.iterrows()}
+    got = {key(r): (r["delta"], r["ci_low"], r["ci_high"], r["p"], r["p_holm"], r["significant"])
+           for _, r in tested.iterrows()}
     expected = {}
     for metric in ("bleu", "chrf"):
         for seed in (1, 2):
-            # systems best first by mean BLEU (gru and transformer tie, in name order), so A is never the worse
-            expected[("multi30k", metric, "gru-tiny", "transformer-tiny", seed, seed)] = (0, 0, 0, 1.0, False)
+            # systems best first by mean BLEU (gru and transformer tie, in name order), so A is never the worse.
+            # Holm over the metric's 6 tests: the four p = 1/1001 get 6/1001 (6, 5, 4, 3 times it, made monotone),
+            # the two p = 1 stay 1 (capped)
+            expected[("multi30k", metric, "gru-tiny", "transformer-tiny", seed, seed)] = (0, 0, 0, 1.0, 1.0, False)
             for a in ("gru-tiny", "transformer-tiny"):
                 expected[("multi30k", metric, a, "lstm-tiny", seed, seed)] = (*[pytest.approx(100)] * 3,
-                                                                            pytest.approx(ONE_IN), True)
-    expected[("wikitext2", "nll", "transformer-tiny", "lstm-tiny", 1, 1)] = (-1, -1, -1, pytest.approx(ONE_IN), True)
+                                                                            pytest.approx(ONE_IN),
+                                                                            pytest.approx(6 * ONE_IN), True)
+    expected[("wikitext2", "nll", "transformer-tiny", "lstm-tiny", 1, 1)] = (-1, -1, -1, pytest.approx(ONE_IN),
+                                                                             pytest.approx(ONE_IN), True)
     assert got == expected
     assert set(tested["units"]) == {len(REFS), 31} and set(tested["n_samples"]) == {1000}
     # bytenet (BLEU 50, second best) has no outputs: its pairs are listed with why, not tested
@@ -214,17 +219,29 @@ def test_the_report_marks_differences_that_are_not_significant(paired_report):
     _, out = paired_report
     md = (out / "report.md").read_text()
     section = md.split("### Task multi30k")[1].split("### Task")[0]
-    assert ("| BLEU | gru-tiny | transformer-tiny | 2 | +0.00 | s1/s1: +0.00 (CI 0.00, 0.00) p=1.000; "
-            "s2/s2: +0.00 (CI 0.00, 0.00) p=1.000 | no (0 of 2 seed pairs p &lt; 0.05) |") in section
-    assert ("| chrF | gru-tiny | lstm-tiny | 2 | +100.00 | s1/s1: +100.00 (CI 100.00, 100.00) p=0.001; "
-            "s2/s2: +100.00 (CI 100.00, 100.00) p=0.001 | yes: gru-tiny better |") in section
+    assert ("| BLEU | gru-tiny | transformer-tiny | 2 | +0.00 | s1/s1: +0.00 (CI 0.00, 0.00) p=1.000 (Holm 1.000); "
+            "s2/s2: +0.00 (CI 0.00, 0.00) p=1.000 (Holm 1.000) | no (0 of 2 seed pairs Holm-adjusted p &lt; 0.05) |") in section
+    assert ("| chrF | gru-tiny | lstm-tiny | 2 | +100.00 | s1/s1: +100.00 (CI 100.00, 100.00) p=0.001 (Holm 0.006); "
+            "s2/s2: +100.00 (CI 100.00, 100.00) p=0.001 (Holm 0.006) | yes: gru-tiny better |") in section
     assert ("seed pairs not tested: no test outputs (test.hyp and test.ref, or test.nll.json) beside the "
             "record.json of 1 run(s); jobs of this version write them: ") in section
     assert "bytenet-tiny_multi30k_s1" in section
     lm = md.split("### Task wikitext2")[1].split("## ")[0]
     assert ("| NLL per token | transformer-tiny | lstm-tiny | 1 | -1.0000 | s1/s1: -1.0000 (CI -1.0000, -1.0000) "
-            "p=0.001 | yes: transformer-tiny better |") in lm
+            "p=0.001 (Holm 0.001) | yes: transformer-tiny better |") in lm
     assert "a negative Δ means A has the lower (better) perplexity" in lm
+
+
+def test_holm_adjusts_each_task_and_metric_as_one_family():
+    """Holm's step-down by hand: p = 0.01, 0.04, 0.03 (m = 3) sorted 0.01, 0.03, 0.04 -> 3 x 0.01 = 0.03,
+    2 x 0.03 = 0.06, 1 x 0.04 = 0.04 raised to the running maximum 0.06. Another metric is its own family; an
+    untested row (a note, no p) stays out of every family."""
+    rows = [{"task": "t", "metric": "bleu", "p": p} for p in (0.01, 0.04, 0.03)]
+    rows += [{"task": "t", "metric": "chrf", "p": 0.04}, {"task": "t", "metric": "bleu", "p": None, "note": "x"}]
+    out = significance.holm(pd.DataFrame(rows, columns=significance.COLUMNS))
+    assert out["p_holm"].iloc[:4].tolist() == pytest.approx([0.03, 0.06, 0.06, 0.04])
+    assert out["significant"].iloc[:4].tolist() == [True, False, False, True]
+    assert pd.isna(out["p_holm"].iloc[4]) and pd.isna(out["significant"].iloc[4])
 
 
 def test_runs_on_different_references_are_not_paired(tmp_path):
