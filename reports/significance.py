@@ -210,8 +210,8 @@ def caption(pairs: pd.DataFrame, task: str) -> str:
           if NLL in names else "")
     return (f"Paired bootstrap on the {SPLIT} set, {stats.N_SAMPLES:,} resamples (sacreBLEU's for BLEU, chrF and TER; "
             f"test chunks for NLL), seed {stats.SEED}: Δ = A − B for each seed pair (the i-th seed of A with the i-th "
-            f"of B) with its 95% interval and p-value, and the p-value adjusted by Holm's method over every seed pair of "
-            f"every pair of systems in this table for that metric. 'yes' only when every seed pair has an adjusted "
+            f"of B) with its 95% interval and p-value, and the p-value adjusted by Holm's method over every seed pair "
+            f"of every pair of systems in this table for that metric. 'yes' only when every seed pair has an adjusted "
             f"p < {stats.ALPHA:g} in the same direction; 'no' marks a difference that is not significant.{lm}")
 
 

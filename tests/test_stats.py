@@ -220,7 +220,8 @@ def test_the_report_marks_differences_that_are_not_significant(paired_report):
     md = (out / "report.md").read_text()
     section = md.split("### Task multi30k")[1].split("### Task")[0]
     assert ("| BLEU | gru-tiny | transformer-tiny | 2 | +0.00 | s1/s1: +0.00 (CI 0.00, 0.00) p=1.000 (Holm 1.000); "
-            "s2/s2: +0.00 (CI 0.00, 0.00) p=1.000 (Holm 1.000) | no (0 of 2 seed pairs Holm-adjusted p &lt; 0.05) |") in section
+            "s2/s2: +0.00 (CI 0.00, 0.00) p=1.000 (Holm 1.000) | "
+            "no (0 of 2 seed pairs Holm-adjusted p &lt; 0.05) |") in section
     assert ("| chrF | gru-tiny | lstm-tiny | 2 | +100.00 | s1/s1: +100.00 (CI 100.00, 100.00) p=0.001 (Holm 0.006); "
             "s2/s2: +100.00 (CI 100.00, 100.00) p=0.001 (Holm 0.006) | yes: gru-tiny better |") in section
     assert ("seed pairs not tested: no test outputs (test.hyp and test.ref, or test.nll.json) beside the "
