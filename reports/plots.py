@@ -183,8 +183,12 @@ def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
 
     def draw(ax, task, p):
         d, y, label = p
-        sns.lineplot(d, x="train_seconds", y=y, hue="label", style=_varied(d, "variant"), palette=_pal(pal, d),
-                     errorbar=stats.t_band, marker="o", ax=ax)
+        if d.groupby("record").size().max() == 1:  # one evaluation per run (an update budget): a point per seed,
+            sns.scatterplot(d, x="train_seconds", y=y, hue="label", style=_varied(d, "variant"),  # never a line
+                            palette=_pal(pal, d), ax=ax)                                        # joining seeds
+        else:
+            sns.lineplot(d, x="train_seconds", y=y, hue="label", style=_varied(d, "variant"), palette=_pal(pal, d),
+                         errorbar=stats.t_band, marker="o", ax=ax)
         if y in LOG_SCALE:
             _readable(ax.yaxis, log=True)
         _label(ax, task, "train seconds (wall-clock)", label)
@@ -192,7 +196,8 @@ def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
     return panels(curves, prepare, draw, "no validation curves (curves.valid) in the records",
                   "per model: the mean over seeds, band = 95% confidence interval of the mean (Student t over "
                   "seeds; none for one seed), each seed's curve interpolated at the times the model's seeds all "
-                  "reached (seeds whose curves share no span of time: each seed's own points); colour = model, line "
+                  "reached (seeds whose curves share no span of time: each seed's own points; runs evaluated once "
+                  "each: one point per run, no lines); colour = model, line "
                   "style = preset (and device); perplexity on a log axis")
 
 

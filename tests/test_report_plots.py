@@ -147,6 +147,8 @@ def test_seeds_with_one_evaluation_each_at_other_times_are_drawn_not_dropped(tmp
         rec["curves"]["valid"] = [{"step": 200, "train_seconds": t, "valid_bleu_greedy": b}]
     records = reports.load([write_records(tmp_path, recs)])
     fig, caption = plots.learning_curves(records.curves)
-    (line,) = [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) and ln.get_label().startswith("_")]
-    assert list(line.get_xdata()) == [240.0, 260.0] and list(line.get_ydata()) == [15.0, 17.0]
+    points = {tuple(xy) for c in fig.axes[0].collections for xy in c.get_offsets().tolist()}
+    assert points == {(240.0, 15.0), (260.0, 17.0)}  # one point per seed
+    assert not [ln for ln in fig.axes[0].get_lines() if len(ln.get_xdata()) > 1]  # and no line joining the seeds
     assert "seeds whose curves share no span of time: each seed's own points" in caption
+    assert "runs evaluated once each: one point per run, no lines" in caption
