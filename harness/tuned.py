@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from .settings import SettingError
 
 PREFIX = "trainer."
+ROOT = Path(__file__).resolve().parents[1]  # a relative path not found from the working directory: from here
 
 
 def task_name(task: DictConfig) -> str:
@@ -47,6 +48,8 @@ def settings_for(path: str | Path, task: str, arch: str) -> dict:
     """``{trainer key: value}`` that ``path`` (a tuned.yaml) holds for ``task`` and ``arch``; a clear error
     naming what is missing otherwise."""
     path = Path(path).expanduser()
+    if not path.is_absolute() and not path.exists() and (ROOT / path).is_file():
+        path = ROOT / path  # e.g. conf/tuned_settings/*.yaml, the choices an experiment preset ships with
     fix = "run the tuning sweep (python run.py -m experiment=tune ...) or python -m reports.tuning <its folder>"
     if not path.is_file():
         raise SettingError(f"tuned={path}: no such file; give the tuned.yaml a tuning sweep wrote ({fix})")
