@@ -213,3 +213,20 @@ def test_a_job_with_a_bad_tuned_file_fails_with_a_record_naming_it(make_cfg, tmp
                   tmp_path / "out", raise_errors=False)
     assert rec["status"] == "failed" and "no such file" in rec["error"]
     assert json.loads((tmp_path / "out" / "record.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("model", ["transformer", "lstm", "gru", "convs2s", "bytenet"])
+def test_the_equal_updates_preset_trains_each_architecture_with_the_choice_it_ships(make_cfg, model, tmp_path,
+                                                                                    monkeypatch):
+    """experiment=equal_updates (the README's comparison) reads conf/tuned_settings/multi30k_200_updates.yaml, found
+    from the project root whatever the working directory: each small preset gets its own tuned lr, warm-up, clip."""
+    shipped = yaml.safe_load((ROOT / "conf" / "tuned_settings" / "multi30k_200_updates.yaml").read_text())
+    expected = dict(o.split("=") for o in shipped["multi30k"][f"{model}-small"]["overrides"])
+    assert expected["model"] == model
+    cfg = make_cfg("experiment=equal_updates", f"model={model}")
+    monkeypatch.chdir(tmp_path)  # the relative path is the project's, not the working directory's
+    cfg = harness_tuned.apply(cfg, given=set())
+    assert cfg.tuned == "conf/tuned_settings/multi30k_200_updates.yaml"
+    assert (cfg.trainer.max_steps, cfg.trainer.max_seconds, cfg.task.name) == (200, None, "multi30k")
+    assert (cfg.trainer.lr, cfg.trainer.warmup_steps, cfg.trainer.clip_norm) == (
+        float(expected["trainer.lr"]), int(expected["trainer.warmup_steps"]), float(expected["trainer.clip_norm"]))
