@@ -37,10 +37,9 @@ def task_name(task: DictConfig) -> str:
 
 def architecture(model: DictConfig) -> str:
     """``<model>-<preset>`` (the tuning report's name for it); restricted attention adds its window, as reports do."""
-    name, window = str(model.name), model.get("attn_window")
-    if window is not None:
-        name = f"{name if 'restricted' in name else f'{name}_restricted'}(r={window})"
-    preset = model.get("preset")
+    from reports.load import model_label  # noqa: PLC0415 (torch-free; the report's naming, not a copy of it)
+
+    name, preset = model_label(str(model.name), {"attn_window": model.get("attn_window")}), model.get("preset")
     return f"{name}-{preset}" if preset else name
 
 
