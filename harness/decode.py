@@ -47,10 +47,13 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-@torch.no_grad()
-@parametrize.cached()
 def greedy(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: list[int]) -> list[list[int]]:
     """Arg-max decoding. Returns token ids per sentence, without BOS/EOS."""
+    with torch.no_grad(), parametrize.cached():
+        return _greedy(model, src, src_lengths, max_len)
+
+
+def _greedy(model, src, src_lengths, max_len):  # undecorated, so mutation testing reaches it
     state = model.encode(src, src_lengths)
     out: list[list[int]] = [[] for _ in range(src.size(0))]
     active = list(range(src.size(0)))
@@ -74,8 +77,6 @@ def greedy(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: list[in
     return out
 
 
-@torch.no_grad()
-@parametrize.cached()
 def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: list[int], beam: int = 4,
                 lenpen: float = 0.6) -> list[list[int]]:
     """Batched beam search; a sentence ends once it has ``beam`` finished hypotheses.
@@ -87,6 +88,11 @@ def beam_search(model, src: torch.Tensor, src_lengths: torch.Tensor, max_len: li
     Returns the best hypothesis per sentence by length-normalised log-probability
     (|Y| counting the EOS), without BOS/EOS.
     """
+    with torch.no_grad(), parametrize.cached():
+        return _beam_search(model, src, src_lengths, max_len, beam, lenpen)
+
+
+def _beam_search(model, src, src_lengths, max_len, beam, lenpen):  # undecorated, so mutation testing reaches it
     K, dev = beam, src.device
     n = src.size(0)
     state = reorder_state(model.encode(src, src_lengths), torch.arange(n, device=dev).repeat_interleave(K))

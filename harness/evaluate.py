@@ -28,7 +28,6 @@ def _with_bleu(names) -> tuple[str, ...]:
     return tuple(dict.fromkeys(("bleu", *names)))
 
 
-@torch.no_grad()
 def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float = 0.6, max_len_a: float = 1.2,
               max_len_b: int = 10, batch_sentences: int = 128, limit: int | None = None,
               precision: str = "fp32", max_source_tokens: int | None = MAX_SOURCE_TOKENS,
@@ -42,25 +41,26 @@ def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float =
     ``precision``: the autocast the search runs under, one context per batch of sentences (so a weight is
     cast to bf16 once per batch, not at every step); the job passes the trainer's resolved precision.
     """
-    model.eval()
-    _, autocast = autocast_for(device, precision)
-    hyps: list[str] = [""] * len(task.sources(split)[:limit])
-    sync(device)
-    start = time.perf_counter()
-    for idx, src, lengths in task.source_batches(split, batch_sentences, max_source_tokens, limit):
-        if check_stop:
-            check_stop()
-        src, lengths = src.to(device), lengths.to(device)
-        limits = max_lengths(lengths, max_len_a, max_len_b, model)
-        with autocast():
-            if beam == 1:
-                out = greedy(model, src, lengths, limits)
-            else:
-                out = beam_search(model, src, lengths, limits, beam=beam, lenpen=lenpen)
-        for i, ids in zip(idx, out):
-            hyps[i] = task.detokenize(ids)
-    sync(device)
-    return hyps, time.perf_counter() - start
+    with torch.no_grad():
+        model.eval()
+        _, autocast = autocast_for(device, precision)
+        hyps: list[str] = [""] * len(task.sources(split)[:limit])
+        sync(device)
+        start = time.perf_counter()
+        for idx, src, lengths in task.source_batches(split, batch_sentences, max_source_tokens, limit):
+            if check_stop:
+                check_stop()
+            src, lengths = src.to(device), lengths.to(device)
+            limits = max_lengths(lengths, max_len_a, max_len_b, model)
+            with autocast():
+                if beam == 1:
+                    out = greedy(model, src, lengths, limits)
+                else:
+                    out = beam_search(model, src, lengths, limits, beam=beam, lenpen=lenpen)
+            for i, ids in zip(idx, out):
+                hyps[i] = task.detokenize(ids)
+        sync(device)
+        return hyps, time.perf_counter() - start
 
 
 LENGTH_BUCKETS = (10, 20, 30, 40, 60)  # upper bounds, in source subwords
@@ -113,23 +113,23 @@ def _truncation(sources: list, cap: int | None, split: str) -> dict:
     return {"truncated_sources": len(long), "warning": warning}
 
 
-@torch.no_grad()
 def chunk_nll(model, task, split: str, device, max_tokens: int, autocast=None) -> tuple[list[float], list[int]]:
     """Summed token NLL (no label smoothing) and scored tokens of every sequence of a split, in batch order.
 
     Per sequence, not per split: a language model's sequences are the task's ``bptt``-token chunks in stream
     order whatever the batch size, so two models' losses pair chunk by chunk (the report's paired bootstrap).
     """
-    model.eval()
-    sums, counts = [], []
-    for batch in task.batches(split, max_tokens):
-        batch = batch.to(device)
-        with autocast() if autocast else torch.autocast(device.type, enabled=False):
-            logits = model(**batch.inputs)
-        batch_sums, batch_counts = sequence_nll(logits, batch.target, batch.ignore_index)
-        sums += batch_sums
-        counts += batch_counts
-    return sums, counts
+    with torch.no_grad():
+        model.eval()
+        sums, counts = [], []
+        for batch in task.batches(split, max_tokens):
+            batch = batch.to(device)
+            with autocast() if autocast else torch.autocast(device.type, enabled=False):
+                logits = model(**batch.inputs)
+            batch_sums, batch_counts = sequence_nll(logits, batch.target, batch.ignore_index)
+            sums += batch_sums
+            counts += batch_counts
+        return sums, counts
 
 
 def mean_nll(model, task, split: str, device, max_tokens: int, autocast=None) -> tuple[float, int]:

@@ -19,11 +19,37 @@ tied output layer too slowly for the tiny copy test).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .common import Dropout, LanguageModel, Seq2Seq, padding_mask
+
+
+@functools.cache
+def cpu_bf16_lstm_runs() -> bool:
+    """Whether this CPU's oneDNN builds a bf16 LSTM (it needs AVX-512; without it the call fails).
+
+    Under CPU bf16 autocast torch runs ``nn.LSTM`` in bf16 (``nn.GRU`` stays fp32). On CPUs without AVX-512
+    oneDNN cannot create that primitive ("could not create a primitive descriptor for the LSTM forward
+    propagation primitive"), so a forced ``trainer.precision=bf16`` would crash every LSTM there; such
+    CPUs have no native bf16 arithmetic either, so the LSTM layers run in fp32 instead (the rest of the
+    model stays under autocast).
+    """
+    lstm, x = nn.LSTM(2, 2, batch_first=True), torch.zeros(1, 1, 2)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            lstm(x)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _fp32_lstm_needed(rnn: nn.Module, x: torch.Tensor) -> bool:
+    return (isinstance(rnn, nn.LSTM) and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not cpu_bf16_lstm_runs())
 
 
 class RecurrentLayer(nn.Module):
@@ -46,7 +72,12 @@ class RecurrentLayer(nn.Module):
         if hx is not None and not isinstance(self.rnn, nn.LSTM):
             hx = hx[0]
         dropped = self.drop(inp)
-        y, hn = self.rnn(x._replace(data=dropped) if packed else dropped, hx)
+        if _fp32_lstm_needed(self.rnn, dropped):  # see cpu_bf16_lstm_runs
+            dropped, hx = dropped.float(), None if hx is None else tuple(h.float() for h in hx)
+            with torch.autocast("cpu", enabled=False):
+                y, hn = self.rnn(x._replace(data=dropped) if packed else dropped, hx)
+        else:
+            y, hn = self.rnn(x._replace(data=dropped) if packed else dropped, hx)
         hn = hn if isinstance(hn, tuple) else (hn,)
         final = tuple(h.transpose(0, 1).reshape(h.size(1), -1) for h in hn)  # (dirs,B,H/dirs) -> (B,H)
         if self.residual:

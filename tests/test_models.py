@@ -162,6 +162,33 @@ def test_incremental_decoding_equals_forward_under_bf16_autocast(arch):
     torch.testing.assert_close(cached.float(), reference, atol=0.03 * scale, rtol=0)
 
 
+@pytest.mark.parametrize("bf16_lstm_runs", [True, False])
+def test_an_lstm_layer_under_bf16_autocast_runs_in_fp32_where_onednn_has_no_bf16_lstm(monkeypatch, bf16_lstm_runs):
+    """Without AVX-512, oneDNN cannot build a bf16 LSTM (the call raises): the layer then runs in fp32, its
+    output equal to the fp32 layer's; where it can, the layer runs in bf16 as autocast asks."""
+    import models.rnn as rnn
+
+    if bf16_lstm_runs and not rnn.cpu_bf16_lstm_runs():
+        pytest.skip("this CPU's oneDNN has no bf16 LSTM")
+    monkeypatch.setattr(rnn, "cpu_bf16_lstm_runs", lambda: bf16_lstm_runs)
+    torch.manual_seed(0)
+    layer = rnn.RecurrentLayer(torch.nn.LSTM, 8, 8, dropout=0.0).eval()
+    x, state = torch.randn(2, 5, 8), (torch.randn(2, 8), torch.randn(2, 8))
+    with torch.no_grad():
+        y32, final32 = layer.run(x, state)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, final = layer.run(x, tuple(s.bfloat16() for s in state))
+    if bf16_lstm_runs:
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), y32, atol=0.05, rtol=0)
+    else:
+        assert y.dtype == final[0].dtype == torch.float32
+        state16 = tuple(s.bfloat16().float() for s in state)  # the state as the caller passed it
+        with torch.no_grad():
+            expected, _ = layer.run(x, state16)
+        torch.testing.assert_close(y, expected, atol=0, rtol=0)
+
+
 # -- ByteNet's dynamic unfolding ----------------------------------------------------------------
 
 def test_bytenet_unfolded_length_is_the_ceiling_of_a_s_plus_b():

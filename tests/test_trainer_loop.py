@@ -1,0 +1,190 @@
+"""The training loop itself (harness/train.py's ``Trainer``), driven directly on a tiny copy task: what one update
+does to the weights, when it logs, evaluates, saves and stops, and that a resumed loop continues the same run.
+
+Each test trains a 2-layer Transformer of width 32 for a few steps (well under a second); expectations are
+derived from the settings and the task's own batches, not from the loop's output.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import models
+from harness import checkpoint, train
+from harness.train import Interrupted, NonFiniteLoss, Trainer, TrainConfig, lr_factor
+from models.common import PAD
+from tasks import synthetic
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+
+
+def copy_task():
+    return synthetic.copy(n_train=24, n_valid=4, n_test=4, n_symbols=8, min_len=3, max_len=6)
+
+
+def trainer(folder, task=None, dropout=0.0, **settings) -> Trainer:
+    task = task or copy_task()
+    torch.manual_seed(0)
+    model = models.build({**models.load_preset("transformer_tiny"), "dropout": dropout}, task)
+    cfg = TrainConfig(**{"max_tokens": 64, "max_steps": 5, "warmup_steps": 1, "lr": 1e-3, "log_every": 1,
+                         "eval_every": 1000, "progress": False, "threads": None, "valid_bleu": False, "precision": "fp32", **settings})
+    return Trainer(model, task, cfg, folder, CPU, seed=1, identity={"test": 1})
+
+
+def epoch_batches(task, epoch, max_tokens=64):
+    return task.batches("train", max_tokens, epoch=epoch, shuffle=True, seed=1)
+
+
+def test_one_update_is_sgd_on_the_mean_label_smoothed_cross_entropy(tmp_path):
+    """SGD with lr 1 (warm-up 1: the full rate at the first step): new weights = old - grad of the batch's mean
+    smoothed cross-entropy over its non-padding tokens, computed here with torch's own loss."""
+    t = trainer(tmp_path, optimizer="sgd", lr=1.0, label_smoothing=0.2)
+    batch = epoch_batches(t.task, 0)[0]
+    reference = copy.deepcopy(t.model)
+    logits = reference(**batch.inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.target.flatten(), ignore_index=PAD,
+                           label_smoothing=0.2)
+    loss.backward()
+    summed = t.train_step(batch)
+    assert summed.item() == pytest.approx(loss.item() * batch.n_tokens, rel=1e-5)  # the summed token loss
+    for (name, new), old in zip(t.model.named_parameters(), reference.parameters(), strict=True):
+        expected = old.detach() - (old.grad if old.grad is not None else 0)
+        torch.testing.assert_close(new.detach(), expected, atol=1e-6, rtol=1e-5, msg=name)
+    assert all(p.grad is None for p in t.model.parameters())  # gradients cleared for the next step
+    assert t.sched.last_epoch == 1
+
+
+def test_the_loss_is_a_mean_over_the_global_batch_when_n_tokens_is_given(tmp_path):
+    """Data-parallel ranks pass the global batch's token count: the gradient scales by n_tokens / global."""
+    a, b = trainer(tmp_path / "a", optimizer="sgd", lr=1.0), trainer(tmp_path / "b", optimizer="sgd", lr=1.0)
+    batch = epoch_batches(a.task, 0)[0]
+    start = [p.detach().clone() for p in a.model.parameters()]
+    a.train_step(batch)
+    b.train_step(batch, n_tokens=4 * batch.n_tokens)
+    for p0, pa, pb in zip(start, a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(pb.detach() - p0, (pa.detach() - p0) / 4, atol=1e-7, rtol=1e-4)
+
+
+def test_clipping_bounds_the_update_of_plain_sgd(tmp_path):
+    clipped = trainer(tmp_path / "c", optimizer="sgd", lr=1.0, clip_norm=1e-3)
+    free = trainer(tmp_path / "f", optimizer="sgd", lr=1.0)
+    batch = epoch_batches(clipped.task, 0)[0]
+    start = torch.cat([p.detach().flatten().clone() for p in clipped.model.parameters()])
+
+    def moved(t):
+        t.train_step(batch)
+        return (torch.cat([p.detach().flatten() for p in t.model.parameters()]) - start).norm().item()
+
+    assert moved(clipped) == pytest.approx(1e-3, rel=1e-3)
+    assert moved(free) > 0.01
+
+
+def test_a_non_finite_loss_is_skipped_or_fails_as_configured(tmp_path, monkeypatch):
+    real = train.smoothed_cross_entropy
+    monkeypatch.setattr(train, "smoothed_cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    t = trainer(tmp_path / "skip", on_nonfinite="skip")
+    before = [p.detach().clone() for p in t.model.parameters()]
+    assert t.train_step(epoch_batches(t.task, 0)[0]) is None
+    assert t.p.skipped_steps == [1]
+    assert all(torch.equal(p0, p) for p0, p in zip(before, t.model.parameters()))
+    assert all(p.grad is None for p in t.model.parameters())
+    with pytest.raises(NonFiniteLoss, match="training loss is nan at step 2 .*trainer.on_nonfinite=skip"):
+        trainer(tmp_path / "fail", max_steps=3, log_every=2).fit()
+
+
+def test_fit_steps_through_the_epochs_logging_and_evaluating_on_schedule(tmp_path):
+    t = trainer(tmp_path, max_steps=7, log_every=2, eval_every=3)
+    order, epoch_of = [], []  # the batches of steps 1, 2, ... and the epoch each belongs to
+    for epoch in range(7):
+        order += epoch_batches(t.task, epoch)
+        epoch_of += [epoch] * len(epoch_batches(t.task, epoch))
+    assert epoch_of[6] >= 1  # the run crosses into a later epoch
+    p = t.fit()
+    assert p.step == 7 and (p.epoch, p.batch_in_epoch) == (epoch_of[6], epoch_of[:7].count(epoch_of[6]))
+    assert p.tokens == sum(b.n_tokens for b in order[:7])
+    assert [row["step"] for row in p.log] == [2, 4, 6]
+    assert [row["epoch"] for row in p.log] == [epoch_of[1], epoch_of[3], epoch_of[5]]
+    for row in p.log:
+        assert row["lr"] == pytest.approx(1e-3 * lr_factor(t.cfg, row["step"]))  # the next step's rate
+        assert row["tokens_per_second"] > 0
+    assert [row["step"] for row in p.evals] == [3, 6, 7]  # and once at the end
+    assert [row["train_seconds"] for row in p.log] == sorted(row["train_seconds"] for row in p.log)
+    assert p.best_valid_nll == min(row["valid_nll"] for row in p.evals)
+    assert checkpoint.load(tmp_path / "last.pt", {"test": 1})["progress"]["step"] == 7
+    best = checkpoint.load(tmp_path / "best.pt", {"test": 1})["progress"]
+    assert best["evals"][-1]["valid_nll"] == p.best_valid_nll
+    assert p.load_average.keys() == {"start", "end"}
+
+
+def test_max_epochs_trains_whole_epochs(tmp_path):
+    t = trainer(tmp_path, max_steps=None, max_epochs=2)
+    n0, n1 = len(epoch_batches(t.task, 0)), len(epoch_batches(t.task, 1))
+    p = t.fit()
+    assert p.step == n0 + n1
+    assert p.tokens == sum(b.n_tokens for b in epoch_batches(t.task, 0) + epoch_batches(t.task, 1))
+    assert [row["step"] for row in p.evals] == [n0 + n1]
+
+
+def test_a_resumed_loop_continues_the_same_run(tmp_path):
+    """Dropout on: the RNG state, the batch position and the schedule all come back from last.pt."""
+    whole = trainer(tmp_path / "whole", dropout=0.3, max_steps=6, eval_every=2).fit()
+    first = trainer(tmp_path / "split", dropout=0.3, max_steps=3, eval_every=2)
+    first.fit()
+    second = trainer(tmp_path / "split", dropout=0.3, max_steps=6, eval_every=2)
+    resumed = second.fit()
+    assert second.resumed_from == 3
+    assert [row["step"] for row in resumed.log] == list(range(1, 7))
+    assert [row["loss"] for row in resumed.log] == pytest.approx([row["loss"] for row in whole.log], rel=1e-6)
+    assert [row["step"] for row in resumed.evals] == [2, 3, 4, 6]  # the first run's final evaluation is kept
+    fresh = trainer(tmp_path / "split", dropout=0.3, max_steps=6, resume=False)
+    fresh.maybe_resume()
+    assert fresh.resumed_from is None and fresh.p.step == 0
+
+
+def test_a_stop_request_saves_the_position_and_raises(tmp_path):
+    asked = iter([False, False, True])
+    t = trainer(tmp_path, max_steps=9)
+    t.should_stop = lambda: next(asked)
+    with pytest.raises(Interrupted, match="stop requested at step 2"):
+        t.fit()
+    assert checkpoint.load(tmp_path / "last.pt", {"test": 1})["progress"]["step"] == 2
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_best_is_saved_only_on_improvement_and_plateau_shrinks_the_rate(tmp_path, monkeypatch):
+    t = trainer(tmp_path, max_steps=9, schedule="plateau", lr=1e-3, lr_shrink=0.5, warmup_steps=1)
+    rows = iter([3.0, 2.0, 2.5, 2.0])
+    t.validate = lambda: {"step": t.p.step, "valid_nll": next(rows)}
+    saved = []
+    monkeypatch.setattr(t, "save", lambda name, **kw: saved.append(name))
+    for _ in range(4):
+        t.sched.step()
+        t.evaluate_and_save()
+    assert saved == ["best.pt", "last.pt", "best.pt", "last.pt", "last.pt", "last.pt"]
+    assert t.p.best_valid_nll == 2.0 and t.p.lr_shrinks == 2  # 2.5 and the tie 2.0 are no improvement
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
+    t.validate = lambda: {"step": t.p.step, "valid_nll": float("nan")}
+    with pytest.raises(NonFiniteLoss, match="validation loss is nan at step 0"):
+        t.evaluate_and_save()
+
+
+def test_the_loop_logs_what_the_tracker_gets(tmp_path):
+    logged = []
+
+    class Tracker:
+        def log(self, row, step):
+            logged.append((step, row))
+
+    t = trainer(tmp_path, max_steps=2, log_every=1)
+    t.tracker = Tracker()
+    p = t.fit()
+    train_rows = [(s, r) for s, r in logged if "train/loss" in r]
+    assert [s for s, _ in train_rows] == [1, 2]
+    assert [r["train/loss"] for _, r in train_rows] == [row["loss"] for row in p.log]
+    assert all(r["train_seconds"] == row["train_seconds"] for (_, r), row in zip(train_rows, p.log))
+    evals = [(s, r) for s, r in logged if "valid_nll" in r]
+    assert [s for s, _ in evals] == [2] and "step" not in evals[0][1]

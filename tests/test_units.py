@@ -1,0 +1,520 @@
+"""The core modules' small pieces, each against values derived by hand: record writing (harness/schema.py,
+harness/io.py), the models' shared blocks (models/common.py), evaluation's helpers (harness/evaluate.py) and the
+trainer's settings, budget and snapshot rules (harness/train.py).
+
+Fast and direct: these are the tests the mutation run (``mutmut run``, README "Mutation testing") leans on for
+the functions the end-to-end tests reach only through a whole job.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import sacrebleu
+import torch
+
+from harness import evaluate, io, schema
+from harness.train import Progress, TrainConfig, Trainer, lr_factor
+from models import common
+
+
+def strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def utc(stamp: str) -> datetime:
+    parsed = datetime.fromisoformat(stamp)
+    assert parsed.tzinfo is not None and parsed.utcoffset().total_seconds() == 0
+    return parsed
+
+
+# -- records: harness/io.py ---------------------------------------------------------------------
+
+def test_finite_replaces_every_non_finite_float_at_any_depth():
+    obj = {"a": float("nan"), "b": [1.5, float("inf"), (float("-inf"), 2)], "c": {"d": {"e": float("nan")}},
+           "f": 3, "g": "nan", "h": None, "i": True}
+    assert io.finite(obj) == {"a": None, "b": [1.5, None, [None, 2]], "c": {"d": {"e": None}}, "f": 3, "g": "nan",
+                              "h": None, "i": True}
+    assert io.finite(float("inf")) is None and io.finite(0.25) == 0.25
+
+
+def test_write_json_is_strict_ordered_and_atomic(tmp_path):
+    path = tmp_path / "new" / "deeper" / "r.json"  # folders are created
+    io.write_json(path, {"z": float("nan"), "a": [float("inf"), 1], "p": Path("/x/y")})
+    text = path.read_text()
+    assert strict_json(text) == {"z": None, "a": [None, 1], "p": "/x/y"}
+    assert list(strict_json(text)) == ["z", "a", "p"]  # the writer's order, not sorted
+    assert text.startswith('{\n "z"')  # indented by one space
+    assert sorted(p.name for p in path.parent.iterdir()) == ["r.json"]  # no temporary file left
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "r.json"
+    io.atomic_write_text(path, "old")
+
+    def broken(f):
+        f.write(b"half")
+        raise ValueError("writer failed")
+
+    with pytest.raises(ValueError, match="writer failed"):
+        io._atomic(path, broken)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+@pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on device"),
+                                         (errno.EDQUOT, "disk quota exceeded")])
+def test_a_full_disk_during_a_write_names_the_file_and_the_fix(tmp_path, code, words):
+    path = tmp_path / "ck.pt"
+
+    def full(f):
+        try:
+            raise OSError(code, "full")
+        except OSError as err:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos") from err
+
+    with pytest.raises(OSError) as caught:
+        io._atomic(path, full)
+    assert caught.value.errno == code
+    assert str(caught.value).startswith(f"[Errno {code}] {words} while writing {path}; free space")
+    assert "hydra.run.dir / hydra.sweep.dir" in str(caught.value)
+    assert not list(tmp_path.iterdir())
+
+
+def test_disk_full_follows_causes_and_contexts_and_stops_at_cycles():
+    full = OSError(errno.ENOSPC, "full")
+    outer = RuntimeError("outer")
+    outer.__context__ = ValueError("middle")
+    outer.__context__.__cause__ = full
+    assert io._disk_full(outer) == errno.ENOSPC
+    assert io._disk_full(OSError(errno.EDQUOT, "quota")) == errno.EDQUOT
+    assert io._disk_full(OSError(errno.EACCES, "denied")) is None
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__context__, b.__context__ = b, a  # a cycle
+    assert io._disk_full(a) is None
+    assert io._disk_full(None) is None
+
+
+def test_remove_stale_temps_removes_only_matching_files(tmp_path):
+    for name in (".last.pt.abc.tmp", ".record.json.x.tmp", "last.pt", "keep.tmp"):
+        (tmp_path / name).write_text("x")
+    removed = io.remove_stale_temps(tmp_path, ".*.pt.*.tmp")
+    assert removed == [tmp_path / ".last.pt.abc.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".record.json.x.tmp", "keep.tmp", "last.pt"]
+    assert sorted(p.name for p in io.remove_stale_temps(tmp_path)) == [".record.json.x.tmp"]  # default: .*.tmp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.tmp", "last.pt"]
+
+
+def test_a_folder_lock_holds_the_pid_refuses_a_second_owner_and_is_released(tmp_path):
+    import os
+
+    first = io.FolderLock(tmp_path)
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+    with pytest.raises(io.FolderInUse, match=rf"in use by another run \(pid {os.getpid()},"):
+        io.FolderLock(tmp_path)
+    first.release()
+    second = io.FolderLock(tmp_path)
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"  # rewritten, not appended
+    second.release()
+
+
+def test_save_torch_round_trips(tmp_path):
+    io.save_torch(tmp_path / "t.pt", {"w": torch.arange(3)})
+    assert torch.equal(torch.load(tmp_path / "t.pt")["w"], torch.arange(3))
+    io.atomic_write_text(tmp_path / "u.txt", "é\n")
+    assert (tmp_path / "u.txt").read_bytes() == "é\n".encode("utf-8")
+
+
+# -- records: harness/schema.py -----------------------------------------------------------------
+
+def test_write_stamps_the_schema_version_first_and_scrubs_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "s3cr3t-value-1234")
+    schema.write(tmp_path / "record.json", {"status": "ok", "config": {"api_key": "abc", "note": "s3cr3t-value-1234"},
+                                            "x": float("nan")})
+    rec = strict_json((tmp_path / "record.json").read_text())
+    assert list(rec)[0] == "schema_version" and rec["schema_version"] == schema.SCHEMA_VERSION == 1
+    assert rec["status"] == "ok" and rec["x"] is None
+    assert "abc" not in json.dumps(rec) and "s3cr3t-value-1234" not in json.dumps(rec)
+
+
+def test_keep_previous_copies_only_a_finished_record_verbatim(tmp_path):
+    path = tmp_path / "record.json"
+    assert schema.keep_previous(path) is None  # none yet
+    path.mkdir()
+    assert schema.keep_previous(path) is None  # not a regular file
+    path.rmdir()
+    for text in ('{"status": "running"}', "not json", '["ok"]', '{"status": "failed"}'):
+        path.write_text(text)
+        assert schema.keep_previous(path) is None
+        assert not (tmp_path / "record.previous.json").exists()
+    text = '{"status":   "ok", "metrics": {"test": {"bleu": 30.1}}}\n'  # odd spacing: kept byte for byte
+    path.write_text(text)
+    kept = schema.keep_previous(path)
+    assert kept == tmp_path / schema.PREVIOUS_NAME == tmp_path / "record.previous.json"
+    assert kept.read_text() == text and path.read_text() == text
+
+
+def test_job_entry_started_and_not_started_records():
+    job = schema.job_entry("j", "sw", Path("/out/j"), started="2026-01-01T00:00:00+00:00", slurm_job_id="42")
+    assert job == {"name": "j", "sweep": "sw", "output_dir": "/out/j", "started": "2026-01-01T00:00:00+00:00",
+                   "finished": None, "slurm_job_id": "42"}
+    assert schema.job_entry("k", None, "/o") == {"name": "k", "sweep": None, "output_dir": "/o", "started": None,
+                                                 "finished": None, "slurm_job_id": None}
+    assert schema.started({"a": 1}, 3, job) == {"status": "running", "error": None, "seed": 3, "config": {"a": 1},
+                                                 "job": job}
+    rec = schema.not_started({"a": 1}, 3, job, "the sweep was stopped")
+    assert rec["status"] == "interrupted" and rec["error"] == "not started: the sweep was stopped"
+    assert rec["seed"] == 3 and rec["config"] == {"a": 1}
+    assert {k: v for k, v in rec["job"].items() if k != "finished"} == {k: v for k, v in job.items() if k != "finished"}
+    assert abs((utc(rec["job"]["finished"]) - datetime.now(timezone.utc)).total_seconds()) < 5
+    assert job["finished"] is None  # the caller's entry is left alone
+    assert schema.STATUSES == ("running", "ok", "failed", "interrupted")
+
+
+def test_lost_marks_a_job_failed_whether_or_not_it_wrote_a_record():
+    new = schema.lost(None, name="j", out_dir="/o/j", overrides=["seed=1"], slurm_job_id="77", error="OOM killed")
+    assert new["status"] == "failed" and new["error"] == "OOM killed" and new["seed"] is None
+    assert new["config"] == {"overrides": ["seed=1"]}
+    assert {k: v for k, v in new["job"].items() if k != "finished"} == {
+        "name": "j", "sweep": None, "output_dir": "/o/j", "started": None, "slurm_job_id": "77"}
+    utc(new["job"]["finished"])
+    own = {"status": "running", "seed": 5, "config": {"x": 1}, "job": {"name": "j", "finished": None}, "metrics": {}}
+    out = schema.lost(own, name="other", out_dir="/z", overrides=[], slurm_job_id="1", error="time limit")
+    assert out is own and out["status"] == "failed" and out["error"] == "time limit" and out["seed"] == 5
+    assert out["job"]["name"] == "j" and out["config"] == {"x": 1} and out["metrics"] == {}
+    utc(out["job"]["finished"])
+
+
+def test_analysis_record_carries_its_entries():
+    job = schema.job_entry("p", None, "/o")
+    rec = schema.analysis(status="ok", error=None, seed=1, job=job, config={"c": 1}, environment={"e": 2},
+                          model={"name": "lstm"}, task={"name": "t"}, path_length={"mean": 3.0})
+    assert {k: v for k, v in rec.items() if k != "job"} == {
+        "status": "ok", "error": None, "seed": 1, "config": {"c": 1}, "environment": {"e": 2},
+        "model": {"name": "lstm"}, "task": {"name": "t"}, "path_length": {"mean": 3.0}}
+    utc(rec["job"]["finished"])
+    assert rec["job"]["name"] == "p" and job["finished"] is None
+
+
+def test_now_is_utc_to_the_second():
+    stamp = schema.now()
+    assert "." not in stamp and stamp.endswith("+00:00")
+    assert abs((utc(stamp) - datetime.now(timezone.utc)).total_seconds()) < 5
+
+
+# -- models/common.py ---------------------------------------------------------------------------
+
+def test_padding_mask_marks_positions_at_or_past_each_length():
+    assert common.padding_mask(torch.tensor([3, 1, 0]), 4).tolist() == [
+        [False, False, False, True], [False, True, True, True], [True, True, True, True]]
+
+
+@pytest.mark.parametrize("d", [6, 5])
+def test_sinusoidal_table_follows_the_paper(d):
+    table = common.sinusoidal_table(4, d)
+    assert table.shape == (4, d)
+    for pos in range(4):
+        for j in range(d):
+            angle = pos / 10000 ** (2 * (j // 2) / d)  # PE(pos, 2i) = sin(pos / 10000^(2i/d)), 2i+1: cos
+            assert table[pos, j].item() == pytest.approx(math.sin(angle) if j % 2 == 0 else math.cos(angle), abs=1e-6)
+
+
+def test_sinusoidal_positions_add_rows_from_the_offset_and_grow_the_table():
+    pe = common.SinusoidalPositions(4, init_size=4)
+    x = torch.ones(2, 3, 4)
+    torch.testing.assert_close(pe(x, offset=1), x + common.sinusoidal_table(4, 4)[1:4])
+    out = pe(x, offset=3)  # positions 3..5: past the table of 4
+    assert pe.table.size(0) == 8  # doubled (at least the 6 needed)
+    torch.testing.assert_close(out, x + common.sinusoidal_table(6, 4)[3:6])
+    assert pe(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_scaled_embedding_scales_adds_positions_and_zeroes_padding():
+    torch.manual_seed(0)
+    emb = common.ScaledEmbedding(3000, 64, 0.0, pad_id=0).eval()
+    assert torch.count_nonzero(emb.tok.weight[0]) == 0
+    assert emb.tok.weight[1:].std().item() == pytest.approx(64 ** -0.5, rel=0.03)  # N(0, d^-1/2)
+    tokens = torch.tensor([[5, 0, 7]])
+    expected = emb.tok.weight[tokens] * 8.0 + common.sinusoidal_table(5, 64)[2:5]
+    torch.testing.assert_close(emb(tokens, offset=2), expected)
+    plain = common.ScaledEmbedding(10, 4, 0.0, pad_id=None, positions=False).eval()
+    assert plain.pos is None and torch.count_nonzero(plain.tok.weight[0]) == 4
+    torch.testing.assert_close(plain(torch.tensor([[0, 9]])), plain.tok.weight[[0, 9]][None] * 2.0)
+
+
+def test_learned_positions_add_their_rows_and_refuse_past_the_maximum():
+    lp = common.LearnedPositions(5, 3)
+    x = torch.zeros(1, 2, 3)
+    torch.testing.assert_close(lp(x, offset=3), lp.weight[3:5][None])
+    with pytest.raises(ValueError, match=r"sequence of 6 positions exceeds max_positions=5; raise the model's"):
+        lp(x, offset=4)
+
+
+def test_shape_checks_name_the_fix():
+    common.check_divisible(12, 4)
+    with pytest.raises(ValueError, match="d_model=10 is not divisible by n_heads=4"):
+        common.check_divisible(10, 4)
+    common.check_odd_kernel(3, "convs2s")
+    with pytest.raises(ValueError, match="convs2s: kernel_size=4 is even.*use 3 or 5"):
+        common.check_odd_kernel(4, "convs2s")
+
+
+def test_accepted_kwargs_are_the_keyword_only_parameters():
+    class M:
+        def __init__(self, a, b=1, *, c, d=2, **rest):
+            pass
+
+    assert common.accepted_kwargs(M) == ["c", "d"]
+
+
+def test_causal_conv_pad_adds_zeros_on_the_left_only():
+    x = torch.tensor([[[1.0, 2.0]]])
+    assert common.causal_conv_pad(x, 2).tolist() == [[[0.0, 0.0, 1.0, 2.0]]]
+
+
+def test_reorder_state_keeps_source_entries_within_sentences():
+    state = {"src_memory": torch.tensor([[1.0], [2.0], [3.0]]), "h": torch.tensor([[10.0], [20.0], [30.0]])}
+    index = torch.tensor([2, 2, 0])
+    within = common.reorder_state(state, index, within_sentences=True)
+    assert within["src_memory"] is state["src_memory"] and within["h"].flatten().tolist() == [30.0, 30.0, 10.0]
+    across = common.reorder_state(state, index)
+    assert across["src_memory"].flatten().tolist() == [3.0, 3.0, 1.0]
+    assert across["h"].flatten().tolist() == [30.0, 30.0, 10.0]
+
+
+def test_conv_step_is_the_convolution_at_the_last_position():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(3, 2, kernel_size=3, dilation=2)
+    window = torch.randn(4, 3, 5)  # (k-1)d+1 = 5
+    torch.testing.assert_close(common.conv_step(conv, window), conv(window)[:, :, -1])
+
+
+def test_dropout_keeps_each_value_with_one_minus_p_and_rescales():
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\); got 1.0"):
+        common.Dropout(1.0)
+    with pytest.raises(ValueError, match="got -0.1"):
+        common.Dropout(-0.1)
+    assert repr(common.Dropout(0.25)) == "Dropout(p=0.25)"
+    x = torch.ones(200_000)
+    assert common.Dropout(0.0).train()(x) is x and common.Dropout(0.3).eval()(x) is x
+    torch.manual_seed(0)
+    for p in (0.1, 0.5):
+        y = common.Dropout(p).train()(x)
+        kept = y != 0
+        keep = 1 - round(p * 65536) / 65536
+        assert kept.float().mean().item() == pytest.approx(keep, abs=0.005)
+        assert torch.all(y[kept] == 1 / keep)  # inverted: E[y] = x
+
+
+def test_the_model_bases_name_what_a_subclass_must_provide():
+    class Tiny(common.LanguageModel):
+        def embed(self, tokens):
+            return tokens.float() * 10
+
+        def mixing_blocks(self):
+            return [lambda x: x + 1, lambda x: x * 2]
+
+        def head(self, x):
+            return x - 3
+
+    assert Tiny()(torch.tensor([[1, 2]])).tolist() == [[19.0, 39.0]]  # ((10t + 1) * 2) - 3, blocks in order
+    with pytest.raises(TypeError, match="Tiny is a language model and cannot translate"):
+        Tiny().encode(torch.zeros(1))
+    with pytest.raises(TypeError, match="Tiny is a language model"):
+        Tiny().decode_step(torch.zeros(1), {}, 0)
+    base = common.Seq2Seq()
+    assert base.form == "seq2seq" and common.LanguageModel.form == "lm" and base.max_output_tokens(None) is None
+    for call in (lambda: base(None, None, None), lambda: base.encode(None, None),
+                 lambda: base.decode_step(None, {}, 0)):
+        with pytest.raises(NotImplementedError):
+            call()
+
+
+# -- harness/evaluate.py: the helpers -----------------------------------------------------------
+
+def test_score_translations_always_includes_bleu_first():
+    assert evaluate._with_bleu(("chrf",)) == ("bleu", "chrf")
+    assert evaluate._with_bleu(("ter", "bleu")) == ("bleu", "ter")
+    out = evaluate.score_translations(["a cat sat on the mat"], ["a cat sat on the mat"], ("chrf",))
+    assert out["bleu"] == pytest.approx(100.0) and out["chrf"] == pytest.approx(100.0)
+
+
+def test_scores_by_length_buckets_on_source_length():
+    refs = [f"the cat number {i} sat on the mat today" for i in range(7)]
+    hyps = [r if i % 2 else "the dog sat" for i, r in enumerate(refs)]
+    lengths = [10, 11, 20, 21, 60, 61, 1]
+    rows = evaluate.scores_by_length(hyps, refs, lengths, ("bleu",))
+    assert [(r["bucket"], r["low"], r["n"]) for r in rows] == [
+        ("1-10", 1, 2), ("11-20", 11, 2), ("21-30", 21, 1), ("41-60", 41, 1), (">60", 61, 1)]
+    first = [0, 6]  # lengths 10 and 1
+    expected = sacrebleu.corpus_bleu([hyps[i] for i in first], [[refs[i] for i in first]]).score
+    assert rows[0]["bleu"] == pytest.approx(expected)
+    assert rows[1]["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps[1:3], [refs[1:3]]).score)
+    assert evaluate.scores_by_length([], [], []) == []
+
+
+def test_truncation_counts_the_long_sources_and_names_the_first_five():
+    assert evaluate._truncation([[1] * 3, [1] * 4], 4, "test") == {"truncated_sources": 0}
+    assert evaluate._truncation([[1] * 9], None, "test") == {"truncated_sources": 0}
+    out = evaluate._truncation([[1] * 5, [1] * 2, [1] * 5], 4, "valid")
+    assert out["truncated_sources"] == 2
+    assert out["warning"].startswith("2 of 3 valid source lines (line 1, 3) are longer than 4 tokens and were "
+                                     "decoded from their first 4 tokens only")
+    many = evaluate._truncation([[1] * 5] * 7, 4, "test")
+    assert "(line 1, 2, 3, 4, 5, ...)" in many["warning"] and many["truncated_sources"] == 7
+
+
+def test_perplexity_is_exp_or_null():
+    assert evaluate.perplexity(2.0) == pytest.approx(math.e ** 2)
+    assert evaluate.perplexity(0.0) == 1.0
+    for bad in (1000.0, float("nan"), float("inf")):
+        assert evaluate.perplexity(bad) is None
+
+
+def test_check_converged_names_each_diverged_split():
+    evaluate.check_converged({"valid": {"nll": 3.0}, "test": {"nll": 2.0, "diverged": False}})
+    with pytest.raises(evaluate.Diverged, match=r"its loss \(valid 812\.5, test not finite nats per token\)"):
+        evaluate.check_converged({"valid": {"nll": 812.5, "diverged": True}, "train": {"nll": 1.0},
+                                  "test": {"nll": None, "diverged": True}})
+
+
+def test_mean_nll_divides_the_summed_loss_by_the_tokens(monkeypatch):
+    monkeypatch.setattr(evaluate, "chunk_nll", lambda *a, **k: ([3.0, 5.0], [2, 6]))
+    assert evaluate.mean_nll(None, None, "valid", None, 8) == (1.0, 8)
+    monkeypatch.setattr(evaluate, "chunk_nll", lambda *a, **k: ([], []))
+    assert evaluate.mean_nll(None, None, "valid", None, 8) == (0.0, 0)
+
+
+@pytest.mark.parametrize("metrics", [("ppl",), ("ppl", "bpc")])
+def test_lm_scores_turn_summed_losses_into_metrics(monkeypatch, metrics):
+    scored = {"chunk_nll": [2.0, 4.0], "chunk_tokens": [1, 2], "nll_sum": 6.0, "tokens": 3, "protocol": "chunks"}
+    monkeypatch.setattr(evaluate.lm_protocol, "score", lambda *a, **k: dict(scored))
+    task = SimpleNamespace(bptt=35, metrics=metrics)
+    out, chunks = evaluate.lm_scores(None, task, "test", None, 64)
+    assert out["nll"] == 2.0 and out["perplexity"] == pytest.approx(math.e ** 2)
+    assert out["tokens"] == 3 and out["protocol"] == "chunks" and "diverged" not in out
+    assert ("bpc" in out) == ("bpc" in metrics)
+    if "bpc" in metrics:
+        assert out["bpc"] == pytest.approx(2.0 / math.log(2))
+    assert chunks == {"split": "test", "bptt": 35, "protocol": "chunks", "nll": [2.0, 4.0], "tokens": [1, 2]}
+    assert evaluate.evaluate_lm(None, task, "test", None, 64) == out
+
+    monkeypatch.setattr(evaluate.lm_protocol, "score", lambda *a, **k: {**scored, "nll_sum": 3000.0, "tokens": 1})
+    out, _ = evaluate.lm_scores(None, task, "test", None, 64)
+    assert out["nll"] == 3000.0 and out["perplexity"] is None and out["diverged"] is True
+    monkeypatch.setattr(evaluate.lm_protocol, "score",
+                        lambda *a, **k: {**scored, "nll_sum": float("inf"), "tokens": 0})
+    out, _ = evaluate.lm_scores(None, task, "test", None, 64)
+    assert out["nll"] is None and out["diverged"] is True
+
+
+# -- harness/train.py: settings, schedule, budget, snapshots ------------------------------------
+
+@pytest.mark.parametrize("settings, message", [
+    ({"max_steps": 5, "bogus": 1}, r"unknown trainer settings \['bogus'\]; valid: max_tokens, max_steps"),
+    ({}, "no training budget"),
+    ({"max_steps": -1}, r"trainer.max_steps=-1 is negative"),
+    ({"max_steps": 5, "max_epochs": -0.5}, r"trainer.max_epochs=-0.5 is negative"),
+    ({"max_steps": 5, "max_seconds": -2}, r"trainer.max_seconds=-2 is negative"),
+    ({"max_steps": 5, "max_tokens": 0}, r"trainer.max_tokens=0 must be a positive integer"),
+    ({"max_steps": 5, "eval_every": 2.5}, r"trainer.eval_every=2.5 must be a positive integer"),
+    ({"max_steps": 5, "log_every": 0}, r"trainer.log_every=0 must be a positive integer"),
+    ({"max_steps": 5, "precision": "fp8"}, r"trainer.precision='fp8'; valid: auto, fp32, bf16, fp16"),
+    ({"max_steps": 5, "schedule": "linear"}, r"trainer.schedule='linear'; valid: inverse_sqrt"),
+    ({"max_epochs": 1, "schedule": "cosine"}, "cosine needs trainer.max_steps or trainer.max_seconds"),
+    ({"max_steps": 5, "threads": 0}, r"trainer.threads=0; valid: auto"),
+    ({"max_steps": 5, "threads": True}, r"trainer.threads=True; valid: auto"),
+    ({"max_steps": 5, "threads": "all"}, r"trainer.threads='all'; valid: auto"),
+    ({"max_steps": 5, "on_nonfinite": "ignore"}, r"trainer.on_nonfinite='ignore'; valid: fail, skip"),
+])
+def test_train_config_refuses_bad_settings_naming_them(settings, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        TrainConfig(**settings)
+
+
+def test_train_config_accepts_the_edges():
+    assert TrainConfig(max_steps=0, max_epochs=1).max_steps == 0
+    assert TrainConfig(max_seconds=1, schedule="cosine").schedule == "cosine"
+    assert TrainConfig(max_steps=5, max_epochs=None, max_seconds=None, threads=None).threads is None
+    assert TrainConfig(max_steps=5, threads=1, max_tokens=1, eval_every=1, log_every=1).threads == 1
+    assert TrainConfig(max_steps=5, betas=[0.8, 0.9]).betas == (0.8, 0.9)
+
+
+def test_warm_up_of_the_constant_and_cosine_schedules():
+    const = TrainConfig(max_steps=100, schedule="constant", warmup_steps=4)
+    assert [lr_factor(const, s) for s in (0, 1, 3, 50)] == [0.25, 0.5, 1.0, 1.0]
+    assert lr_factor(TrainConfig(max_steps=100, schedule="constant", warmup_steps=0), 0) == 1.0
+    assert lr_factor(TrainConfig(max_steps=100, warmup_steps=0), 3) == pytest.approx(0.5)  # inverse_sqrt: 1/sqrt(4)
+    cos = TrainConfig(max_steps=14, schedule="cosine", warmup_steps=4, min_lr_ratio=0.2)
+    assert lr_factor(cos, 1) == pytest.approx(0.5)  # in the warm-up: 2/4 of the peak, no decay yet
+    assert lr_factor(cos, 3) == pytest.approx(1.0)  # the warm-up's end
+    assert lr_factor(cos, 8) == pytest.approx(0.2 + 0.8 * 0.5)  # halfway: (9 - 4) / (14 - 4)
+    assert lr_factor(cos, 13) == pytest.approx(0.2) and lr_factor(cos, 40) == pytest.approx(0.2)
+
+
+def bare_trainer(cfg: TrainConfig, **progress) -> Trainer:
+    """A Trainer with only its settings, progress and schedule: what the budget and snapshot rules read."""
+    t = object.__new__(Trainer)
+    t.cfg, t.p, t.dist, t.out_dir = cfg, Progress(**progress), SimpleNamespace(main=True), Path("/nonexistent")
+    t.sched, t.model, t.identity, t.keep_snapshots = SimpleNamespace(base_lrs=[cfg.lr]), None, {}, 3
+    return t
+
+
+def test_budget_left_stops_at_each_budget():
+    assert bare_trainer(TrainConfig(max_steps=10), step=9).budget_left(5)
+    assert not bare_trainer(TrainConfig(max_steps=10), step=10).budget_left(5)
+    assert not bare_trainer(TrainConfig(max_steps=0, max_seconds=9)).budget_left(5)  # 0 steps: none
+    epochs = TrainConfig(max_epochs=1.5)
+    assert bare_trainer(epochs, epoch=1, batch_in_epoch=4).budget_left(10)
+    assert not bare_trainer(epochs, epoch=1, batch_in_epoch=5).budget_left(10)
+    assert not bare_trainer(TrainConfig(max_epochs=1), epoch=1).budget_left(0)  # an empty epoch counts as 1 batch
+    assert bare_trainer(TrainConfig(max_seconds=10), train_seconds=9.99).budget_left(5)
+    assert not bare_trainer(TrainConfig(max_seconds=10), train_seconds=10.0).budget_left(5)
+    plateau = TrainConfig(max_steps=100, schedule="plateau", lr=1e-3, lr_shrink=0.1, stop_lr=5e-5)
+    assert bare_trainer(plateau, lr_shrinks=1).budget_left(5)  # 1e-4 >= 5e-5
+    assert not bare_trainer(plateau, lr_shrinks=2).budget_left(5)  # 1e-5 < 5e-5
+    assert bare_trainer(TrainConfig(max_steps=100, lr=1e-3, stop_lr=5e-5), lr_shrinks=2).budget_left(5)  # not plateau
+
+
+def test_eta_takes_the_nearer_budget():
+    assert bare_trainer(TrainConfig(max_seconds=600), train_seconds=300).eta() == "5.0min"
+    assert bare_trainer(TrainConfig(max_steps=100), step=50, train_seconds=60).eta() == "1.0min"
+    assert bare_trainer(TrainConfig(max_steps=100), step=0).eta() == "?"
+    assert bare_trainer(TrainConfig(max_steps=100, max_seconds=600), step=50, train_seconds=120).eta() == "2.0min"
+    assert bare_trainer(TrainConfig(max_steps=100, max_seconds=150), step=50, train_seconds=120).eta() == "0.5min"
+    assert bare_trainer(TrainConfig(max_seconds=60), train_seconds=90).eta() == "0.0min"
+
+
+def test_snapshots_are_due_every_k_steps_every_s_seconds_and_at_the_end(monkeypatch, tmp_path):
+    from harness import checkpoint
+
+    saved = []
+    monkeypatch.setattr(checkpoint, "save_snapshot",
+                        lambda out, **kw: saved.append((kw["progress"]["step"], kw["keep"])))
+
+    def run(cfg, final=False, **progress):
+        saved.clear()
+        t = bare_trainer(cfg, **progress)
+        t.out_dir = tmp_path
+        t.snapshot(final=final)
+        return saved[:], t.p.snapshot_seconds
+
+    assert run(TrainConfig(max_steps=9)) == ([], 0.0)  # no snapshots asked for
+    assert run(TrainConfig(max_steps=9), final=True, step=9) == ([], 0.0)
+    assert run(TrainConfig(max_steps=9, save_every=3), step=6, train_seconds=4.0) == ([(6, 3)], 4.0)
+    assert run(TrainConfig(max_steps=9, save_every=3), step=7, train_seconds=4.0) == ([], 0.0)
+    assert run(TrainConfig(max_steps=9, save_every=3), final=True, step=7, train_seconds=5.0) == ([(7, 3)], 5.0)
+    every_10s = TrainConfig(max_steps=9, save_every_seconds=10)
+    assert run(every_10s, step=2, train_seconds=19.0, snapshot_seconds=9.0) == ([(2, 3)], 19.0)
+    assert run(every_10s, step=2, train_seconds=18.9, snapshot_seconds=9.0) == ([], 9.0)
+    checkpoint.snapshot_path(tmp_path, 7).parent.mkdir(parents=True, exist_ok=True)
+    checkpoint.snapshot_path(tmp_path, 7).write_bytes(b"")  # the final step's snapshot exists already
+    assert run(TrainConfig(max_steps=9, save_every=3), final=True, step=7, train_seconds=5.0) == ([], 0.0)
