@@ -31,7 +31,8 @@ def trainer(folder, task=None, dropout=0.0, **settings) -> Trainer:
     torch.manual_seed(0)
     model = models.build({**models.load_preset("transformer_tiny"), "dropout": dropout}, task)
     cfg = TrainConfig(**{"max_tokens": 64, "max_steps": 5, "warmup_steps": 1, "lr": 1e-3, "log_every": 1,
-                         "eval_every": 1000, "progress": False, "threads": None, "valid_bleu": False, "precision": "fp32", **settings})
+                         "eval_every": 1000, "progress": False, "threads": None, "valid_bleu": False,
+                         "precision": "fp32", **settings})
     return Trainer(model, task, cfg, folder, CPU, seed=1, identity={"test": 1})
 
 
