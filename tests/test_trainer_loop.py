@@ -189,3 +189,81 @@ def test_the_loop_logs_what_the_tracker_gets(tmp_path):
     assert all(r["train_seconds"] == row["train_seconds"] for (_, r), row in zip(train_rows, p.log))
     evals = [(s, r) for s, r in logged if "valid_nll" in r]
     assert [s for s, _ in evals] == [2] and "step" not in evals[0][1]
+
+
+def test_a_deleted_best_checkpoint_is_rewritten_and_the_record_says_what_it_holds(tmp_path, caplog):
+    """best.pt deleted between runs: the resumed run forgets the lost best, writes best.pt at its next evaluation
+    and says in ``best_recreated`` which evaluation was lost and which one best.pt holds now."""
+    first = trainer(tmp_path, max_steps=4, eval_every=2).fit()
+    lost = min(first.evals, key=lambda row: row["valid_nll"])
+    (tmp_path / "best.pt").unlink()
+    with caplog.at_level("WARNING", logger="seqbench.train"):
+        t = trainer(tmp_path, max_steps=6, eval_every=2)
+        t.maybe_resume()
+    assert [r.getMessage() for r in caplog.records if r.name == "seqbench.train"] == [
+        f"best.pt is missing (it held step {lost['step']}, valid_nll {lost['valid_nll']:.4g}); the next evaluation "
+        "writes a new one"]
+    assert t.p.best_recreated == {"lost": {"step": lost["step"], "valid_nll": lost["valid_nll"]}, "from_step": 4,
+                                  "evals_before": 2}
+    assert t.p.best_valid_nll == float("inf")
+    p = t.fit()
+    new = p.evals[-1]
+    assert new["step"] == 6 and (tmp_path / "best.pt").is_file()
+    assert checkpoint.load(tmp_path / "best.pt", {"test": 1})["progress"]["step"] == 6
+    assert p.best_recreated == {"lost": {"step": lost["step"], "valid_nll": lost["valid_nll"]}, "from_step": 4,
+                                "evals_before": 2, "step": 6, "valid_nll": new["valid_nll"]}
+    assert checkpoint.load(tmp_path / "last.pt", {"test": 1})["progress"]["best_recreated"] == p.best_recreated
+
+
+def test_a_deleted_best_after_training_is_written_from_the_final_model(tmp_path):
+    first = trainer(tmp_path, max_steps=4, eval_every=2).fit()
+    (tmp_path / "best.pt").unlink()
+    p = trainer(tmp_path, max_steps=4, eval_every=2).fit()  # nothing left to train
+    final = first.evals[-1]
+    assert p.best_recreated["step"] == 4 and p.best_recreated["valid_nll"] == final["valid_nll"]
+    assert p.best_valid_nll == final["valid_nll"]
+    assert checkpoint.load(tmp_path / "best.pt", {"test": 1})["progress"]["step"] == 4
+    untouched = tmp_path / "again"
+    trainer(untouched, max_steps=2, eval_every=2).fit()
+    again = trainer(untouched, max_steps=2, eval_every=2)
+    again.maybe_resume()
+    assert again.p.best_recreated is None and again.p.best_valid_nll < float("inf")  # best.pt is there
+
+
+def test_carried_state_training_starts_each_batch_from_the_state_the_last_one_ended_in(tmp_path):
+    """trainer.carry_state: four streams of 8-token slices (32-token batches); step 1 starts from a zero state,
+    step 2 from the state step 1 ended in, and the loss of each is the plain cross-entropy from that state."""
+    import numpy as np
+
+    from tasks.lm import LMTask
+
+    rng = np.random.default_rng(0)
+    lines = {split: [" ".join(f"w{i}" for i in rng.integers(0, 30, 9)) for _ in range(n)]
+             for split, n in (("train", 60), ("valid", 10), ("test", 10))}
+    task = LMTask("words", lines, bptt=8)
+    torch.manual_seed(0)
+    model = models.build({**models.load_preset("lstm_tiny"), "dropout": 0.0}, task)
+    initial = copy.deepcopy(model)
+    cfg = TrainConfig(max_tokens=32, max_steps=2, warmup_steps=1, lr=1e-2, log_every=1, eval_every=1000,
+                      progress=False, threads=None, precision="fp32", label_smoothing=0.0, carry_state=True)
+    t = Trainer(model, task, cfg, tmp_path, CPU, seed=1, identity={})
+    stream = torch.from_numpy(task.streams["train"])
+    rows = stream[: len(stream) // 4 * 4].view(4, -1)
+    x1, y1, x2, y2 = rows[:, 0:8], rows[:, 1:9], rows[:, 8:16], rows[:, 9:17]
+    after_one = []
+    real_step = t.train_step
+
+    def step(batch, n_tokens=None):
+        out = real_step(batch, n_tokens)
+        after_one.append(copy.deepcopy(t.model))
+        return out
+
+    t.train_step = step
+    p = t.fit()
+    with torch.no_grad():
+        first = F.cross_entropy(initial(x1).flatten(0, 1), y1.flatten()).item()
+        _, state = initial(x1, state=initial.init_state(4))
+        second = F.cross_entropy(after_one[0](x2, state=state)[0].flatten(0, 1), y2.flatten()).item()
+        fresh = F.cross_entropy(after_one[0](x2).flatten(0, 1), y2.flatten()).item()
+    assert abs(second - fresh) > 1e-4  # the carried state makes a difference here
+    assert [row["loss"] for row in p.log] == pytest.approx([first, second], rel=1e-5)

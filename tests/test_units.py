@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import sacrebleu
 import torch
@@ -126,6 +127,46 @@ def test_a_folder_lock_holds_the_pid_refuses_a_second_owner_and_is_released(tmp_
     second.release()
 
 
+def test_a_busy_folder_names_the_holder_and_the_fix(tmp_path):
+    import fcntl
+
+    holder = open(tmp_path / ".lock", "a+")  # another run, its pid not written yet
+    fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(io.FolderInUse) as caught:
+        io.FolderLock(tmp_path)
+    assert str(caught.value) == (
+        f"output folder {tmp_path} is in use by another run (pid not yet written: it is starting, holding "
+        f"{tmp_path / '.lock'}); two runs in one folder would overwrite each other's checkpoints and record. Wait "
+        "for that run to end (or stop it), or give this run another output folder (hydra.run.dir / hydra.sweep.dir)")
+    holder.close()
+
+
+def test_a_file_system_without_locks_warns_and_goes_on_other_errors_stop(tmp_path, monkeypatch, caplog):
+    import fcntl
+    import os
+
+    for code in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+        def no_locks(fd, op, code=code):
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(fcntl, "flock", no_locks)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="seqbench"):
+            lock = io.FolderLock(tmp_path)
+        assert [r.getMessage() for r in caplog.records] == [
+            f"cannot lock {tmp_path / '.lock'} ({os.strerror(code)}): this file system has no locks; make sure no "
+            "other run uses this output folder"]
+        assert (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+        lock.release()
+
+    def denied(fd, op):
+        raise OSError(errno.EACCES, "denied")
+
+    monkeypatch.setattr(fcntl, "flock", denied)
+    with pytest.raises(PermissionError):
+        io.FolderLock(tmp_path)
+
+
 def test_save_torch_round_trips(tmp_path):
     io.save_torch(tmp_path / "t.pt", {"w": torch.arange(3)})
     assert torch.equal(torch.load(tmp_path / "t.pt")["w"], torch.arange(3))
@@ -182,6 +223,7 @@ def test_job_entry_started_and_not_started_records():
 def test_lost_marks_a_job_failed_whether_or_not_it_wrote_a_record():
     new = schema.lost(None, name="j", out_dir="/o/j", overrides=["seed=1"], slurm_job_id="77", error="OOM killed")
     assert new["status"] == "failed" and new["error"] == "OOM killed" and new["seed"] is None
+    assert set(new) == {"status", "seed", "config", "job", "error"}
     assert new["config"] == {"overrides": ["seed=1"]}
     assert {k: v for k, v in new["job"].items() if k != "finished"} == {
         "name": "j", "sweep": None, "output_dir": "/o/j", "started": None, "slurm_job_id": "77"}
@@ -361,15 +403,113 @@ def test_scores_by_length_buckets_on_source_length():
     assert evaluate.scores_by_length([], [], []) == []
 
 
-def test_truncation_counts_the_long_sources_and_names_the_first_five():
+def test_truncation_counts_the_long_sources_and_names_the_first_five(caplog):
     assert evaluate._truncation([[1] * 3, [1] * 4], 4, "test") == {"truncated_sources": 0}
     assert evaluate._truncation([[1] * 9], None, "test") == {"truncated_sources": 0}
     out = evaluate._truncation([[1] * 5, [1] * 2, [1] * 5], 4, "valid")
     assert out["truncated_sources"] == 2
-    assert out["warning"].startswith("2 of 3 valid source lines (line 1, 3) are longer than 4 tokens and were "
-                                     "decoded from their first 4 tokens only")
+    assert out["warning"] == ("2 of 3 valid source lines (line 1, 3) are longer than 4 tokens and were decoded from "
+                              "their first 4 tokens only; raise eval.decoding.max_source_tokens (null: no cap) to "
+                              "decode them whole")
+    assert [r.getMessage() for r in caplog.records if r.name == "seqbench.evaluate"] == [out["warning"]]
     many = evaluate._truncation([[1] * 5] * 7, 4, "test")
     assert "(line 1, 2, 3, 4, 5, ...)" in many["warning"] and many["truncated_sources"] == 7
+
+
+class StubTask:
+    """Sources of 2, 1, 3 and 4 tokens; batches of (at most) two in length order, the last sentence in none."""
+
+    metrics = ("bleu", "chrf", "ter")
+
+    def __init__(self):
+        self.calls, self.src = [], [[5, 6], [7], [8, 9, 10], [11, 12, 13, 14]]
+
+    def sources(self, split):
+        return self.src
+
+    def references(self, split):
+        return ["5 6", "7", "8 9 10", "x"]
+
+    def source_batches(self, split, batch_sentences, max_source_tokens, limit):
+        self.calls.append((split, batch_sentences, max_source_tokens, limit))
+        for idx in ([1, 0], [2]):
+            yield idx, torch.zeros(len(idx), 3, dtype=torch.long), torch.tensor([len(self.src[i]) for i in idx])
+
+    def detokenize(self, ids):
+        return " ".join(map(str, ids))
+
+
+class StubModel(torch.nn.Module):
+    max_target_positions = None
+
+
+def test_translate_passes_its_settings_to_the_search_and_returns_corpus_order(monkeypatch):
+    searched, casts = [], []
+
+    def search(kind):
+        def run(model, src, lengths, limits, **kw):
+            assert not torch.is_grad_enabled()
+            searched.append((kind, lengths.tolist(), limits, kw))
+            return [[n + 4] for n in lengths.tolist()]
+        return run
+
+    def autocast_for(device, precision):
+        casts.append((device, precision))
+        return precision, __import__("contextlib").nullcontext
+
+    monkeypatch.setattr(evaluate, "greedy", search("greedy"))
+    monkeypatch.setattr(evaluate, "beam_search", search("beam"))
+    monkeypatch.setattr(evaluate, "autocast_for", autocast_for)
+    task, model, cpu = StubTask(), StubModel().train(), torch.device("cpu")
+    stops = []
+    hyps, seconds = evaluate.translate(model, task, "test", cpu, check_stop=lambda: stops.append(1))
+    assert not model.training and hyps == ["6", "5", "7", ""]  # corpus order; a sentence in no batch stays empty
+    assert 0 <= seconds < 5 and len(stops) == 2
+    assert task.calls == [("test", 128, 1024, None)] and casts == [(cpu, "fp32")]
+    assert searched == [("beam", [1, 2], [11, 12], {"beam": 4, "lenpen": 0.6}),  # int(1.2 n + 10)
+                        ("beam", [3], [13], {"beam": 4, "lenpen": 0.6})]
+    searched.clear()
+    evaluate.translate(model, task, "valid", cpu, beam=1, max_len_a=2.0, max_len_b=1, batch_sentences=7, limit=3,
+                       precision="bf16", max_source_tokens=None)
+    assert task.calls[-1] == ("valid", 7, None, 3) and casts[-1] == (cpu, "bf16")
+    assert searched == [("greedy", [1, 2], [3, 5], {}), ("greedy", [3], [7], {})]
+    searched.clear()
+    evaluate.translate(model, task, "valid", cpu, beam=2, lenpen=1.0)
+    assert [s[3] for s in searched] == [{"beam": 2, "lenpen": 1.0}] * 2
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_evaluate_translation_scores_the_decoded_lines(monkeypatch, named):
+    task = StubTask()
+    if not named:  # a task that names no metrics: BLEU and chrF
+        task = SimpleNamespace(**{k: getattr(task, k) for k in ("sources", "references", "source_batches",
+                                                                "detokenize")})
+    got = {}
+
+    def translate(model, task_, split, device, **kw):
+        got.update(kw, split=split)
+        return ["5 6", "7", "8 9", "y"], 0.5
+
+    monkeypatch.setattr(evaluate, "translate", translate)
+    stop = object()
+    out, hyps = evaluate.evaluate_translation(None, task, "test", "dev", {"beam": 3, "max_source_tokens": 2},
+                                              check_stop=stop)
+    assert got == {"beam": 3, "max_source_tokens": 2, "check_stop": stop, "split": "test"}
+    refs = ["5 6", "7", "8 9 10", "x"]
+    names = ("bleu", "chrf", "ter") if named else ("bleu", "chrf")
+    assert set(out) == {*names, *(f"{n}_signature" for n in names), "bleu_detail", "by_length", "sentences", "decode_seconds", "sentences_per_second", "exact_match",
+                        "samples", "truncated_sources", "warning"}
+    assert out["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert out["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert out["by_length"] == evaluate.scores_by_length(hyps, refs, [2, 1, 3, 4], names)
+    assert out["sentences"] == 4 and out["decode_seconds"] == 0.5 and out["sentences_per_second"] == 8.0
+    assert out["exact_match"] == 0.5 and out["samples"] == [{"ref": r, "hyp": h} for h, r in zip(hyps, refs)]
+    assert out["truncated_sources"] == 2 and "(line 3, 4)" in out["warning"]  # 3 and 4 tokens > 2
+    out, _ = evaluate.evaluate_translation(None, task, "test", "dev", {})
+    assert out["truncated_sources"] == 0 and "warning" not in out  # the default cap: 1024 tokens
+    monkeypatch.setattr(evaluate, "translate", lambda *a, **k: (["a"] * 4, 0.0))
+    out, _ = evaluate.evaluate_translation(None, task, "test", "dev", {})
+    assert out["sentences_per_second"] == 4 / 1e-9
 
 
 def test_perplexity_is_exp_or_null():
@@ -381,9 +521,13 @@ def test_perplexity_is_exp_or_null():
 
 def test_check_converged_names_each_diverged_split():
     evaluate.check_converged({"valid": {"nll": 3.0}, "test": {"nll": 2.0, "diverged": False}})
-    with pytest.raises(evaluate.Diverged, match=r"its loss \(valid 812\.5, test not finite nats per token\)"):
+    with pytest.raises(evaluate.Diverged) as caught:
         evaluate.check_converged({"valid": {"nll": 812.5, "diverged": True}, "train": {"nll": 1.0},
                                   "test": {"nll": None, "diverged": True}})
+    assert str(caught.value) == (
+        "the model diverged: its loss (valid 812.5, test not finite nats per token) puts the perplexity beyond any "
+        "number (recorded as null, diverged: true). Lower trainer.lr, set trainer.clip_norm or lengthen "
+        "trainer.warmup_steps, and rerun in a new output folder")
 
 
 def test_mean_nll_divides_the_summed_loss_by_the_tokens(monkeypatch):
@@ -518,3 +662,67 @@ def test_snapshots_are_due_every_k_steps_every_s_seconds_and_at_the_end(monkeypa
     checkpoint.snapshot_path(tmp_path, 7).parent.mkdir(parents=True, exist_ok=True)
     checkpoint.snapshot_path(tmp_path, 7).write_bytes(b"")  # the final step's snapshot exists already
     assert run(TrainConfig(max_steps=9, save_every=3), final=True, step=7, train_seconds=5.0) == ([], 0.0)
+
+
+# -- tasks/batching.py: language-model chunks and data-parallel shards ----------------------------
+
+def test_lm_batches_cut_the_stream_into_next_token_chunks():
+    from tasks.batching import lm_batches
+
+    def rows(batches):
+        return [(b.inputs["tokens"].tolist(), b.target.tolist(), b.n_tokens, b.ignore_index) for b in batches]
+
+    # 11 tokens, bptt 3: chunks start at 0, 3, 6, 9; the one at 9 has a single next token left (10)
+    assert rows(lm_batches(np.arange(11), 3, 2, False, 0, 0)) == [
+        ([[0, 1, 2], [3, 4, 5]], [[1, 2, 3], [4, 5, 6]], 6, -100),
+        ([[6, 7, 8]], [[7, 8, 9]], 3, -100),
+        ([[9]], [[10]], 1, -100)]
+    # 10 tokens: three full chunks, nothing left over (token 9 is the last target)
+    assert rows(lm_batches(np.arange(10), 3, 2, False, 0, 0)) == [
+        ([[0, 1, 2], [3, 4, 5]], [[1, 2, 3], [4, 5, 6]], 6, -100),
+        ([[6, 7, 8]], [[7, 8, 9]], 3, -100)]
+
+
+def test_lm_batches_shuffle_by_seed_and_epoch_and_still_predict_every_token_once():
+    from tasks.batching import lm_batches
+
+    stream = np.arange(100)
+
+    def order(seed, epoch):
+        return [b.inputs["tokens"][:, 0].tolist() for b in lm_batches(stream, 3, 4, True, seed, epoch)]
+
+    assert order(1, 0) == order(1, 0)
+    assert order(1, 0) != order(1, 1) and order(1, 0) != order(2, 0)
+    assert order(1, 0) != [b.inputs["tokens"][:, 0].tolist() for b in lm_batches(stream, 3, 4, False, 1, 0)]
+    targets = sorted(t for b in lm_batches(stream, 3, 4, True, 1, 0) for t in b.target.flatten().tolist())
+    assert targets == list(range(1, 100))
+
+
+def test_a_batch_shards_into_contiguous_near_equal_parts():
+    from tasks.batching import Batch
+
+    target = torch.tensor([[1, 0], [2, 2], [3, 0], [4, 4], [5, 5]])  # 0: padding
+    batch = Batch({"src": torch.arange(5)[:, None] * 10, "n": torch.arange(5)}, target, 8, [7, 8, 9, 10, 11], 0)
+    first, second = batch.shard(0, 2), batch.shard(1, 2)
+    assert first.target.tolist() == [[1, 0], [2, 2], [3, 0]] and second.target.tolist() == [[4, 4], [5, 5]]
+    assert first.inputs["src"].flatten().tolist() == [0, 10, 20] and second.inputs["n"].tolist() == [3, 4]
+    assert (first.n_tokens, second.n_tokens) == (4, 4) and (first.index, second.index) == ([7, 8, 9], [10, 11])
+    assert first.ignore_index == second.ignore_index == 0
+    lm = Batch({"tokens": torch.zeros(2, 3)}, torch.zeros(2, 3, dtype=torch.long), 6, ignore_index=-100)
+    halves = [lm.shard(r, 2) for r in (0, 1)]
+    assert [h.n_tokens for h in halves] == [3, 3] and halves[1].index is None and halves[1].ignore_index == -100
+    with pytest.raises(ValueError) as caught:
+        lm.shard(0, 3)
+    assert str(caught.value) == ("a batch of 2 sequences cannot be split over 3 processes; raise trainer.max_tokens "
+                                 "(it is the batch of one optimizer step, shared by all processes)")
+
+
+def test_a_language_model_refuses_to_translate_with_the_fix():
+    class Tiny(common.LanguageModel):
+        pass
+
+    with pytest.raises(TypeError) as caught:
+        Tiny().encode()
+    assert str(caught.value) == (
+        "Tiny is a language model and cannot translate (no encoder); a translation task needs the encoder-decoder "
+        "form: build the model with models.build(cfg, task), which picks the form from the task's family")
