@@ -497,8 +497,9 @@ def test_evaluate_translation_scores_the_decoded_lines(monkeypatch, named):
     assert got == {"beam": 3, "max_source_tokens": 2, "check_stop": stop, "split": "test"}
     refs = ["5 6", "7", "8 9 10", "x"]
     names = ("bleu", "chrf", "ter") if named else ("bleu", "chrf")
-    assert set(out) == {*names, *(f"{n}_signature" for n in names), "bleu_detail", "by_length", "sentences", "decode_seconds", "sentences_per_second", "exact_match",
-                        "samples", "truncated_sources", "warning"}
+    assert set(out) == {*names, *(f"{n}_signature" for n in names), "bleu_detail", "by_length", "sentences",
+                        "decode_seconds", "sentences_per_second", "exact_match", "samples", "truncated_sources",
+                        "warning"}
     assert out["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
     assert out["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
     assert out["by_length"] == evaluate.scores_by_length(hyps, refs, [2, 1, 3, 4], names)
