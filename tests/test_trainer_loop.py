@@ -7,6 +7,7 @@ derived from the settings and the task's own batches, not from the loop's output
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -267,3 +268,45 @@ def test_carried_state_training_starts_each_batch_from_the_state_the_last_one_en
         fresh = F.cross_entropy(after_one[0](x2).flatten(0, 1), y2.flatten()).item()
     assert abs(second - fresh) > 1e-4  # the carried state makes a difference here
     assert [row["loss"] for row in p.log] == pytest.approx([first, second], rel=1e-5)
+
+
+def test_a_validation_row_holds_the_teacher_forced_loss_and_the_tasks_own_scores(tmp_path, monkeypatch):
+    t = trainer(tmp_path, max_tokens=48, valid_bleu=True)
+    t.decoding = {"beam": 1, "max_len_b": 3}
+    t.p.step, t.p.tokens, t.p.train_seconds = 3, 77, 1.23456
+    seen = []
+    monkeypatch.setattr(t.task, "validate", lambda model, ctx: seen.append((model, ctx)) or {"valid_bleu_greedy": 1.5})
+    t.model.train()
+    row = t.validate()
+    assert t.model.training  # back to training afterwards
+    total, count = 0.0, 0
+    with torch.no_grad():
+        t.model.eval()
+        for batch in t.task.batches("valid", 10_000):
+            logits = t.model(**batch.inputs)
+            total += F.cross_entropy(logits.flatten(0, 1), batch.target.flatten(), ignore_index=PAD,
+                                     reduction="sum").item()
+            count += batch.n_tokens
+    assert set(row) == {"step", "train_seconds", "tokens", "valid_nll", "valid_ppl", "valid_bleu_greedy"}
+    assert (row["step"], row["train_seconds"], row["tokens"], row["valid_bleu_greedy"]) == (3, 1.235, 77, 1.5)
+    assert row["valid_nll"] == pytest.approx(total / count, rel=1e-5)
+    assert row["valid_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    (model, ctx), = seen
+    assert model is t.model
+    assert (ctx.device, ctx.max_tokens, ctx.decoding, ctx.precision, ctx.greedy_curve) == (
+        CPU, 48, {"beam": 1, "max_len_b": 3}, "fp32", True)
+
+
+def test_evaluate_and_save_logs_the_row_and_names_a_non_finite_loss(tmp_path, monkeypatch, caplog):
+    t = trainer(tmp_path)
+    monkeypatch.setattr(t, "save", lambda name, **kw: None)
+    t.validate = lambda: {"step": 3, "valid_nll": 2.658861, "tokens": 10}
+    with caplog.at_level("INFO", logger="seqbench.train"):
+        t.evaluate_and_save()
+    assert [r.getMessage() for r in caplog.records if r.name == "seqbench.train"] == [
+        "eval step=3 valid_nll=2.659 tokens=10"]
+    t.validate = lambda: {"step": 4, "valid_nll": float("inf")}
+    with pytest.raises(NonFiniteLoss) as caught:
+        t.evaluate_and_save()
+    assert str(caught.value) == ("validation loss is inf at step 0: the model's weights or outputs are not finite; "
+                                 "lower trainer.lr or set trainer.clip_norm (last.pt is the previous evaluation's)")
