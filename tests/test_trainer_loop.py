@@ -310,3 +310,40 @@ def test_evaluate_and_save_logs_the_row_and_names_a_non_finite_loss(tmp_path, mo
         t.evaluate_and_save()
     assert str(caught.value) == ("validation loss is inf at step 0: the model's weights or outputs are not finite; "
                                  "lower trainer.lr or set trainer.clip_norm (last.pt is the previous evaluation's)")
+
+
+def test_chunk_nll_scores_every_sequence_in_batch_order_at_the_precision_asked(tmp_path):
+    """Per sequence, over several batches; without an autocast it runs in fp32 even inside a caller's bf16
+    autocast, and with one it enters that autocast for every batch."""
+    from harness.evaluate import chunk_nll, mean_nll
+
+    t = trainer(tmp_path)
+    batches = t.task.batches("valid", 12)
+    assert len(batches) > 1
+    expected, tokens = [], []
+    with torch.no_grad():
+        t.model.eval()
+        for batch in batches:
+            logits = t.model(**batch.inputs)
+            nll = F.cross_entropy(logits.flatten(0, 1), batch.target.flatten(), ignore_index=PAD, reduction="none")
+            expected += nll.view_as(batch.target).sum(1).tolist()
+            tokens += (batch.target != PAD).sum(1).tolist()
+    t.model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sums, counts = chunk_nll(t.model, t.task, "valid", CPU, 12)
+    assert not t.model.training and counts == tokens
+    assert sums == pytest.approx(expected, rel=1e-5)  # fp32: bf16 would be off by ~1e-2
+    entered = []
+
+    class Cast:
+        def __enter__(self):
+            entered.append(1)
+
+        def __exit__(self, *exc):
+            return False
+
+    sums, _ = chunk_nll(t.model, t.task, "valid", CPU, 12, autocast=Cast)
+    assert len(entered) == len(batches) and sums == pytest.approx(expected, rel=1e-5)
+    nll, n = mean_nll(t.model, t.task, "valid", CPU, 12, autocast=Cast)
+    assert n == sum(tokens) and nll == pytest.approx(sum(expected) / sum(tokens), rel=1e-5)
+    assert len(entered) == 2 * len(batches)

@@ -532,8 +532,13 @@ def test_check_converged_names_each_diverged_split():
 
 
 def test_mean_nll_divides_the_summed_loss_by_the_tokens(monkeypatch):
-    monkeypatch.setattr(evaluate, "chunk_nll", lambda *a, **k: ([3.0, 5.0], [2, 6]))
-    assert evaluate.mean_nll(None, None, "valid", None, 8) == (1.0, 8)
+    calls = []
+    monkeypatch.setattr(evaluate, "chunk_nll",
+                        lambda *a, **k: calls.append(a + tuple(k.values())) or ([3.0, 5.0], [2, 6]))
+    assert evaluate.mean_nll("model", "task", "valid", "dev", 8, "cast") == (1.0, 8)
+    assert calls == [("model", "task", "valid", "dev", 8, "cast")]
+    monkeypatch.setattr(evaluate, "chunk_nll", lambda *a, **k: ([3.0], [1]))
+    assert evaluate.mean_nll(None, None, "valid", None, 8) == (3.0, 1)
     monkeypatch.setattr(evaluate, "chunk_nll", lambda *a, **k: ([], []))
     assert evaluate.mean_nll(None, None, "valid", None, 8) == (0.0, 0)
 
@@ -541,16 +546,22 @@ def test_mean_nll_divides_the_summed_loss_by_the_tokens(monkeypatch):
 @pytest.mark.parametrize("metrics", [("ppl",), ("ppl", "bpc")])
 def test_lm_scores_turn_summed_losses_into_metrics(monkeypatch, metrics):
     scored = {"chunk_nll": [2.0, 4.0], "chunk_tokens": [1, 2], "nll_sum": 6.0, "tokens": 3, "protocol": "chunks"}
-    monkeypatch.setattr(evaluate.lm_protocol, "score", lambda *a, **k: dict(scored))
+    calls = []
+    monkeypatch.setattr(evaluate.lm_protocol, "score", lambda *a, **k: calls.append(a) or dict(scored))
     task = SimpleNamespace(bptt=35, metrics=metrics)
-    out, chunks = evaluate.lm_scores(None, task, "test", None, 64)
+    protocol = evaluate.Protocol()
+    out, chunks = evaluate.lm_scores("model", task, "test", "dev", 64, protocol)
+    assert calls == [("model", task, "test", "dev", 64, protocol)]
     assert out["nll"] == 2.0 and out["perplexity"] == pytest.approx(math.e ** 2)
     assert out["tokens"] == 3 and out["protocol"] == "chunks" and "diverged" not in out
     assert ("bpc" in out) == ("bpc" in metrics)
     if "bpc" in metrics:
         assert out["bpc"] == pytest.approx(2.0 / math.log(2))
     assert chunks == {"split": "test", "bptt": 35, "protocol": "chunks", "nll": [2.0, 4.0], "tokens": [1, 2]}
-    assert evaluate.evaluate_lm(None, task, "test", None, 64) == out
+    assert evaluate.evaluate_lm("model", task, "test", "dev", 64, protocol) == out
+    assert calls[-1] == ("model", task, "test", "dev", 64, protocol)
+    _, bare = evaluate.lm_scores(None, SimpleNamespace(), "test", None, 64)  # a task naming no bptt or metrics
+    assert bare["bptt"] is None
 
     monkeypatch.setattr(evaluate.lm_protocol, "score", lambda *a, **k: {**scored, "nll_sum": 3000.0, "tokens": 1})
     out, _ = evaluate.lm_scores(None, task, "test", None, 64)
