@@ -347,3 +347,61 @@ def test_chunk_nll_scores_every_sequence_in_batch_order_at_the_precision_asked(t
     nll, n = mean_nll(t.model, t.task, "valid", CPU, 12, autocast=Cast)
     assert n == sum(tokens) and nll == pytest.approx(sum(expected) / sum(tokens), rel=1e-5)
     assert len(entered) == 2 * len(batches)
+
+
+def test_a_logged_loss_is_the_windows_summed_loss_over_its_tokens(tmp_path):
+    t = trainer(tmp_path, max_steps=4, log_every=2)
+    losses, tokens = [], []
+    real_step = t.train_step
+
+    def step(batch, n_tokens=None):
+        out = real_step(batch, n_tokens)
+        losses.append(out.item())
+        tokens.append(n_tokens)
+        return out
+
+    t.train_step = step
+    p = t.fit()
+    assert [row["loss"] for row in p.log] == pytest.approx([sum(losses[:2]) / sum(tokens[:2]),
+                                                            sum(losses[2:]) / sum(tokens[2:])], rel=1e-6)
+    assert p.cpu_seconds > 0 and p.train_seconds > 0
+
+
+def test_a_window_of_skipped_steps_logs_no_loss(tmp_path, monkeypatch):
+    real = train.smoothed_cross_entropy
+    monkeypatch.setattr(train, "smoothed_cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
+    t = trainer(tmp_path, max_steps=4, log_every=2, on_nonfinite="skip")
+    t.evaluate_and_save = lambda: None  # the weights never change: nothing to evaluate
+    p = t.fit()
+    assert p.step == 4 and p.skipped_steps == [1, 2, 3, 4] and p.log == [] and p.tokens > 0
+
+
+def test_adam_hands_over_to_sgd_at_the_switch_step(tmp_path):
+    t = trainer(tmp_path, max_steps=3, optimizer="adam_then_sgd", switch_step=2, sgd_lr=0.5, warmup_steps=1)
+    seen = []
+    real_step = t.train_step
+
+    def step(batch, n_tokens=None):
+        seen.append((type(t.opt).__name__, t.opt.param_groups[0]["lr"]))
+        return real_step(batch, n_tokens)
+
+    t.train_step = step
+    t.fit()
+    assert [name for name, _ in seen] == ["Adam", "Adam", "SGD"]
+    assert seen[2][1] == pytest.approx(0.5 * lr_factor(t.cfg, 2))  # SGD's rate, on the schedule at step 2
+
+
+def test_ctrl_c_saves_the_position_and_stops(tmp_path):
+    calls = iter([False, KeyboardInterrupt])
+
+    def should_stop():
+        answer = next(calls)
+        if answer is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return answer
+
+    t = trainer(tmp_path, max_steps=9)
+    t.should_stop = should_stop
+    with pytest.raises(KeyboardInterrupt):
+        t.fit()
+    assert checkpoint.load(tmp_path / "last.pt", {"test": 1})["progress"]["step"] == 1
