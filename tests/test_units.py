@@ -71,6 +71,27 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
 
+def test_a_write_goes_through_a_hidden_temporary_beside_the_target(tmp_path):
+    """``.<name>.<random>.tmp`` in the target's folder: what a later run's remove_stale_temps finds after a kill."""
+    seen = []
+
+    def writer(f):
+        seen.extend(p.name for p in tmp_path.iterdir())
+        f.write(b"x")
+
+    io._atomic(tmp_path / "last.pt", writer)
+    assert len(seen) == 1 and seen[0].startswith(".last.pt.") and seen[0].endswith(".tmp")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+    def vanishing(f):  # the temporary is gone when the write fails: the write's own error still comes through
+        for p in tmp_path.glob(".*.tmp"):
+            p.unlink()
+        raise ValueError("the write's own error")
+
+    with pytest.raises(ValueError, match="the write's own error"):
+        io._atomic(tmp_path / "r.json", vanishing)
+
+
 @pytest.mark.parametrize("code, words", [(errno.ENOSPC, "no space left on device"),
                                          (errno.EDQUOT, "disk quota exceeded")])
 def test_a_full_disk_during_a_write_names_the_file_and_the_fix(tmp_path, code, words):
