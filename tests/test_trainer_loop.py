@@ -405,3 +405,57 @@ def test_ctrl_c_saves_the_position_and_stops(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         t.fit()
     assert checkpoint.load(tmp_path / "last.pt", {"test": 1})["progress"]["step"] == 1
+
+
+def test_a_log_row_and_its_line(tmp_path, monkeypatch, caplog):
+    from harness import utilization
+
+    posted, tracked = [], []
+
+    class Bar:
+        def set_postfix(self, **kw):
+            posted.append(kw)
+
+    class Tracker:
+        def log(self, row, step):
+            tracked.append((step, row))
+
+    t = trainer(tmp_path, max_steps=10)
+    t.tracker = Tracker()
+    t.p.step, t.p.epoch, t.p.train_seconds = 5, 1, 1.23456
+    lr = t.sched.get_last_lr()[0]
+    monkeypatch.setattr(utilization, "gpu_percent", lambda device: 55.0)
+    with caplog.at_level("INFO", logger="seqbench.train"):
+        t.log(12.0, 4, 2.0, Bar())
+    expected = {"step": 5, "epoch": 1, "loss": 3.0, "lr": lr, "tokens_per_second": 2.0, "train_seconds": 1.235,
+                "gpu_utilization": 55.0}
+    assert t.p.log == [expected]
+    assert [r.getMessage() for r in caplog.records if r.name == "seqbench.train"] == [
+        f"step 5 epoch 1 loss 3.0000 lr {lr:.3g} tok/s 2"]
+    assert tracked == [(5, {"train/epoch": 1, "train/loss": 3.0, "train/lr": lr, "train/tokens_per_second": 2.0,
+                            "train/train_seconds": 1.235, "train/gpu_utilization": 55.0, "train_seconds": 1.235})]
+    assert posted == [{"loss": "3.000", "tok_s": "2", "eta": t.eta()}]
+    monkeypatch.setattr(utilization, "gpu_percent", lambda device: None)
+    t.log(3.0, 0, 0.0, Bar())
+    assert t.p.log[-1] == {"step": 5, "epoch": 1, "loss": 3.0, "lr": lr, "tokens_per_second": 0.0,
+                           "train_seconds": 1.235}
+    t.log(6.0, 3, 0.0, Bar())
+    assert t.p.log[-1]["loss"] == 2.0 and t.p.log[-1]["tokens_per_second"] == 3 / 1e-9
+
+
+def test_resuming_removes_temporaries_of_cut_checkpoint_writes_and_restores_the_phase(tmp_path, caplog):
+    trainer(tmp_path, max_steps=3, optimizer="adam_then_sgd", switch_step=2, sgd_lr=0.5).fit()
+    snapshots = tmp_path / checkpoint.SNAPSHOTS
+    snapshots.mkdir(exist_ok=True)
+    cut = [tmp_path / ".last.pt.ab12.tmp", snapshots / ".step_4.pt.cd34.tmp"]
+    kept = [tmp_path / ".record.json.ef56.tmp", tmp_path / "notes.tmp"]
+    for path in cut + kept:
+        path.write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="seqbench.train"):
+        t = trainer(tmp_path, max_steps=5, optimizer="adam_then_sgd", switch_step=2, sgd_lr=0.5)
+        t.maybe_resume()
+    assert [r.getMessage() for r in caplog.records if r.name == "seqbench.train"] == [
+        f"removed {path}, left by an interrupted checkpoint write" for path in cut]
+    assert not any(p.exists() for p in cut) and all(p.exists() for p in kept)
+    assert t.resumed_from == 3 and type(t.opt).__name__ == "SGD"  # past the switch: the SGD phase
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(0.5 * lr_factor(t.cfg, 3))
