@@ -435,6 +435,8 @@ def test_truncation_counts_the_long_sources_and_names_the_first_five(caplog):
     assert [r.getMessage() for r in caplog.records if r.name == "seqbench.evaluate"] == [out["warning"]]
     many = evaluate._truncation([[1] * 5] * 7, 4, "test")
     assert "(line 1, 2, 3, 4, 5, ...)" in many["warning"] and many["truncated_sources"] == 7
+    assert "(line 1, 2, 3, 4, 5) are" in evaluate._truncation([[1] * 5] * 5, 4, "test")["warning"]  # all named
+    assert "(line 1, 2, 3, 4, 5, ...)" in evaluate._truncation([[1] * 5] * 6, 4, "test")["warning"]
 
 
 class StubTask:
@@ -501,9 +503,9 @@ def test_translate_passes_its_settings_to_the_search_and_returns_corpus_order(mo
 
 @pytest.mark.parametrize("named", [True, False])
 def test_evaluate_translation_scores_the_decoded_lines(monkeypatch, named):
-    task = StubTask()
+    task = stub = StubTask()
     if not named:  # a task that names no metrics: BLEU and chrF
-        task = SimpleNamespace(**{k: getattr(task, k) for k in ("sources", "references", "source_batches",
+        task = SimpleNamespace(**{k: getattr(stub, k) for k in ("sources", "references", "source_batches",
                                                                 "detokenize")})
     got = {}
 
@@ -526,9 +528,13 @@ def test_evaluate_translation_scores_the_decoded_lines(monkeypatch, named):
     assert out["by_length"] == evaluate.scores_by_length(hyps, refs, [2, 1, 3, 4], names)
     assert out["sentences"] == 4 and out["decode_seconds"] == 0.5 and out["sentences_per_second"] == 8.0
     assert out["exact_match"] == 0.5 and out["samples"] == [{"ref": r, "hyp": h} for h, r in zip(hyps, refs)]
-    assert out["truncated_sources"] == 2 and "(line 3, 4)" in out["warning"]  # 3 and 4 tokens > 2
+    assert out["truncated_sources"] == 2  # 3 and 4 tokens > 2
+    assert out["warning"] == evaluate._truncation([[0] * 2, [0], [0] * 3, [0] * 4], 2, "test")["warning"]
     out, _ = evaluate.evaluate_translation(None, task, "test", "dev", {})
     assert out["truncated_sources"] == 0 and "warning" not in out  # the default cap: 1024 tokens
+    stub.src = [[1] * 1024, [1] * 1025, [1], [1]]
+    out, _ = evaluate.evaluate_translation(None, task, "test", "dev", {})
+    assert out["truncated_sources"] == 1 and "(line 2)" in out["warning"]
     monkeypatch.setattr(evaluate, "translate", lambda *a, **k: (["a"] * 4, 0.0))
     out, _ = evaluate.evaluate_translation(None, task, "test", "dev", {})
     assert out["sentences_per_second"] == 4 / 1e-9
@@ -570,7 +576,7 @@ def test_lm_scores_turn_summed_losses_into_metrics(monkeypatch, metrics):
     calls = []
     monkeypatch.setattr(evaluate.lm_protocol, "score", lambda *a, **k: calls.append(a) or dict(scored))
     task = SimpleNamespace(bptt=35, metrics=metrics)
-    protocol = evaluate.Protocol()
+    protocol = evaluate.Protocol("carry", streams=3)  # not the default: each call must pass it on
     out, chunks = evaluate.lm_scores("model", task, "test", "dev", 64, protocol)
     assert calls == [("model", task, "test", "dev", 64, protocol)]
     assert out["nll"] == 2.0 and out["perplexity"] == pytest.approx(math.e ** 2)
@@ -578,7 +584,7 @@ def test_lm_scores_turn_summed_losses_into_metrics(monkeypatch, metrics):
     assert ("bpc" in out) == ("bpc" in metrics)
     if "bpc" in metrics:
         assert out["bpc"] == pytest.approx(2.0 / math.log(2))
-    assert chunks == {"split": "test", "bptt": 35, "protocol": "chunks", "nll": [2.0, 4.0], "tokens": [1, 2]}
+    assert chunks == {"split": "test", "bptt": 35, "protocol": "carry", "nll": [2.0, 4.0], "tokens": [1, 2]}
     assert evaluate.evaluate_lm("model", task, "test", "dev", 64, protocol) == out
     assert calls[-1] == ("model", task, "test", "dev", 64, protocol)
     _, bare = evaluate.lm_scores(None, SimpleNamespace(), "test", None, 64)  # a task naming no bptt or metrics
