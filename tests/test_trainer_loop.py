@@ -85,15 +85,25 @@ def test_clipping_bounds_the_update_of_plain_sgd(tmp_path):
     assert moved(free) > 0.01
 
 
-def test_a_non_finite_loss_is_skipped_or_fails_as_configured(tmp_path, monkeypatch):
+def test_a_finite_loss_under_skip_is_an_ordinary_update(tmp_path):
+    t = trainer(tmp_path, on_nonfinite="skip")
+    before = [p.detach().clone() for p in t.model.parameters()]
+    assert t.train_step(epoch_batches(t.task, 0)[0]) is not None
+    assert t.p.skipped_steps == [] and not all(torch.equal(a, b) for a, b in zip(before, t.model.parameters()))
+
+
+def test_a_non_finite_loss_is_skipped_or_fails_as_configured(tmp_path, monkeypatch, caplog):
     real = train.smoothed_cross_entropy
     monkeypatch.setattr(train, "smoothed_cross_entropy", lambda *a, **k: real(*a, **k) * float("nan"))
     t = trainer(tmp_path / "skip", on_nonfinite="skip")
     before = [p.detach().clone() for p in t.model.parameters()]
+    t.p.step = 4
     assert t.train_step(epoch_batches(t.task, 0)[0]) is None
-    assert t.p.skipped_steps == [1]
+    assert t.p.skipped_steps == [5]
     assert all(torch.equal(p0, p) for p0, p in zip(before, t.model.parameters()))
     assert all(p.grad is None for p in t.model.parameters())
+    assert [r.getMessage() for r in caplog.records if r.name == "seqbench.train"] == [
+        "non-finite loss nan at step 5: update skipped (trainer.on_nonfinite=skip)"]
     with pytest.raises(NonFiniteLoss, match="training loss is nan at step 2 .*trainer.on_nonfinite=skip"):
         trainer(tmp_path / "fail", max_steps=3, log_every=2).fit()
 
@@ -105,7 +115,11 @@ def test_fit_steps_through_the_epochs_logging_and_evaluating_on_schedule(tmp_pat
         order += epoch_batches(t.task, epoch)
         epoch_of += [epoch] * len(epoch_batches(t.task, epoch))
     assert epoch_of[6] >= 1  # the run crosses into a later epoch
+    fed = []
+    real_step = t.train_step
+    t.train_step = lambda batch, n_tokens=None: fed.append(batch.target) or real_step(batch, n_tokens)
     p = t.fit()
+    assert len(fed) == 7 and all(torch.equal(a, b.target) for a, b in zip(fed, order))  # the shuffled order
     assert p.step == 7 and (p.epoch, p.batch_in_epoch) == (epoch_of[6], epoch_of[:7].count(epoch_of[6]))
     assert p.tokens == sum(b.n_tokens for b in order[:7])
     assert [row["step"] for row in p.log] == [2, 4, 6]
@@ -271,7 +285,7 @@ def test_carried_state_training_starts_each_batch_from_the_state_the_last_one_en
 
 
 def test_a_validation_row_holds_the_teacher_forced_loss_and_the_tasks_own_scores(tmp_path, monkeypatch):
-    t = trainer(tmp_path, max_tokens=48, valid_bleu=True)
+    t = trainer(tmp_path, max_tokens=48, valid_bleu=False, precision="bf16")  # neither is EvalContext's default
     t.decoding = {"beam": 1, "max_len_b": 3}
     t.p.step, t.p.tokens, t.p.train_seconds = 3, 77, 1.23456
     seen = []
@@ -280,31 +294,31 @@ def test_a_validation_row_holds_the_teacher_forced_loss_and_the_tasks_own_scores
     row = t.validate()
     assert t.model.training  # back to training afterwards
     total, count = 0.0, 0
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the trainer's precision
         t.model.eval()
         for batch in t.task.batches("valid", 10_000):
             logits = t.model(**batch.inputs)
-            total += F.cross_entropy(logits.flatten(0, 1), batch.target.flatten(), ignore_index=PAD,
+            total += F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(), ignore_index=PAD,
                                      reduction="sum").item()
             count += batch.n_tokens
     assert set(row) == {"step", "train_seconds", "tokens", "valid_nll", "valid_ppl", "valid_bleu_greedy"}
     assert (row["step"], row["train_seconds"], row["tokens"], row["valid_bleu_greedy"]) == (3, 1.235, 77, 1.5)
-    assert row["valid_nll"] == pytest.approx(total / count, rel=1e-5)
+    assert row["valid_nll"] == pytest.approx(total / count, rel=1e-4)
     assert row["valid_ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
     (model, ctx), = seen
     assert model is t.model
     assert (ctx.device, ctx.max_tokens, ctx.decoding, ctx.precision, ctx.greedy_curve) == (
-        CPU, 48, {"beam": 1, "max_len_b": 3}, "fp32", True)
+        CPU, 48, {"beam": 1, "max_len_b": 3}, "bf16", False)
 
 
 def test_evaluate_and_save_logs_the_row_and_names_a_non_finite_loss(tmp_path, monkeypatch, caplog):
     t = trainer(tmp_path)
     monkeypatch.setattr(t, "save", lambda name, **kw: None)
-    t.validate = lambda: {"step": 3, "valid_nll": 2.658861, "tokens": 10}
+    t.validate = lambda: {"step": 3, "valid_nll": 2.658861, "tokens": 123456}
     with caplog.at_level("INFO", logger="seqbench.train"):
         t.evaluate_and_save()
     assert [r.getMessage() for r in caplog.records if r.name == "seqbench.train"] == [
-        "eval step=3 valid_nll=2.659 tokens=10"]
+        "eval step=3 valid_nll=2.659 tokens=123456"]  # floats to 4 digits, integers whole
     t.validate = lambda: {"step": 4, "valid_nll": float("inf")}
     with pytest.raises(NonFiniteLoss) as caught:
         t.evaluate_and_save()
@@ -459,3 +473,64 @@ def test_resuming_removes_temporaries_of_cut_checkpoint_writes_and_restores_the_
     assert not any(p.exists() for p in cut) and all(p.exists() for p in kept)
     assert t.resumed_from == 3 and type(t.opt).__name__ == "SGD"  # past the switch: the SGD phase
     assert t.opt.param_groups[0]["lr"] == pytest.approx(0.5 * lr_factor(t.cfg, 3))
+
+
+def test_the_trainer_starts_at_step_zeros_rate_with_the_precision_it_resolves(tmp_path):
+    from harness.precision import resolve_precision
+
+    t = trainer(tmp_path, warmup_steps=4, lr=1e-3)
+    assert t.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(t.cfg, 0))  # 1/4 of the peak
+    assert not t.scaler.is_enabled()
+    auto = trainer(tmp_path / "auto", precision="auto")
+    assert auto.precision == resolve_precision("auto", CPU) != "auto"
+    assert trainer(tmp_path / "half", precision="fp16").scaler.is_enabled()  # fp16 scales its loss
+
+
+def test_recreate_best_names_the_evaluation_best_pt_holds(tmp_path, monkeypatch):
+    def recreate(evals, note, best_valid_nll=float("inf")):
+        t = trainer(tmp_path)
+        saved = []
+        monkeypatch.setattr(t, "save", lambda name, **kw: saved.append((name, t.p.best_valid_nll)))
+        t.p.evals, t.p.best_recreated, t.p.best_valid_nll = evals, note, best_valid_nll
+        t._recreate_best()
+        return t.p.best_recreated, saved
+
+    rows = [{"step": 2, "valid_nll": 1.5}, {"step": 4, "valid_nll": 2.0}, {"step": 6, "valid_nll": 3.0}]
+    assert recreate(rows, None) == (None, [])
+    lost = {"lost": {"step": 2, "valid_nll": 1.5}, "from_step": 2, "evals_before": 1}
+    # evaluations since: best.pt was written by the best of them (step 4); last.pt must say so
+    assert recreate(rows, dict(lost), 2.0) == ({**lost, "step": 4, "valid_nll": 2.0}, [("last.pt", 2.0)])
+    # none since (training was over): best.pt from the final model, at the last evaluation
+    over = {**lost, "evals_before": 3}
+    assert recreate(rows, dict(over)) == ({**over, "step": 6, "valid_nll": 3.0},
+                                          [("best.pt", 3.0), ("last.pt", 3.0)])
+    # already recorded: nothing to write again
+    done = {**over, "step": 6, "valid_nll": 3.0}
+    assert recreate(rows, dict(done), 3.0) == (done, [])
+
+
+def test_snapshots_carry_the_folder_model_and_identity(tmp_path, monkeypatch):
+    got = []
+    monkeypatch.setattr(checkpoint, "save_snapshot", lambda out, **kw: got.append((out, kw)))
+    t = trainer(tmp_path, max_steps=2, save_every=2, eval_every=2)
+    t.keep_snapshots = None
+    t2 = Trainer(t.model, t.task, t.cfg, tmp_path / "k", CPU, seed=1, identity={"test": 1}, keep_snapshots=2)
+    t2.p.step = 2
+    t2.snapshot()
+    (out, kw), = got
+    assert out == tmp_path / "k" and kw["model"] is t.model and kw["identity"] == {"test": 1} and kw["keep"] == 2
+    assert kw["progress"]["step"] == 2
+    t2.p.step = 3
+    t2.snapshot()  # not due, and not the final one
+    assert len(got) == 1
+
+
+def test_budget_edges_of_epochs_and_the_plateau_floor(tmp_path):
+    t = trainer(tmp_path, max_steps=None, max_epochs=1)
+    t.p.batch_in_epoch = 1
+    assert not t.budget_left(1)  # one batch of a one-batch epoch: the epoch is done
+    plateau = trainer(tmp_path / "p", schedule="plateau", lr=1.0, lr_shrink=0.5, stop_lr=0.25)
+    plateau.p.lr_shrinks = 2
+    assert plateau.budget_left(5)  # 1.0 * 0.5 ** 2 = 0.25: not below the floor yet
+    plateau.p.lr_shrinks = 3
+    assert not plateau.budget_left(5)
