@@ -534,3 +534,40 @@ def test_budget_edges_of_epochs_and_the_plateau_floor(tmp_path):
     assert plateau.budget_left(5)  # 1.0 * 0.5 ** 2 = 0.25: not below the floor yet
     plateau.p.lr_shrinks = 3
     assert not plateau.budget_left(5)
+
+
+def test_the_loop_times_each_step_and_snapshots_at_the_end(tmp_path, monkeypatch):
+    """A clock that advances one second per reading: each step is timed as 1 s of wall and CPU time, a log
+    window of two steps as 2 s; the load average is read at the start and the end; the last step's weights are
+    snapshot even when it is not a multiple of save_every."""
+    from types import SimpleNamespace
+
+    from harness import utilization
+
+    ticks = {"wall": 0.0, "cpu": 100.0}
+
+    def clock(kind):
+        def read():
+            ticks[kind] += 1.0
+            return ticks[kind]
+        return read
+
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=clock("wall"), process_time=clock("cpu")))
+    monkeypatch.setattr(utilization, "load_average", lambda: 1.5)
+    t = trainer(tmp_path, max_steps=5, log_every=2, save_every=3)
+    p = t.fit()
+    assert p.train_seconds == 5.0 and p.cpu_seconds == 5.0
+    assert [row["train_seconds"] for row in p.log] == [2.0, 4.0]
+    window_tokens = [sum(b.n_tokens for b in epoch_batches(t.task, 0)[:2])]
+    assert p.log[0]["tokens_per_second"] == pytest.approx(window_tokens[0] / 2.0)
+    assert p.load_average == {"start": 1.5, "end": 1.5}
+    assert sorted(q.name for q in (tmp_path / checkpoint.SNAPSHOTS).iterdir()) == ["step_3.pt", "step_5.pt"]
+
+
+def test_a_non_finite_training_loss_names_the_fixes(tmp_path, monkeypatch):
+    real = train.smoothed_cross_entropy
+    monkeypatch.setattr(train, "smoothed_cross_entropy", lambda *a, **k: real(*a, **k) * float("inf"))
+    with pytest.raises(NonFiniteLoss) as caught:
+        trainer(tmp_path, max_steps=3, log_every=1).fit()
+    assert str(caught.value) == ("training loss is inf at step 1 (window ending here); lower trainer.lr, set "
+                                 "trainer.clip_norm, or trainer.on_nonfinite=skip")
