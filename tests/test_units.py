@@ -765,3 +765,26 @@ def test_a_language_model_refuses_to_translate_with_the_fix():
     assert str(caught.value) == (
         "Tiny is a language model and cannot translate (no encoder); a translation task needs the encoder-decoder "
         "form: build the model with models.build(cfg, task), which picks the form from the task's family")
+
+
+# -- harness/decode.py: the EOS forced at the length cap -----------------------------------------
+
+def test_force_eos_ends_the_capped_sentences_beams_charging_their_eos():
+    """Two sentences, two beams each; sentence 1 reaches its cap of 3 tokens at step 3, sentence 0 does not.
+    Each live beam of sentence 1 ends with its own row's EOS log-probability, scored by the GNMT penalty of
+    4 tokens (the EOS counts): ((5 + 4) / 6) ** 1 = 1.5; only as many as the sentence still lacks are added."""
+    from harness.decode import force_eos
+
+    scores = torch.tensor([[-0.5, -0.7], [-1.0, -2.0]])
+    eos = torch.tensor([-0.1, -0.3, -0.2, -0.4])  # one per row: sentence i, beam b is row 2 i + b
+    hist = torch.tensor([[5], [6], [7], [8]])
+    finished = [[], []]
+    force_eos(finished, [0, 1], [5, 3], 3, scores, eos, hist, 1.0)
+    assert finished[0] == []
+    assert [(pytest.approx(sc), h) for sc, h in finished[1]] == [(-1.2 / 1.5, [7]), (-2.4 / 1.5, [8])]
+    finished = [[], [(0.0, [1])]]  # one finished already: only the best beam is added
+    force_eos(finished, [0, 1], [5, 3], 3, scores, eos, hist, 1.0)
+    assert len(finished[1]) == 2 and finished[1][1][0] == pytest.approx(-1.2 / 1.5)
+    finished = [[], []]
+    force_eos(finished, [0, 1], [5, 3], 3, torch.tensor([[0.0, 0.0], [-1.0, float("-inf")]]), eos, hist, 1.0)
+    assert [h for _, h in finished[1]] == [[7]]  # a beam holding no hypothesis adds none
