@@ -19,6 +19,7 @@ tied output layer too slowly for the tiny copy test).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -72,11 +73,11 @@ class RecurrentLayer(nn.Module):
         if hx is not None and not isinstance(self.rnn, nn.LSTM):
             hx = hx[0]
         dropped = self.drop(inp)
+        precision = contextlib.nullcontext()
         if _fp32_lstm_needed(self.rnn, dropped):  # see cpu_bf16_lstm_runs
             dropped, hx = dropped.float(), None if hx is None else tuple(h.float() for h in hx)
-            with torch.autocast("cpu", enabled=False):
-                y, hn = self.rnn(x._replace(data=dropped) if packed else dropped, hx)
-        else:
+            precision = torch.autocast("cpu", enabled=False)
+        with precision:
             y, hn = self.rnn(x._replace(data=dropped) if packed else dropped, hx)
         hn = hn if isinstance(hn, tuple) else (hn,)
         final = tuple(h.transpose(0, 1).reshape(h.size(1), -1) for h in hn)  # (dirs,B,H/dirs) -> (B,H)
