@@ -92,6 +92,8 @@ def device_for(d: Dist, name: str) -> str:
 
 def agree(values: list[float], op: str = "max") -> list[float]:
     """The element-wise max (or sum) of ``values`` over all ranks, on the CPU control group."""
+    if op not in ("max", "sum"):
+        raise ValueError(f"agree(op={op!r}): op must be 'max' or 'sum'")
     if not dist.is_initialized():
         return values
     t = torch.tensor(values, dtype=torch.float64)

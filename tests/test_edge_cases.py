@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import evaluate, io, schema
+from harness import distributed, evaluate, io, schema
 from harness.decode import beam_search, greedy
 from models import common
 from tasks.batching import Batch, token_budget_batches
@@ -131,6 +131,13 @@ def test_evaluation_moves_each_batch_to_the_jobs_device(monkeypatch):
 
     assert evaluate.chunk_nll(Scorer(), MetaSources(), "test", META, 64, contextlib.nullcontext) == ([4.0], [2])
     assert seen[-1] == ("nll", META, META)
+
+
+def test_an_agreement_between_ranks_is_a_max_or_a_sum_and_nothing_else():
+    """Outside a process group ``agree`` returns this rank's values; an unknown reduction is refused, not summed."""
+    assert distributed.agree([1.0, 2.0]) == [1.0, 2.0] and distributed.agree([3.0], op="sum") == [3.0]
+    with pytest.raises(ValueError, match=r"^agree\(op='SUM'\): op must be 'max' or 'sum'$"):
+        distributed.agree([1.0], op="SUM")
 
 
 # -- tasks/batching.py -------------------------------------------------------------------------------------------

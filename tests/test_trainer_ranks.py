@@ -56,7 +56,9 @@ class Peer:
         self.rng, self.from_rank0 = rng or rng_of(99), list(from_rank0)
         self.calls, self.steps, self.votes = [], 0, 0
 
-    def agree(self, values, op="max"):  # harness.distributed.agree: element-wise max, or sum for any other op
+    def agree(self, values, op="max"):  # harness.distributed.agree: element-wise max or sum
+        if op not in ("max", "sum"):
+            raise ValueError(f"agree(op={op!r}): op must be 'max' or 'sum'")
         values = list(values)
         self.calls.append(("agree", values, op))
         if op != "max":
