@@ -206,10 +206,16 @@ def test_cpu_dropout_keeps_exactly_the_values_whose_16_bit_draw_clears_p():
     assert torch.all(y[keep] == 65536 / (65536 - 58982))
 
 
-def test_dropout_off_the_cpu_is_torch_dropout_on_the_inputs_device():
+def test_dropout_off_the_cpu_is_torch_dropout_on_the_inputs_device(monkeypatch):
+    """Off the CPU the module is ``F.dropout(x, p, training=True)``: on the input's device, with the module's rate,
+    in training mode (what it is called with is recorded, as the meta device holds no values to count)."""
     x = torch.zeros(3, 4, device=META)
     y = common.Dropout(0.5).train()(x)
     assert y.device == META and y.shape == (3, 4)
+    calls = []
+    monkeypatch.setattr(common.F, "dropout", lambda *args, **kwargs: calls.append((args, kwargs)) or args[0])
+    assert common.Dropout(0.25).train()(x) is x
+    assert calls == [((x, 0.25, True), {})]
 
 
 # -- harness/io.py and harness/schema.py -------------------------------------------------------------------------
