@@ -13,31 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import models
-from harness import train, utilization
-from harness.train import Trainer, TrainConfig, lr_factor
-from tasks import synthetic
+from harness import train
+from harness.train import TrainConfig, lr_factor
+from tests.test_trainer_loop import epoch_batches, fake_clock, trainer
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
-
-
-def copy_task():
-    return synthetic.copy(n_train=24, n_valid=4, n_test=4, n_symbols=8, min_len=3, max_len=6)
-
-
-def trainer(folder, task=None, dropout=0.0, device=CPU, **settings) -> Trainer:
-    task = task or copy_task()
-    torch.manual_seed(0)
-    model = models.build({**models.load_preset("transformer_tiny"), "dropout": dropout}, task)
-    cfg = TrainConfig(**{"max_tokens": 64, "max_steps": 5, "warmup_steps": 1, "lr": 1e-3, "log_every": 1,
-                         "eval_every": 1000, "progress": False, "threads": None, "valid_bleu": False,
-                         "precision": "fp32", **settings})
-    return Trainer(model, task, cfg, folder, device, seed=1, identity={"test": 1})
-
-
-def epoch_batches(task, epoch, max_tokens=64):
-    return task.batches("train", max_tokens, epoch=epoch, shuffle=True, seed=1)
 
 
 # -- lr_factor ---------------------------------------------------------------------------------------------------
@@ -254,16 +235,7 @@ def test_the_progress_bar_counts_steps_from_the_resumed_one(tmp_path, monkeypatc
 def test_each_log_window_starts_empty(tmp_path, monkeypatch):
     """A clock advancing 1 s per reading times each step as 1 s; windows of two steps log 2 s each, so their
     tokens per second are their tokens / 2, the first window's and the second's alike."""
-    ticks = {"wall": 0.0, "cpu": 0.0}
-
-    def clock(kind):
-        def read():
-            ticks[kind] += 1.0
-            return ticks[kind]
-        return read
-
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=clock("wall"), process_time=clock("cpu")))
-    monkeypatch.setattr(utilization, "load_average", lambda: 0.0)
+    fake_clock(monkeypatch)
     t = trainer(tmp_path, max_steps=4, log_every=2)
     batches = epoch_batches(t.task, 0) + epoch_batches(t.task, 1)  # the steps cross into epoch 1
     p = t.fit()

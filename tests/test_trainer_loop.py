@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import models
 from harness import checkpoint, train
+from harness.distributed import SINGLE
 from harness.train import Interrupted, NonFiniteLoss, Trainer, TrainConfig, lr_factor
 from models.common import PAD
 from tasks import synthetic
@@ -27,14 +28,33 @@ def copy_task():
     return synthetic.copy(n_train=24, n_valid=4, n_test=4, n_symbols=8, min_len=3, max_len=6)
 
 
-def trainer(folder, task=None, dropout=0.0, **settings) -> Trainer:
+def trainer(folder, task=None, dropout=0.0, device=CPU, dist=SINGLE, **settings) -> Trainer:
+    """A trainer of a 2-layer Transformer of width 32 on the copy task (seed 1), as process ``dist`` of its job."""
     task = task or copy_task()
     torch.manual_seed(0)
     model = models.build({**models.load_preset("transformer_tiny"), "dropout": dropout}, task)
     cfg = TrainConfig(**{"max_tokens": 64, "max_steps": 5, "warmup_steps": 1, "lr": 1e-3, "log_every": 1,
                          "eval_every": 1000, "progress": False, "threads": None, "valid_bleu": False,
                          "precision": "fp32", **settings})
-    return Trainer(model, task, cfg, folder, CPU, seed=1, identity={"test": 1})
+    return Trainer(model, task, cfg, folder, device, seed=1, identity={"test": 1}, dist=dist)
+
+
+def fake_clock(monkeypatch, wall=0.0, cpu=0.0, load=0.0) -> None:
+    """The loop's clocks advance one second per reading (wall from ``wall``, CPU from ``cpu``); load is ``load``."""
+    from types import SimpleNamespace
+
+    from harness import utilization
+
+    ticks = {"wall": wall, "cpu": cpu}
+
+    def clock(kind):
+        def read():
+            ticks[kind] += 1.0
+            return ticks[kind]
+        return read
+
+    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=clock("wall"), process_time=clock("cpu")))
+    monkeypatch.setattr(utilization, "load_average", lambda: load)
 
 
 def epoch_batches(task, epoch, max_tokens=64):
@@ -540,20 +560,7 @@ def test_the_loop_times_each_step_and_snapshots_at_the_end(tmp_path, monkeypatch
     """A clock that advances one second per reading: each step is timed as 1 s of wall and CPU time, a log
     window of two steps as 2 s; the load average is read at the start and the end; the last step's weights are
     snapshot even when it is not a multiple of save_every."""
-    from types import SimpleNamespace
-
-    from harness import utilization
-
-    ticks = {"wall": 0.0, "cpu": 100.0}
-
-    def clock(kind):
-        def read():
-            ticks[kind] += 1.0
-            return ticks[kind]
-        return read
-
-    monkeypatch.setattr(train, "time", SimpleNamespace(perf_counter=clock("wall"), process_time=clock("cpu")))
-    monkeypatch.setattr(utilization, "load_average", lambda: 1.5)
+    fake_clock(monkeypatch, cpu=100.0, load=1.5)
     t = trainer(tmp_path, max_steps=5, log_every=2, save_every=3)
     p = t.fit()
     assert p.train_seconds == 5.0 and p.cpu_seconds == 5.0

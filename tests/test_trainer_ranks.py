@@ -21,19 +21,12 @@ from harness import checkpoint, distributed, train
 from harness.distributed import Dist
 from harness.train import Interrupted, Trainer, TrainConfig
 from models.common import PAD
-from tasks import synthetic
+from tests.test_trainer_loop import epoch_batches
+from tests.test_trainer_loop import trainer as tiny_trainer
 
 CPU = torch.device("cpu")
 SEED = 1
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
-
-
-def copy_task():
-    return synthetic.copy(n_train=24, n_valid=4, n_test=4, n_symbols=8, min_len=3, max_len=6)
-
-
-def epoch_batches(task, epoch, max_tokens=64):
-    return task.batches("train", max_tokens, epoch=epoch, shuffle=True, seed=SEED)
 
 
 def rng_of(seed: int) -> dict:
@@ -104,17 +97,10 @@ def fake_collectives(monkeypatch, peer):
     monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", Wrapper)
 
 
-def trainer(folder, monkeypatch, peer, world=2, task=None, dropout=0.0, **settings) -> Trainer:
+def trainer(folder, monkeypatch, peer, world=2, **settings) -> Trainer:
     """Rank ``peer.rank`` of ``world`` processes, with the scripted peer's collectives."""
     fake_collectives(monkeypatch, peer)
-    task = task or copy_task()
-    torch.manual_seed(0)
-    model = models.build({**models.load_preset("transformer_tiny"), "dropout": dropout}, task)
-    cfg = TrainConfig(**{"max_tokens": 64, "max_steps": 5, "warmup_steps": 1, "lr": 1e-3, "log_every": 1,
-                         "eval_every": 1000, "progress": False, "threads": None, "valid_bleu": False,
-                         "precision": "fp32", **settings})
-    return Trainer(model, task, cfg, folder, CPU, seed=SEED, identity={"test": 1},
-                   dist=Dist(rank=peer.rank, world=world))
+    return tiny_trainer(folder, dist=Dist(rank=peer.rank, world=world), **settings)
 
 
 def same_rng(state: dict, expected: dict) -> bool:
