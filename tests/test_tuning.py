@@ -35,6 +35,7 @@ def write_text_folder(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # a whole tuning experiment: about half a minute
 def test_experiment_tune_runs_end_to_end_and_chooses_the_best_validation_score(tmp_path, data_root):
     text, sweep = write_text_folder(tmp_path / "words"), tmp_path / "sweep"
     env = {**os.environ, "SEQBENCH_DATA_ROOT": str(data_root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
