@@ -23,7 +23,8 @@ from harness import distributed, evaluate, io, schema
 from harness.decode import beam_search, greedy
 from models import common
 from tasks.batching import Batch, token_budget_batches
-from tasks.vocab import BOS
+from tasks.vocab import BOS, EOS
+from tests.test_catch import NEVER, A, B, TableDecoder, V, sources
 
 META = torch.device("meta")
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,51 +32,43 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- harness/decode.py -------------------------------------------------------------------------------------------
 
-class FixedLogits(torch.nn.Module):
-    """A decoder whose next-token scores are the same at every step and for every hypothesis: token 3 (log-probability
-    ~0), then 4, then EOS (2); the state is one dummy row per hypothesis, so beam search reorders it."""
-
-    max_target_positions = None
-
-    def encode(self, src, src_lengths):
-        return {"h": torch.zeros(src.size(0), 1, device=src.device)}
-
-    def decode_step(self, prev, state, step):
-        logits = torch.full((prev.size(0), 5), -30.0, device=prev.device)
-        logits[:, 3], logits[:, 4], logits[:, 2] = 0.0, -2.0, -4.0
-        return logits, state
+def steady(n: int) -> TableDecoder:
+    """``n`` sentences whose next-token log-probabilities are the same at every step: token A (~0), then B, then
+    EOS, whatever came before (test_catch's table decoder)."""
+    table = torch.full((n, 1, V, V), NEVER)
+    table[..., A], table[..., B], table[..., EOS] = 0.0, -2.0, -4.0
+    return TableDecoder(table)
 
 
-class CheckedLogits(FixedLogits):
-    """FixedLogits that checks what the search hands it: CPU tensors, each state row naming a real sentence, and as
-    previous tokens only BOS or tokens it can have chosen (3, 4)."""
-
-    def encode(self, src, src_lengths):
-        return {"h": torch.arange(src.size(0), dtype=torch.float32, device=src.device)[:, None]}
+class CheckedTable(TableDecoder):
+    """A table decoder that checks what the search hands it: CPU tensors, each state row naming a real sentence,
+    and as previous tokens only BOS or tokens it can have chosen (A, B)."""
 
     def decode_step(self, prev, state, step):
-        assert prev.device.type == "cpu" and state["h"].device.type == "cpu"
-        assert set(prev.tolist()) <= {BOS, 3, 4} and set(state["h"].flatten().tolist()) <= {0.0, 1.0}
-        return super().decode_step(prev, state, step)
+        assert prev.device.type == "cpu" and state["src_sentence"].device.type == "cpu"
+        assert set(prev.tolist()) <= {BOS, A, B} and set(state["src_sentence"].tolist()) <= {0, 1}
+        with torch.device(prev.device):  # the stub's own table lookup, not under test, stays on the input's device
+            return super().decode_step(prev, state, step)
 
 
 def test_a_sentence_past_its_cap_does_not_end_the_sentences_after_it():
     """Sentence 0 may have 1 token, sentence 1 three: at step 1 the search ends sentence 0 with a forced EOS and must
     go on with sentence 1 (the best hypothesis repeats token 3 up to its own cap)."""
-    src, lengths = torch.zeros(2, 2, dtype=torch.long), torch.tensor([2, 2])
+    src, lengths = sources(2)
     for beam in (1, 2):
-        assert beam_search(FixedLogits(), src, lengths, [1, 3], beam=beam, lenpen=0.0) == [[3], [3, 3, 3]]
-        assert beam_search(FixedLogits(), src, lengths, [3, 1], beam=beam, lenpen=0.0) == [[3, 3, 3], [3]]
+        assert beam_search(steady(2), src, lengths, [1, 3], beam=beam, lenpen=0.0) == [[A], [A, A, A]]
+        assert beam_search(steady(2), src, lengths, [3, 1], beam=beam, lenpen=0.0) == [[A, A, A], [A]]
 
 
 def test_decoding_builds_every_tensor_on_the_sources_device():
     """With another default device (here ``meta``, as ``torch.set_default_device("cuda")`` would be), a search over
     CPU sources must still run on the CPU and give the same hypotheses: no tensor may land on the default device."""
-    src, lengths = torch.zeros(2, 2, dtype=torch.long), torch.tensor([2, 2])
+    src, lengths = sources(2)
+    table = steady(2).table
 
     def both():
-        return [beam_search(CheckedLogits(), src, lengths, [1, 3], beam=2),
-                greedy(CheckedLogits(), src, lengths, [1, 3])]
+        checked = CheckedTable(table)
+        return [beam_search(checked, src, lengths, [1, 3], beam=2), greedy(checked, src, lengths, [1, 3])]
 
     expected = both()
     torch.set_default_device(META)
@@ -83,7 +76,7 @@ def test_decoding_builds_every_tensor_on_the_sources_device():
         got = both()
     finally:
         torch.set_default_device(None)
-    assert got == expected == [[[3], [3, 3, 3]]] * 2
+    assert got == expected == [[[A], [A, A, A]]] * 2
 
 
 # -- harness/evaluate.py -----------------------------------------------------------------------------------------
