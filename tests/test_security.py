@@ -1,6 +1,7 @@
 """Secrets and tracking, run as a user runs them (``python run.py`` subprocesses): no key given on the command
 line or in the environment is written anywhere (wandb run file, Hydra's config copies after SIGKILL or SIGTERM),
-and an unreachable wandb server costs seconds, not the job."""
+whatever its shape (list, number, nested mapping, interpolation default) and secret name, and an unreachable wandb
+server costs seconds, not the job."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
 
 from harness import job, secrets
 from tests.conftest import ROOT
@@ -165,3 +170,164 @@ def test_names_that_only_contain_a_marker_are_not_secrets():
            "logger": {"api_key": "k", "hfToken": "t", "DB_PASSWORD": "p"}}
     hidden = {"api_key": "<redacted>", "hfToken": "<redacted>", "DB_PASSWORD": "<redacted>"}
     assert secrets.scrub(rec) == {"task": rec["task"], "logger": hidden}
+
+
+# -- every shape of secret, from the command line a user types ---------------------------------------------------
+
+SHAPES = {  # planted value -> how it is given
+    "list-key-Rt5Wq2Nb": "a list", "list-key-Yp7Kc4Hv": "a list",
+    "918273645501": "a number", "2.718281828459": "a float under pwd",
+    "default-key-Gx3Mz8Ld": "an interpolation's default", "nested-key-Vb9Qs1Tf": "a nested mapping",
+    "nested-default-Jh2Wn6Rc": "a nested interpolation's default", "passwd-Lk4Dg7Xe": "passwd",
+    "cred-user-Ua8Pm3Zq": "a mapping under credentials", "Bearer-auth-Ce5Fy9Ko": "auth",
+    "cookie-Wd3Hj6Sa": "a session cookie", "priv-key-Mq7Tb2Gn": "privateKey", "choice-key-Ns4Vx8Lf": "a sweep",
+}
+SHAPE_ARGS = ["+logger.api_key=[list-key-Rt5Wq2Nb,'list-key-Yp7Kc4Hv']", "+logger.password=918273645501",
+              "+logger.pwd=2.718281828459", "+logger.hf_token=${oc.env:SEQBENCH_TEST_UNSET,default-key-Gx3Mz8Ld}",
+              "+logger.wandb={api_key: nested-key-Vb9Qs1Tf, token: '${oc.env:SEQBENCH_TEST_UNSET,nested-default-Jh2Wn6Rc}',"
+              " project: leak-test-project, max_tokens: 512}",
+              "+logger.passwd=passwd-Lk4Dg7Xe", "+logger.credentials={user: cred-user-Ua8Pm3Zq, n: 3}",
+              "+logger.auth=Bearer-auth-Ce5Fy9Ko", "+logger.session_cookie=cookie-Wd3Hj6Sa",
+              "+logger.privateKey=priv-key-Mq7Tb2Gn", "+logger.hf_token2=${oc.env:HOME}"]
+
+
+def planted(folder: Path, text: str = "") -> dict[str, list[str]]:
+    """Every file under ``folder`` (as bytes: checkpoints, wandb's binary run file too), and ``text``, that holds
+    a planted value: {file: [the shapes it leaks]}."""
+    found = {}
+    for p in folder.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            hits = [shape for value, shape in SHAPES.items() if value.encode() in data]
+            if hits:
+                found[str(p.relative_to(folder))] = hits
+    hits = [shape for value, shape in SHAPES.items() if value in text]
+    if hits:
+        found["<output>"] = hits
+    return found
+
+
+def parallel_folder(folder: Path) -> Path:
+    """A tiny reversal corpus as parallel files: ``{train,valid,test}.{src,tgt}``."""
+    import random
+
+    rng, words = random.Random(0), [f"w{i}" for i in range(12)]
+    folder.mkdir()
+    for split, n in (("train", 300), ("valid", 8), ("test", 8)):
+        lines = [[rng.choice(words) for _ in range(rng.randint(3, 8))] for _ in range(n)]
+        (folder / f"{split}.src").write_text("".join(" ".join(l) + "\n" for l in lines))
+        (folder / f"{split}.tgt").write_text("".join(" ".join(reversed(l)) + "\n" for l in lines))
+    return folder
+
+
+def test_secret_names_shapes_and_defaults_are_redacted(make_cfg, monkeypatch):
+    """The rules, without a job: which names are secrets, which values under them are hidden from Hydra (moved into
+    the environment, the config resolving to the same values) and redacted from records."""
+    secret = ["api_key", "HF_TOKEN", "apiKey", "HFToken", "DB_PASSWORD", "passwd", "pwd", "credentials", "credential",
+              "auth", "Authorization", "bearer", "session_cookie", "cookies", "session", "private_key", "privateKey",
+              "secrets", "APIKEY", "PGPASSWORD", "oauth", "x-auth-token", "api.key", "key2"]
+    ordinary = ["tokenizer", "max_tokens", "n_keys", "tokens_per_batch", "flops_per_token", "tokens_per_second",
+                "max_source_tokens", "tokenization", "exclude_keys", "keyboard", "author", "sessions"]
+    assert [n for n in secret if not secrets.is_secret_name(n)] == []
+    assert [n for n in ordinary if secrets.is_secret_name(n)] == []
+    # interpolations: only the literal parts are secret
+    assert secrets.literal_parts("${oc.env:NOPE,sk-Ab12}") == ["sk-Ab12"]
+    assert secrets.literal_parts("${oc.env:HF_TOKEN}") == [] and secrets.literal_parts("${model.name}") == []
+    assert secrets.literal_parts("Bearer ${oc.env:T}") == ["Bearer"]
+    # every shape leaves the command line, and the job's config is what it would have been
+    environ = {}
+    hidden = secrets.hide_in_environment(SHAPE_ARGS, environ)
+    assert not [a for a in hidden if any(v in a for v in SHAPES)], hidden
+    assert "+logger.hf_token2=${oc.env:HOME}" in hidden  # names where the secret is: stays
+    assert "project:leak-test-project" in hidden[4] and "max_tokens:512" in hidden[4]  # the mapping's other keys stay
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    want = OmegaConf.to_container(make_cfg(*SHAPE_ARGS).logger, resolve=True)
+    assert OmegaConf.to_container(make_cfg(*hidden).logger, resolve=True) == want
+    assert want["password"] == 918273645501 and want["wandb"]["token"] == "nested-default-Jh2Wn6Rc"
+    # a sweep over secret values, and what wandb's metadata gets
+    assert not any(v in a for a in secrets.hide_in_environment(["+logger.token=choice-key-Ns4Vx8Lf,b"], {})
+                   for v in SHAPES)
+    assert secrets.redact_args(["+logger.password=918273645501"]) == ["+logger.password=<redacted>"]
+    # records: by name, whatever the type; ordinary settings and numbers stay
+    scrubbed = secrets.scrub({"logger": want, "costs": {"flops_per_token": 6.5e4, "tokens_per_second": 10.0},
+                              "task": {"tokenizer": "whitespace"}, "trainer": {"max_tokens": 512}})
+    assert not any(v in str(scrubbed) for v in SHAPES), scrubbed
+    assert scrubbed["logger"]["api_key"] == ["<redacted>"] * 2 and scrubbed["logger"]["password"] == "<redacted>"
+    assert scrubbed["logger"]["credentials"] == {"user": "<redacted>", "n": "<redacted>"}
+    assert scrubbed["logger"]["wandb"]["project"] == "leak-test-project" and scrubbed["logger"]["hf_token2"] == "<redacted>"
+    assert scrubbed["costs"] == {"flops_per_token": 6.5e4, "tokens_per_second": 10.0}
+    assert scrubbed["task"] == {"tokenizer": "whitespace"} and scrubbed["trainer"] == {"max_tokens": 512}
+
+
+def test_scrub_files_redacts_every_shape_a_config_file_gave(tmp_path):
+    """Secrets written into a config file (not the command line) reach Hydra's copy; the job's end redacts them:
+    numbers, list elements, nested leaves and an interpolation's default, leaving the interpolation."""
+    folder = tmp_path / "job" / ".hydra"
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(
+        "logger:\n  api_key:\n  - list-key-Rt5Wq2Nb\n  password: 918273645501\n"
+        "  hf_token: ${oc.env:SEQBENCH_TEST_UNSET,default-key-Gx3Mz8Ld}\n"
+        "  wandb:\n    api_key: nested-key-Vb9Qs1Tf\n    project: leak-test-project\n"
+        "trainer:\n  max_tokens: 512\n")
+    (folder / "overrides.yaml").write_text("- '+logger.credentials={user: cred-user-Ua8Pm3Zq}'\n- trainer=smoke\n")
+    (tmp_path / "job" / "run.log").write_text("started with cred-user-Ua8Pm3Zq and 918273645501\n")
+    secrets.scrub_files(tmp_path / "job")
+    assert planted(tmp_path) == {}
+    text = (folder / "config.yaml").read_text()
+    assert "${oc.env:SEQBENCH_TEST_UNSET,<redacted>}" in text and "leak-test-project" in text and "512" in text
+
+
+@pytest.mark.slow
+def test_no_secret_of_any_shape_is_written_anywhere_killed_or_finished(tmp_path):
+    """The command a user runs (parallel files, whitespace tokens, smoke trainer, wandb offline) with every secret
+    shape at once: SIGKILL once Hydra has written .hydra/, SIGKILL mid-training (a checkpoint written), then the
+    same command in the same folder resumes and finishes. After each, no file under the output folder or wandb's
+    folders, binary or text, holds a planted value, nor does the output; the record shows where each one was."""
+    data, out = parallel_folder(tmp_path / "data"), tmp_path / "out"
+    env = secret_env(tmp_path, "offline")
+    env.update(PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, str(ROOT / "run.py"), "model=transformer_tiny", "task=parallel_files", f"task.path={data}",
+           "task.tokenizer=whitespace", "trainer=smoke", "trainer.max_steps=30", "trainer.eval_every=2",
+           "trainer.max_tokens=256", "trainer.valid_bleu=false", "device=cpu", "logger=wandb", *SHAPE_ARGS,
+           f"hydra.run.dir={out}"]
+
+    def killed_when(ready) -> str:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the moment to kill never came"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL
+        return output
+
+    overrides = out / ".hydra" / "overrides.yaml"  # the last file Hydra writes before the job starts
+    output = killed_when(lambda: overrides.is_file() and "hf_token2" in overrides.read_text())
+    assert planted(tmp_path, output) == {}
+    assert "SEQBENCH_SECRET_LOGGER_WANDB_API_KEY" in (out / ".hydra" / "overrides.yaml").read_text()
+
+    def step():
+        try:
+            return torch.load(out / "last.pt", weights_only=True)["progress"]["step"]
+        except (OSError, RuntimeError, KeyError):
+            return -1
+    output = killed_when(lambda: step() >= 4 and list(out.glob("wandb/offline-run-*/run-*.wandb")))
+    assert planted(tmp_path, output) == {}
+    identity = torch.load(out / "last.pt", weights_only=True)["identity"]["config"]["logger"]
+    assert identity["password"] == "<redacted>" and identity["api_key"] == ["<redacted>"] * 2
+
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((out / "record.json").read_text())
+    assert rec["status"] == "ok" and rec["resumed_from_step"] >= 4
+    assert planted(tmp_path, proc.stdout + proc.stderr) == {}
+    logger = rec["config"]["logger"]
+    assert logger["api_key"] == ["<redacted>"] * 2 and logger["password"] == logger["pwd"] == "<redacted>"
+    assert logger["wandb"] == {"api_key": "<redacted>", "token": "<redacted>", "project": "leak-test-project",
+                               "max_tokens": 512}
+    assert logger["credentials"] == {"user": "<redacted>", "n": "<redacted>"} and logger["auth"] == "<redacted>"
+    assert rec["config"]["task"]["tokenizer"] == "whitespace" and rec["config"]["trainer"]["max_tokens"] == 256
+    assert len(list(out.glob("wandb/offline-run-*/run-*.wandb"))) >= 2  # wandb ran in both jobs that trained
