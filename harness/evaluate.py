@@ -19,6 +19,30 @@ from .precision import autocast_for
 log = logging.getLogger("seqbench.evaluate")
 
 
+class Progress:
+    """Progress of one evaluation phase in the log: a line at the start with the amount of work, one every
+    ``every`` seconds with the share done and an estimate of the time left, and one at the end with the time."""
+
+    def __init__(self, what: str, total: int, unit: str, every: float = 10.0):
+        self.what, self.total, self.unit, self.every, self.done = what, int(total), unit, every, 0
+        self.start = self.last = time.perf_counter()
+        log.info("%s: %s %s", what, f"{self.total:,}", unit)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every and self.done < self.total:
+            self.last, spent = now, now - self.start
+            left = spent * (self.total - self.done) / max(self.done, 1)
+            log.info("%s: %d%% (%s of %s %s) in %.0fs, about %.0fs left", self.what, 100 * self.done // self.total,
+                     f"{self.done:,}", f"{self.total:,}", self.unit, spent, left)
+
+    def end(self) -> float:
+        seconds = time.perf_counter() - self.start
+        log.info("%s: done, %s %s in %.1fs", self.what, f"{self.done:,}", self.unit, seconds)
+        return seconds
+
+
 def score_translations(hyps: list[str], refs: list[str], names: tuple[str, ...] = ("bleu", "chrf")) -> dict:
     """The named metrics (sacrebleu's with their signatures), always with corpus BLEU: validation curves use it."""
     return scoring.score(_with_bleu(names), hyps, refs)
@@ -35,8 +59,8 @@ def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float =
     """Decode a split (sorted by length into batches); returns hypotheses in corpus order and seconds.
 
     A source longer than ``max_source_tokens`` is decoded from its first ``max_source_tokens`` tokens (None: no
-    cap; see :func:`harness.decode.long_sources`). ``check_stop()`` runs before each batch and raises to end
-    decoding early (a signal asked the job to stop).
+    cap; see :func:`harness.decode.long_sources`). ``check_stop()`` runs before each batch and each decoding step
+    and raises to end decoding early (a signal asked the job to stop).
 
     ``precision``: the autocast the search runs under, one context per batch of sentences (so a weight is
     cast to bf16 once per batch, not at every step); the job passes the trainer's resolved precision.
@@ -47,6 +71,7 @@ def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float =
         hyps: list[str] = [""] * len(task.sources(split)[:limit])
         sync(device)
         start = time.perf_counter()
+        progress = Progress(f"{split} decoding ({'greedy' if beam == 1 else f'beam {beam}'})", len(hyps), "sentences")
         for idx, src, lengths in task.source_batches(split, batch_sentences, max_source_tokens, limit):
             if check_stop:
                 check_stop()
@@ -54,12 +79,14 @@ def translate(model, task, split: str, device, *, beam: int = 4, lenpen: float =
             limits = max_lengths(lengths, max_len_a, max_len_b, model)
             with autocast():
                 if beam == 1:
-                    out = greedy(model, src, lengths, limits)
+                    out = greedy(model, src, lengths, limits, check_stop=check_stop)
                 else:
-                    out = beam_search(model, src, lengths, limits, beam=beam, lenpen=lenpen)
+                    out = beam_search(model, src, lengths, limits, beam=beam, lenpen=lenpen, check_stop=check_stop)
             for i, ids in zip(idx, out):
                 hyps[i] = task.detokenize(ids)
+            progress.update(len(idx))
         sync(device)
+        progress.end()
         return hyps, time.perf_counter() - start
 
 
@@ -113,7 +140,8 @@ def _truncation(sources: list, cap: int | None, split: str) -> dict:
     return {"truncated_sources": len(long), "warning": warning}
 
 
-def chunk_nll(model, task, split: str, device, max_tokens: int, autocast=None) -> tuple[list[float], list[int]]:
+def chunk_nll(model, task, split: str, device, max_tokens: int, autocast=None,
+              check_stop=None) -> tuple[list[float], list[int]]:
     """Summed token NLL (no label smoothing) and scored tokens of every sequence of a split, in batch order.
 
     Per sequence, not per split: a language model's sequences are the task's ``bptt``-token chunks in stream
@@ -122,19 +150,24 @@ def chunk_nll(model, task, split: str, device, max_tokens: int, autocast=None) -
     with torch.no_grad():
         model.eval()
         sums, counts = [], []
-        for batch in task.batches(split, max_tokens):
+        todo = task.batches(split, max_tokens)  # under an evaluation limit, its part of the split
+        progress = Progress(f"{split} loss", sum(b.n_tokens for b in todo), "tokens")
+        for batch in todo:
+            if check_stop:  # a stop signal ends a long validation between two batches
+                check_stop()
             batch = batch.to(device)
             with autocast() if autocast else torch.autocast(device.type, enabled=False):
-                logits = model(**batch.inputs)
-            batch_sums, batch_counts = sequence_nll(logits, batch.target, batch.ignore_index)
+                batch_sums, batch_counts, _ = lm_protocol.sequence_sums(model, batch, fallback=sequence_nll)
             sums += batch_sums
             counts += batch_counts
+            progress.update(batch.n_tokens)
+        progress.end()
         return sums, counts
 
 
-def mean_nll(model, task, split: str, device, max_tokens: int, autocast=None) -> tuple[float, int]:
+def mean_nll(model, task, split: str, device, max_tokens: int, autocast=None, check_stop=None) -> tuple[float, int]:
     """Summed token NLL / number of scored tokens over a split (no label smoothing)."""
-    sums, counts = chunk_nll(model, task, split, device, max_tokens, autocast)
+    sums, counts = chunk_nll(model, task, split, device, max_tokens, autocast, check_stop)
     return sum(sums) / max(sum(counts), 1), sum(counts)
 
 
@@ -170,11 +203,11 @@ def evaluate_lm(model, task, split: str, device, max_tokens: int, protocol: Prot
 
 
 def lm_scores(model, task, split: str, device, max_tokens: int,
-              protocol: Protocol = Protocol()) -> tuple[dict, dict]:
+              protocol: Protocol = Protocol(), check_stop=None) -> tuple[dict, dict]:
     """:func:`evaluate_lm`'s metrics, and the summed NLL and scored tokens of each evaluated sequence (the
     ``<split>.nll.json`` the report's paired bootstrap reads: two models scored under the same protocol and
     settings see the same sequences in the same order)."""
-    scored = lm_protocol.score(model, task, split, device, max_tokens, protocol)
+    scored = lm_protocol.score(model, task, split, device, max_tokens, protocol, check_stop)
     sums, counts = scored.pop("chunk_nll"), scored.pop("chunk_tokens")
     nll = scored.pop("nll_sum") / max(scored["tokens"], 1)
     out = {"nll": nll if math.isfinite(nll) else None, "perplexity": perplexity(nll), **scored}

@@ -128,3 +128,9 @@ def save_torch(path: Path, obj: Any) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     _atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    """``source``'s bytes written atomically to ``target`` (its folder made if missing)."""
+    data = Path(source).read_bytes()
+    _atomic(target, lambda f: f.write(data))

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 import models
 import tasks
 from tasks.base import EvalContext
+from tasks.data import display_name
 
 from . import checkpoint, distributed, environment, lm_protocol, schema, secrets, settings, tuned, utilization
 from . import metrics as scoring
@@ -30,8 +31,25 @@ from .train import Interrupted, TrainConfig, Trainer
 log = logging.getLogger("seqbench")
 
 
+def task_name(cfg: DictConfig) -> str:
+    """The task's name in records, reports, job names and folders: ``task.label`` if set, else, for a task that
+    reads your folder (``task.path``), the folder's base name, else the task's config name (as ``describe()``)."""
+    task = cfg.task
+    label = task.get("label")
+    if label not in (None, ""):
+        return str(label)
+    if "path" in task and not OmegaConf.is_missing(task, "path") and task.path not in (None, ""):
+        return display_name((Path(str(cfg.data.root)) / str(task.path)).resolve(), None, task.name)
+    return str(task.name)
+
+
 def job_name(cfg: DictConfig) -> str:
-    return f"{cfg.model.name}-{cfg.model.get('preset', 'custom')}_{cfg.task.name}_s{cfg.seed}"
+    """``<model>-<preset>_<task>_s<seed>``: the job's name in its record, summary line, report and folder."""
+    return f"{cfg.model.name}-{cfg.model.get('preset', 'custom')}_{task_name(cfg)}_s{cfg.seed}"
+
+
+# conf/config.yaml names the job folders ${seqbench.job:} (hydra.run.dir, hydra.sweep.subdir): the same name
+OmegaConf.register_new_resolver("seqbench.job", lambda *, _root_: job_name(_root_), replace=True)
 
 
 def evaluate(model, task, cfg: DictConfig, device, precision: str = "fp32",
@@ -83,13 +101,14 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
     if kept is not None:
         rec["job"]["previous_record"] = str(kept)
         log.info("this folder held a finished run; its record is kept in %s", kept)
-    tracker = stop = None
+    tracker = stop = memory = None
     followers_waiting = d.enabled  # data-parallel ranks 1.. wait for rank 0's set-up (or its error)
     try:
         cfg = tuned.apply(cfg)  # tuned=<tuned.yaml>: this task's and architecture's tuned trainer settings
         settings.check(cfg)  # first: a bad setting fails before any device, data or model is touched
         stop = StopFlag()  # from the start: a stop signal during set-up ends the job at its first step
         device = pick(distributed.device_for(d, cfg.device))
+        memory = environment.PeakMemory(device)  # this job's own peak, not the process's (a sweep runs many jobs)
         distributed.lead(d, device, out_dir)
         rec["config"] = resolved = OmegaConf.to_container(cfg, resolve=True)
         rec["environment"] = {**environment.describe(device), "processes": d.world}
@@ -112,17 +131,18 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
                           should_stop=stop, dist=d,
                           keep_snapshots=cfg.eval.average_last if cfg.eval.checkpoint == "average" else None)
         rec["environment"]["precision"] = trainer.precision  # resolved: what trainer.precision=auto chose
+        rec["config"]["trainer"]["label_smoothing"] = train_cfg.label_smoothing  # resolved: null is the task's
         sample = sample_batches(trainer.epoch_batches(0))
         flops_per_token = train_flops_per_token(model, [batch.to(device) for batch in sample])
         progress = trainer.fit()
         rec["eval_checkpoint"] = _load_for_eval(model, cfg, out_dir, identity)
         metrics, outputs = evaluate(model, task, cfg, device, trainer.precision, stop)
-        rec.update(influence.job_entry(model, task, cfg, device))  # LM-form tasks, if eval.influence: "analysis"
+        rec.update(influence.job_entry(model, task, cfg, device, stop.check("during the influence analysis")))  # LM-form tasks, if eval.influence: "analysis"
         write_outputs(out_dir, outputs)
         rec.update(status="ok", metrics=metrics, resumed_from_step=trainer.resumed_from,
                    skipped_steps=progress.skipped_steps, best_recreated=progress.best_recreated,
                    curves={"train": progress.log, "valid": progress.evals},
-                   costs=_costs(progress, metrics, flops_per_token, device))
+                   costs=_costs(progress, metrics, flops_per_token, memory.result(), device))
         check_converged(metrics)  # a diverged model fails the job; its metrics, curves and costs stay in the record
         tracker.summary({"record": secrets.scrub(rec)})
     except (Interrupted, KeyboardInterrupt) as err:
@@ -138,6 +158,8 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
             raise
     finally:
         distributed.shutdown()
+        if memory is not None:
+            memory.stop()
         rec["job"]["finished"] = schema.now()
         schema.write(path, rec)
         secrets.scrub_files(out_dir)  # Hydra's copies of the config (.hydra/*.yaml) and the logs
@@ -187,6 +209,7 @@ def _build(cfg: DictConfig, device: torch.device, rec: dict | None = None):
         rec["environment"].update(threads=torch.get_num_threads(), threads_chosen=chosen)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
     task = tasks.build(conf["task"], conf["data"])
+    lm_protocol.limit_evaluation(task, conf.get("eval", {}))  # eval.max_valid_tokens, eval.max_test_tokens
     described = task.describe()
     if rec is not None:
         rec["task"] = described
@@ -211,20 +234,22 @@ def _load_for_eval(model, cfg: DictConfig, out_dir: Path, identity: dict) -> dic
     return entry
 
 
-def _costs(progress, metrics, flops_per_token, device) -> dict:
+def _costs(progress, metrics, flops_per_token, memory: dict, device) -> dict:
     decode = [m["sentences_per_second"] for m in metrics.values() if "sentences_per_second" in m]
     return {"train_seconds": progress.train_seconds, "steps": progress.step, "epochs": progress.epoch,
             "tokens": progress.tokens, "train_tokens_per_second": progress.tokens / max(progress.train_seconds, 1e-9),
             "decode_sentences_per_second": decode[-1] if decode else None,
             "flops_per_token": flops_per_token, "train_flops": flops_per_token * progress.tokens,
             "flops_convention": FLOPS_CONVENTION,
-            **environment.peak_memory_bytes(device), **utilization.costs(progress, device)}
+            **memory, **utilization.costs(progress, device)}
 
 
 def _print_summary(rec: dict) -> None:
     m, task = rec.get("metrics", {}).get("test", {}), rec.get("task") or {}
     score = scoring.summary(task.get("metrics") or scoring.defaults(task.get("family")), m)
     score += f" ({m['protocol']})" if m.get("protocol") else ""  # how a perplexity was computed (lm_protocol)
+    score += (f" [first {m['tokens_evaluated']:,} of {m['tokens_total']:,} tokens: {m['limit']}]"  # eval.max_test_tokens
+              if m.get("limited") else "")
     c = rec.get("costs", {})
     print(f"[seqbench] {rec['job']['name']}: {rec['status']} | test {score} | "
           f"{c.get('train_seconds', 0):.0f}s train, {c.get('steps', 0)} steps | {rec['job']['output_dir']}")

@@ -22,14 +22,16 @@ perplexity in a record names its protocol (``metrics.<split>.protocol``, ``proto
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 import models
 from tasks.batching import Batch
-from tasks.streams import carried_batches, sliding_batches
+from tasks.streams import carried_batches, eval_stream, limited_tokens, sliding_batches
 
 from .loss import sequence_nll
 
@@ -84,6 +86,9 @@ def problems(cfg: DictConfig) -> list[str]:
             found.append(f"trainer.carry_state=true carries a recurrent language model's state from batch to batch, "
                          f"and {name} (model={arch}) has no state to carry; set trainer.carry_state=false, "
                          f"{RECURRENT_FIX}")
+    found += [f"{key}={value!r} is not a limit; {key} takes a number of tokens (a positive integer), a fraction of the "
+              f"split (a number in (0, 1]) or null (the whole split)"
+              for key in LIMIT_KEYS.values() if not valid_limit(value := OmegaConf.select(cfg, key, default=None))]
     stride, bptt = OmegaConf.select(cfg, "eval.lm_stride"), OmegaConf.select(cfg, "task.bptt")
     if (OmegaConf.select(cfg, "eval.lm_protocol") == "sliding" and isinstance(stride, int)
             and isinstance(bptt, int) and stride > bptt):
@@ -91,6 +96,39 @@ def problems(cfg: DictConfig) -> list[str]:
                      f"{stride} apart would leave tokens unscored; set eval.lm_stride to at most {bptt} (null: half "
                      "of task.bptt)")
     return found
+
+
+LIMIT_KEYS = {"valid": "eval.max_valid_tokens", "test": "eval.max_test_tokens"}  # split -> its limit's setting
+
+
+def valid_limit(value) -> bool:
+    """None, a positive integer (tokens) or a float in (0, 1] (a fraction of the split's tokens)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 1 if isinstance(value, int) else 0.0 < value <= 1.0
+
+
+def limit_evaluation(task, eval_cfg) -> None:
+    """Give ``task`` the evaluation limits of ``eval_cfg`` (``eval.max_valid_tokens``, ``eval.max_test_tokens``):
+    what validation during training, the final evaluation and the influence analysis score of those splits."""
+    get = eval_cfg.get if hasattr(eval_cfg, "get") else (lambda key, default=None: default)
+    task.eval_limits = {split: get(key.split(".")[1], None) for split, key in LIMIT_KEYS.items()}
+
+
+def limit_entry(task, split: str, evaluated: int, total: int) -> dict:
+    """A split's metrics entries stating what was evaluated: ``tokens_evaluated``, ``tokens_total``, ``limited``,
+    and when limited, the setting (``limit``) and a warning (logged too) that it is not a full evaluation."""
+    entry = {"tokens_evaluated": int(evaluated), "tokens_total": int(total), "limited": evaluated < total}
+    if entry["limited"]:
+        key = LIMIT_KEYS.get(split, "the evaluation limit")
+        entry["limit"] = f"{key}={task.eval_limits.get(split)}"
+        entry["warning"] = (f"the {split} split was scored on its first {evaluated:,} of {total:,} tokens "
+                            f"({entry['limit']}): not comparable with a full evaluation; set {key}=null to score "
+                            "it whole")
+        log.warning(entry["warning"])
+    return entry
 
 
 def is_stream_task(task) -> bool:
@@ -111,38 +149,115 @@ def batches(task, split: str, max_tokens: int, protocol: Protocol) -> list[Batch
     """The split's evaluation batches under ``protocol`` (``chunks``: the task's own, ``max_tokens`` per batch)."""
     rows = max(1, max_tokens // task.bptt)
     if protocol.name == "sliding":
-        return sliding_batches(task.streams[split], task.bptt, protocol.stride_for(task.bptt), rows)
+        return sliding_batches(eval_stream(task, split), task.bptt, protocol.stride_for(task.bptt), rows)
     if protocol.name == "carry":
         try:
-            return carried_batches(task.streams[split], task.bptt, protocol.streams)
+            return carried_batches(eval_stream(task, split), task.bptt, protocol.streams)
         except ValueError as err:
             raise ValueError(f"the {split} split of task {task.name}: {err}; lower eval.lm_batch_size") from err
     return task.batches(split, max_tokens)
 
 
+# Logits per block of the blocked loss (8 MiB in fp32). A language model's (tokens x vocabulary) logits are its
+# largest tensor: a 512-token batch over WikiText-2's 33,278 words is 68 MB, and its log-softmax as much again.
+# Tensors that large are fresh pages from the kernel at every batch (the allocator returns them to it), so
+# evaluation spent as long in page faults as in arithmetic. In blocks, the head's output and its loss stay in the
+# cache and in memory the allocator reuses.
+BLOCK_LOGITS = 1 << 21
+
+
+def _blocked_head(model) -> bool:
+    """Whether ``model`` is a language model whose forward ends in a position-wise ``head`` method (the
+    LanguageModel interface: ``forward = head(blocks(embed(tokens)))``)."""
+    return getattr(model, "form", None) == "lm" and isinstance(getattr(type(model), "head", None), types.FunctionType)
+
+
+def _hidden_states(model, call):
+    """``call()`` with ``model.head`` left out: (its output with the head's input in place of the logits, the head),
+    or None when the forward does not end in one call of the head."""
+    head, seen = model.head, []
+
+    def keep(h):
+        seen.append(h)
+        return h
+
+    model.head = keep  # an instance attribute shadows the method for this one call
+    try:
+        out = call()
+    finally:
+        del model.head
+    hidden = out[0] if isinstance(out, tuple) else out
+    return (out, head) if len(seen) == 1 and hidden is seen[0] else None
+
+
+def token_nll(head, hidden: torch.Tensor, target: torch.Tensor, ignore_index: int,
+              block: int = BLOCK_LOGITS) -> torch.Tensor:
+    """NLL (fp32 log-softmax, 0 where ``target`` is ``ignore_index``) of each position: ``head`` applied to
+    ``hidden`` (B,T,D) a block of positions at a time -> (B,T)."""
+    flat, goal = hidden.reshape(-1, hidden.size(-1)), target.reshape(-1)
+    out = torch.empty(goal.shape, dtype=torch.float32, device=hidden.device)
+    rows = max(1, block // head(flat[:1]).size(-1)) if len(flat) else 1  # positions per block: by the vocabulary
+    for start in range(0, flat.size(0), rows):
+        logits = head(flat[start : start + rows]).float()
+        out[start : start + rows] = F.cross_entropy(logits, goal[start : start + rows], ignore_index=ignore_index,
+                                                    reduction="none")
+    return out.view_as(target)
+
+
+def sequence_sums(model, batch, state=None, fallback=sequence_nll):
+    """A batch's summed NLL and scored tokens per sequence (``fallback(logits, target, ignore_index)`` computes
+    them from whole logits where the model has no separable head), and the carried state when ``state`` is given.
+
+    A language model's head runs in blocks (:data:`BLOCK_LOGITS`): the same numbers, for about half the CPU time
+    over a large vocabulary."""
+    inputs = dict(batch.inputs, **({"state": state} if state is not None else {}))
+    found = _hidden_states(model, lambda: model(**inputs)) if _blocked_head(model) else None
+    if found is None:
+        out = model(**inputs)
+        logits, state = out if state is not None else (out, None)
+        sums, counts = fallback(logits, batch.target, batch.ignore_index)
+        return sums, counts, state
+    out, head = found
+    hidden, state = out if state is not None else (out, None)
+    nll = token_nll(head, hidden, batch.target, batch.ignore_index)
+    return nll.sum(1).tolist(), (batch.target != batch.ignore_index).sum(1).tolist(), state
+
+
 @torch.no_grad()
-def score(model, task, split: str, device, max_tokens: int, protocol: Protocol) -> dict:
+def score(model, task, split: str, device, max_tokens: int, protocol: Protocol, check_stop=None) -> dict:
     """Summed NLL (``nll_sum``, nats, fp32 log-softmax), scored ``tokens``, ``mean_context``, the protocol, and
-    each evaluated sequence's summed NLL and scored tokens (``chunk_nll``, ``chunk_tokens``: batch rows in order)."""
+    each evaluated sequence's summed NLL and scored tokens (``chunk_nll``, ``chunk_tokens``: batch rows in order).
+
+    Under an evaluation limit (:func:`limit_evaluation`) the split's stream is read up to it, and the result says so
+    (:func:`limit_entry`). Progress is logged: the work at the start, every few seconds, the time at the end."""
+    from .evaluate import Progress  # noqa: PLC0415 (evaluate imports this module)
+
     model.eval()
     count, context, offset, state, sums, counts = 0, 0, 0, None, [], []
     carry = protocol.name == "carry"
-    for batch in batches(task, split, max_tokens, protocol):
+    todo = batches(task, split, max_tokens, protocol)
+    total = len(task.streams[split]) - 1
+    progress = Progress(f"{split} evaluation ({protocol.name})", sum(b.n_tokens for b in todo), "tokens")
+    for batch in todo:
+        if check_stop:  # a stop signal ends a long evaluation between two batches
+            check_stop()
         batch = batch.to(device)
         if carry:
             state = model.init_state(batch.target.size(0), device) if state is None else state
-            logits, state = model(**batch.inputs, state=state)
-        else:
-            logits = model(**batch.inputs)
-        batch_sums, batch_counts = sequence_nll(logits, batch.target, batch.ignore_index)
+        batch_sums, batch_counts, state = sequence_sums(model, batch, state if carry else None)
         count += batch.n_tokens
         sums += batch_sums
         counts += batch_counts
         read = offset + torch.arange(1, batch.target.size(1) + 1, device=device)  # tokens read at each position
         context += int(((batch.target != batch.ignore_index) * read).sum())
         offset += batch.target.size(1) if carry else 0
+        progress.update(batch.n_tokens)
+    progress.end()
+    evaluated = min(total, limited_tokens(task, split, total))
     return {"nll_sum": sum(sums), "tokens": count, "mean_context": context / max(count, 1), "protocol": protocol.name,
-            "protocol_settings": protocol.settings(task.bptt), "chunk_nll": sums, "chunk_tokens": counts}
+            "protocol_settings": protocol.settings(task.bptt), "chunk_nll": sums, "chunk_tokens": counts,
+            **({"unk_rate": round(task.unk_rate(eval_stream(task, split)[1:]), 6)} if hasattr(task, "unk_rate") else {}),
+            **limit_entry(task, split, evaluated, total)}
 
 
 class CarriedState:

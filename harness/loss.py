@@ -52,6 +52,23 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None, None
 
 
+# trainer.label_smoothing=null: the task's default, by the model form it trains. Translation (the encoder-decoder
+# form) keeps Vaswani et al.'s 0.1; language models (and the probes, which are language-model form) train without
+# smoothing, as the LM papers and the reference LM code do: smoothing raises perplexity, by a different amount for
+# each architecture, so it would bias their comparison.
+TASK_SMOOTHING = {"seq2seq": 0.1, "lm": 0.0}
+
+
+def label_smoothing(setting: float | None, form: str) -> float:
+    """The label smoothing a job trains with: ``trainer.label_smoothing`` when it is a number (an explicit
+    setting always wins), else (null) the default of the task's model form, :data:`TASK_SMOOTHING`."""
+    if setting is not None:
+        return float(setting)
+    if form not in TASK_SMOOTHING:
+        raise ValueError(f"no default label smoothing for model form {form!r}; set trainer.label_smoothing")
+    return TASK_SMOOTHING[form]
+
+
 def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0,
                            ignore_index: int = -100) -> torch.Tensor:
     """Summed label-smoothed cross-entropy of ``logits`` (..., V) against ``target`` (...), ignored targets excluded.

@@ -3,9 +3,10 @@
 Without this check a wrong type or range reaches library internals and fails late, with their message
 (``seed=abc`` in numpy, ``trainer.lr=abc`` in the optimizer, ``eval.decoding.batch_sentences=0`` at the first
 validation) or never (``eval.decoding.lenpen=nan`` ends up in the record). Each message names the setting, the
-value given and what is valid. Not here: the trainer's named choices (schedule, precision, on_nonfinite,
-threads) and the optimizer settings that must fit together, which :class:`harness.train.TrainConfig` checks
-before the data are read too, and the model's and the task's settings, checked by the code that uses them.
+value given and what is valid. The model's hyperparameters are checked here too (:func:`model_problems`), so that
+no bad value reaches torch. Not here: the trainer's named choices (schedule, precision, on_nonfinite, threads)
+and the optimizer settings that must fit together, which :class:`harness.train.TrainConfig` checks before the
+data are read too, and the task's settings, checked by the code that uses them.
 
 The config's own functions (OmegaConf resolvers) are registered here, on import, because every entry point
 reads the settings before it resolves a config: ``${eq3_peak_lr:d_model,warmup}`` (trainer=paper's ``lr``).
@@ -22,6 +23,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 JOBS = ("train", "path_length")  # run.py's jobs (cfg.job)
+# The most output tokens decoding makes for one sentence, whatever eval.decoding.max_len_a * |src| + max_len_b
+# gives (harness/decode.py caps every limit at it): it bounds the time and memory of any decoding run. The
+# settings check refuses max_len_a and max_len_b above it.
+MAX_OUTPUT_TOKENS = 4096
 SPLITS = ("train", "valid", "test")
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -119,7 +124,9 @@ SETTINGS: dict[str, Rule] = {
     "trainer.switch_step": integer(1, null="no switch"),
     "trainer.lr_shrink": number(lambda v: 0 < v < 1, "in (0, 1)"),
     "trainer.stop_lr": number(lambda v: v >= 0, ">= 0 (0: never stop on the learning rate)"),
-    "trainer.label_smoothing": number(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "trainer.label_smoothing": Rule(lambda v: v is None or (_is_number(v) and 0 <= v < 1),
+                                    "a finite number in [0, 1) or null (the task's default: 0.1 translation, 0 "
+                                    "language models)"),
     "trainer.clip_norm": number(lambda v: v >= 0, ">= 0 (0: no clipping)"),
     "trainer.compile": BOOLEAN,
     "trainer.eval_every": integer(1),
@@ -141,13 +148,122 @@ SETTINGS: dict[str, Rule] = {
     "eval.lm_batch_size": integer(1),
     "eval.decoding.beam": integer(1),
     "eval.decoding.lenpen": number(lambda v: v >= 0, ">= 0"),
-    "eval.decoding.max_len_a": number(lambda v: v >= 0, ">= 0"),
-    "eval.decoding.max_len_b": integer(0),
+    "eval.decoding.max_len_a": number(lambda v: 0 <= v <= MAX_OUTPUT_TOKENS,
+                                      f"in [0, {MAX_OUTPUT_TOKENS}] (outputs never exceed {MAX_OUTPUT_TOKENS} "
+                                      "tokens; 1.2 is usual)"),
+    "eval.decoding.max_len_b": Rule(lambda v: _is_int(v) and 0 <= v <= MAX_OUTPUT_TOKENS,
+                                    f"an integer in 0..{MAX_OUTPUT_TOKENS} (outputs never exceed {MAX_OUTPUT_TOKENS} "
+                                    "tokens; 10 is usual)"),
     "eval.decoding.batch_sentences": integer(1),
     "eval.decoding.max_source_tokens": integer(1, null="no cap"),
 }
 
 _ABSENT = object()
+
+
+def _positive_ints(v, *, pairs: bool = False) -> bool:
+    items = [x for pair in v for x in pair] if pairs else v
+    return (isinstance(v, list) and len(v) > 0 and (not pairs or all(isinstance(p, list) and len(p) == 2 for p in v))
+            and all(_is_int(x) and x >= 1 for x in items))
+
+
+def _fraction(what: str) -> Rule:
+    return number(lambda v: 0 <= v < 1, f"in [0, 1) ({what})")
+
+
+# model hyperparameter -> rule, for every architecture that takes it (models/: the constructors' keywords);
+# one meaning per name across architectures
+MODEL_SETTINGS: dict[str, Rule] = {
+    "d_model": integer(1),
+    "n_layers": integer(1),
+    "n_decoder_layers": integer(1, null="as many as n_layers"),
+    "n_heads": integer(1),
+    "d_ff": integer(1),
+    "dropout": _fraction("the probability of dropping an activation"),
+    "attn_dropout": _fraction("dropout on the attention weights"),
+    "act_dropout": _fraction("dropout on the feed-forward activations"),
+    "pre_norm": BOOLEAN,
+    "share_embeddings": BOOLEAN,
+    "tie_output": BOOLEAN,
+    "bidirectional": BOOLEAN,
+    "n_bidirectional_layers": integer(0, null="every encoder layer"),
+    "attention": choice("luong", "bahdanau"),
+    "input_feed": BOOLEAN,
+    "residual_from": integer(2, null="no residual layers"),
+    "kernel_size": integer(1),
+    "channels": integer(1, null="d_model"),
+    "layers": Rule(lambda v: v is None or _positive_ints(v, pairs=True),
+                   "a non-empty list of [channels, kernel_size] pairs of positive integers, or null (n_layers "
+                   "layers of channels x kernel_size)"),
+    "d_out": integer(1, null="d_model"),
+    "max_positions": integer(1),
+    "weight_norm": BOOLEAN,
+    "dilations": Rule(lambda v: _positive_ints(v), "a non-empty list of positive integers, e.g. [1, 2, 4, 8, 16]"),
+    "unfold_a": number(lambda v: v >= 0, ">= 0 (ByteNet's L = ceil(a|s| + b); the paper's a = 1.2)"),
+    "unfold_b": number(lambda v: v >= 0, ">= 0 (ByteNet's L = ceil(a|s| + b))"),
+    "attn_window": integer(1, null="the whole prefix"),
+}
+
+
+def model_problems(cfg: DictConfig) -> list[str]:
+    """One message per invalid ``model.*`` setting: an unknown architecture or hyperparameter, a value of the wrong
+    type or range (:data:`MODEL_SETTINGS`), and settings that must fit together (heads dividing d_model, ...).
+
+    Checked before anything is built, so that no bad value reaches torch (``model.n_heads=0`` would divide by
+    zero, ``model.n_layers=0`` index an empty stack). What depends on the task's model form (an encoder's odd
+    kernel) is checked by the model's constructor.
+    """
+    import models  # noqa: PLC0415 (the registry imports torch)
+
+    try:
+        model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.select(cfg, "model") is not None else None
+    except OmegaConfBaseException as err:
+        return [f"model cannot be computed: {str(err).splitlines()[0]}; give each model.* setting a value"]
+    if not isinstance(model, dict):
+        return []
+    name = model.get("name")
+    if name not in models.MODELS:
+        return [f"model.name={name!r}; valid: {', '.join(sorted(models.MODELS))}"]
+    takes = dict.fromkeys(k for cls in models.MODELS[name] for k in models.accepted_kwargs(cls))
+    found = []
+    for key, value in model.items():
+        if key in models.META_KEYS:
+            continue
+        if key not in takes:
+            found.append(f"model.{key} is not a setting of {name}; valid: {', '.join(takes)}")
+        elif key in MODEL_SETTINGS:
+            found.append(MODEL_SETTINGS[key].problem(f"model.{key}", value))
+    found = [f for f in found if f]
+    if found:  # the combined checks below read values of the right type only
+        return found
+
+    def get(key):
+        return model[key] if key in model else models.valid_default(models.MODELS[name][0], key)
+
+    d_model = get("d_model")
+    if "n_heads" in takes and d_model % get("n_heads"):
+        heads = [h for h in range(1, min(d_model, 64) + 1) if d_model % h == 0]
+        found.append(f"model.d_model={d_model} is not divisible by model.n_heads={get('n_heads')}: each head gets "
+                     f"d_model / n_heads dimensions; set model.n_heads to a divisor of d_model "
+                     f"({', '.join(map(str, heads))})")
+    if name in ("lstm", "gru"):
+        n_bi = get("n_bidirectional_layers")
+        if get("bidirectional") and n_bi is not None and n_bi > get("n_layers"):
+            found.append(f"model.n_bidirectional_layers={n_bi} is more than model.n_layers={get('n_layers')}; set "
+                         "it to at most n_layers (null: every encoder layer)")
+        if get("bidirectional") and (n_bi is None or n_bi > 0) and d_model % 2:
+            found.append(f"model.d_model={d_model} is odd, but a bidirectional layer splits d_model between its two "
+                         f"directions; use an even d_model ({d_model - 1} or {d_model + 1}) or "
+                         "model.bidirectional=false")
+    if name == "bytenet" and d_model < 2:
+        found.append(f"model.d_model={d_model} leaves ByteNet's bottleneck (d_model / 2 channels) empty; set "
+                     "model.d_model to at least 2")
+    if name == "convs2s" and get("tie_output") and get("d_out") not in (None, d_model):
+        found.append(f"model.tie_output=true shares the output projection with the embeddings, so model.d_out="
+                     f"{get('d_out')} must equal model.d_model={d_model}; set model.d_out=null or "
+                     "model.tie_output=false")
+    return found
+
 
 
 def problems(cfg: DictConfig) -> list[str]:
@@ -169,9 +285,9 @@ def problems(cfg: DictConfig) -> list[str]:
     if OmegaConf.select(cfg, "eval.checkpoint") == "average" and not (
             OmegaConf.select(cfg, "trainer.save_every") or OmegaConf.select(cfg, "trainer.save_every_seconds")):
         found.append("eval.checkpoint=average averages the checkpoints saved every trainer.save_every steps or "
-                     "trainer.save_every_seconds seconds, and neither is set; set one (e.g. +trainer.save_every=1000)")
+                     "trainer.save_every_seconds seconds, and neither is set; set one (e.g. trainer.save_every=1000)")
     from . import lm_protocol  # noqa: PLC0415 (it reads the model registry, which imports torch)
-    return found + lm_protocol.problems(cfg)
+    return found + model_problems(cfg) + lm_protocol.problems(cfg)
 
 
 def check(cfg: DictConfig) -> None:

@@ -11,6 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from time import monotonic  # the progress line's clock (not the timed ``time`` of the steps)
 
 import torch
 from tqdm import tqdm
@@ -23,10 +24,12 @@ from .device import sync
 from .distributed import SINGLE, Dist
 from .evaluate import mean_nll, perplexity
 from .io import remove_stale_temps
-from .loss import smoothed_cross_entropy
+from .decode import beam_problem
+from .loss import label_smoothing, smoothed_cross_entropy
 from .precision import autocast_for
 
 log = logging.getLogger("seqbench.train")
+BAR_SECONDS = 2.0  # the progress line is redrawn at most this often
 
 
 class NonFiniteLoss(RuntimeError):
@@ -57,7 +60,7 @@ class TrainConfig:
     switch_step: int | None = None  # adam_then_sgd: Adam takes the first switch_step steps, SGD the rest
     lr_shrink: float = 0.1  # plateau: the factor applied after a validation that does not improve on the best
     stop_lr: float = 0.0  # plateau: training ends once the learning rate falls below it (0: never)
-    label_smoothing: float = 0.1
+    label_smoothing: float | None = None  # null: the task's default (harness/loss.py: 0.1 translation, 0 LM)
     clip_norm: float = 0.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False
@@ -157,6 +160,10 @@ class Trainer:
                  identity: dict, tracker=None, decoding: dict | None = None, should_stop=lambda: False,
                  dist: Dist = SINGLE, keep_snapshots: int | None = None):
         models.check_form(model, task)
+        cfg.label_smoothing = label_smoothing(cfg.label_smoothing, task.form)  # null: the task's default
+        beam = (decoding or {}).get("beam")  # before training: a beam the vocabulary cannot fill is refused
+        if task.form == "seq2seq" and isinstance(beam, int) and beam_problem(beam, task.vocab()["tgt"]):
+            raise ValueError(beam_problem(beam, task.vocab()["tgt"]))
         self.keep_snapshots = keep_snapshots  # weight snapshots kept (the last N); None: all
         self.model, self.task, self.cfg, self.device = model.to(device), task, cfg, device
         self.dist, self._stop_agreed = dist, False
@@ -335,13 +342,21 @@ class Trainer:
         return self._validate()
 
     def _validate(self) -> dict:
-        nll, _ = mean_nll(self.model, self.task, "valid", self.device, self.cfg.max_tokens, self.autocast)
+        nll, _ = mean_nll(self.model, self.task, "valid", self.device, self.cfg.max_tokens, self.autocast,
+                          self.check_stop)
         row = {"step": self.p.step, "train_seconds": round(self.p.train_seconds, 3), "tokens": self.p.tokens,
                "valid_nll": nll, "valid_ppl": perplexity(nll)}  # None (null) where exp overflows: diverged
         row.update(self.task.validate(self.model, EvalContext(self.device, self.cfg.max_tokens, self.decoding,
-                                                              self.precision, greedy_curve=self.cfg.valid_bleu)))
+                                                              self.precision, check_stop=self.check_stop,
+                                                              greedy_curve=self.cfg.valid_bleu)))
         self.model.train()
         return row
+
+    def check_stop(self) -> None:
+        """Validation's ``check_stop`` (single process): a stop signal ends a long validation at its next decoding
+        step or batch, with :class:`Interrupted` (data-parallel ranks stop together between steps instead)."""
+        if not self.dist.enabled and self.should_stop():
+            raise Interrupted(f"stop requested at step {self.p.step}, during validation")
 
     def evaluate_and_save(self) -> None:
         row = self.validate()
@@ -372,15 +387,15 @@ class Trainer:
         if gpu is not None:
             row["gpu_utilization"] = gpu
         self.p.log.append(row)
-        log.info("step %d epoch %d loss %.4f lr %.3g tok/s %.0f", row["step"], row["epoch"], row["loss"], row["lr"],
-                 row["tokens_per_second"])
+        log.info("step %d%s epoch %d loss %.4f lr %.3g tok/s %.0f ETA %s", row["step"],
+                 f"/{self.cfg.max_steps}" if self.cfg.max_steps else "", row["epoch"], row["loss"], row["lr"],
+                 row["tokens_per_second"], self.eta())
         if self.tracker:
             self.tracker.log({f"train/{k}": v for k, v in row.items() if k != "step"}
                              | {"train_seconds": row["train_seconds"]}, step=self.p.step)  # both x-axes
-        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}",
-                        eta=self.eta())
 
     def eta(self) -> str:
+        """Training time left under the budget that ends first (evaluation pauses not counted)."""
         c, p = self.cfg, self.p
         left = []
         if c.max_seconds:
@@ -388,6 +403,36 @@ class Trainer:
         if c.max_steps and p.step:
             left.append((c.max_steps - p.step) * p.train_seconds / p.step)
         return f"{max(0, min(left)) / 60:.1f}min" if left else "?"
+
+    def progress_bar(self, n_batches: int) -> tqdm:
+        """The job's progress line, to a total: steps out of ``max_steps`` (or the steps of ``max_epochs``), or whole
+        seconds of training out of ``max_seconds`` when time alone bounds training; tqdm shows the time left, and
+        :meth:`advance` adds step, loss, lr and the training time left under the budget that ends first (eta)."""
+        c, p = self.cfg, self.p
+        self._by_time = bool(c.max_seconds) and not c.max_steps
+        self._bar_at = int(p.train_seconds) if self._by_time else p.step
+        self._bar_shown = -math.inf
+        kwargs = {"unit": "s"} if self._by_time else {}
+        total = math.ceil(c.max_seconds) if self._by_time else c.max_steps or math.ceil(c.max_epochs * n_batches)
+        self._bar_total = total
+        return tqdm(total=total, initial=self._bar_at, disable=not (c.progress and self.dist.main),
+                    dynamic_ncols=True, desc="train", mininterval=BAR_SECONDS, **kwargs)
+
+    def advance(self, bar: tqdm, window: list) -> None:
+        """One step on the progress line (whole seconds of training when it counts time); at most every
+        ``BAR_SECONDS`` its text: step, mean token loss since the last log step, lr and eta."""
+        at = int(self.p.train_seconds) if self._by_time else self.p.step
+        last = self._bar_at < self._bar_total <= at  # the budget's end: the line shows the final values
+        if at > self._bar_at:
+            bar.update(at - self._bar_at)
+            self._bar_at = at
+        now = monotonic()
+        if not (self.cfg.progress and self.dist.main) or (now - self._bar_shown < BAR_SECONDS and not last):
+            return
+        self._bar_shown = now
+        loss = window[0].item() / window[1] if window[1] else self.p.log[-1]["loss"] if self.p.log else None
+        bar.set_postfix(ordered_dict={"step": self.p.step, "loss": "-" if loss is None else f"{loss:.3f}",
+                                      "lr": f"{self.sched.get_last_lr()[0]:.3g}", "eta": self.eta()})
 
     # -- the loop ----------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> list:
@@ -406,8 +451,7 @@ class Trainer:
         self.maybe_resume()
         self.model.train()
         cfg, p = self.cfg, self.p
-        bar = tqdm(total=cfg.max_steps, initial=p.step, disable=not (cfg.progress and self.dist.main), dynamic_ncols=True,
-                   desc="train", mininterval=2.0)
+        bar = self.progress_bar(len(self.epoch_batches(p.epoch)))
         window = [torch.zeros((), device=self.device), 0, 0.0]  # loss sum, tokens, seconds
         p.load_average.setdefault("start", utilization.load_average())
         try:
@@ -438,7 +482,7 @@ class Trainer:
                         stop, p.train_seconds = distributed.agree([float(self.should_stop()), p.train_seconds])
                         self._stop_agreed = stop > 0
                     window[2] += elapsed
-                    bar.update(1)
+                    self.advance(bar, window)
                     if p.step % cfg.log_every == 0:
                         total = window[0].item()
                         if self.dist.enabled:  # the global batch's loss: every rank's part
@@ -465,7 +509,11 @@ class Trainer:
             bar.close()
         p.load_average["end"] = utilization.load_average()
         if not p.evals or p.evals[-1]["step"] != p.step:
-            self.evaluate_and_save()
+            try:
+                self.evaluate_and_save()
+            except Interrupted:  # stopped during the last validation: the trained steps are kept
+                self.save("last.pt")
+                raise
         self.snapshot(final=True)
         self._recreate_best()
         return p

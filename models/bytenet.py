@@ -22,13 +22,12 @@ padding past L(s) is zeroed before every dilated convolution, so a sentence's co
 do not depend on the batch. The causal target network reads, at position t, the target
 embedding concatenated with column t, projected back to ``d_model``.
 
-Length. A target of |t| tokens and its EOS fill |t| + 1 decoder positions; decoding stops
-at L(s) positions (:meth:`ByteNet.max_output_tokens`: at most L(s) - 1 tokens, the EOS in
-the last column). The paper lets the decoder run on past L(s) over zero columns until it
-emits EOS; training follows the paper there: a target longer than L(s) - 1 tokens is
-trained on in full, its positions from L(s) on reading zero columns (nothing is cut or
-dropped; on Multi30k En->De with the small preset, a = 1.2, b = 5, that is 170 of 29,000
-training pairs, 376 of 457,331 target positions).
+Length. A target of |t| tokens and its EOS fill |t| + 1 decoder positions. As in the paper, the decoder runs on
+past L(s) over zero columns until it emits EOS: decoding is bounded only by the output limit every model shares
+(``eval.decoding.max_len_a`` |src| + ``max_len_b``, harness/decode.py), and training likewise trains on a target
+longer than L(s) - 1 tokens in full, its positions from L(s) on reading zero columns (nothing is cut or dropped;
+on Multi30k En->De with the small preset, a = 1.2, b = 5, that is 170 of 29,000 training pairs, 376 of 457,331
+target positions). L(s) is thus the span over which the decoder reads the source, not a bound on the output.
 """
 from __future__ import annotations
 
@@ -114,10 +113,6 @@ class ByteNet(Seq2Seq):
         # rounded to 1e-9 first: 1.2 * 5 is 6.000000000000001 in floating point, whose ceiling would be 7
         cols = [max(n, math.ceil(round(self.unfold_a * n + self.unfold_b, 9))) for n in (src_lengths + 1).tolist()]
         return torch.tensor(cols, device=src_lengths.device)
-
-    def max_output_tokens(self, src_lengths: torch.Tensor) -> list[int]:
-        """Decoding limit: L(s) - 1 tokens, so that the EOS after them reads the last column; (B,) -> B ints."""
-        return (self.unfolded_lengths(src_lengths) - 1).tolist()
 
     def run_encoder(self, src, src_lengths):
         """src (B,S), src_lengths (B,) -> source representation (B,W,D), W = max L(s), zero past each L(s).

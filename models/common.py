@@ -17,7 +17,7 @@ Every encoder-decoder (``Seq2Seq``) implements::
 as dimension 0, so one beam search can reorder any model's cache with
 :func:`reorder_state`. ``decode_step`` at ``step=t`` receives ``tgt_in[:, t]``
 and must return exactly ``forward(...)[:, t]``. ``max_output_tokens(src_lengths)`` may bound
-the output length per sentence (ByteNet's unfolding); decoding never runs past it.
+the output length per sentence (none of seqbench's architectures does); decoding never runs past it.
 
 Entries named ``src_*`` (:data:`SOURCE_PREFIX`) are per sentence: ``encode``
 computes them from the source alone and ``decode_step`` passes them on

@@ -220,6 +220,8 @@ class TransformerLM(LanguageModel):
         init_linear(self.blocks)
         if tie_output:
             self.proj.weight = self.tok_embed.tok.weight
+        else:  # as the encoder-decoder's untied projection
+            nn.init.normal_(self.proj.weight, std=d_model**-0.5)
 
     def embed(self, tokens):
         return self.tok_embed(tokens)

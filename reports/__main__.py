@@ -11,7 +11,8 @@ from . import build_report
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reports", description=__doc__.split(":", 1)[1].strip())
-    parser.add_argument("dirs", nargs="+", help="folders searched recursively for record.json (or record files)")
+    parser.add_argument("dirs", nargs="+", type=records_path,
+                        help="folders searched recursively for record.json (or record files)")
     parser.add_argument("--out", required=True, type=out_folder,
                         help="output folder for report.md, report.html, plots/ and tables (made if missing)")
     parser.add_argument("--wandb", action="store_true",
@@ -28,11 +29,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     print(f"[seqbench] report: {report.html}")
     print(f"[seqbench] markdown: {report.html.with_suffix('.md')}")
+    logged = True
     if args.wandb:
         from .wandb_run import log_report
 
-        return 0 if log_report(report, group=args.wandb_group, logger={"project": args.wandb_project}) else 1
-    return 0
+        logged = log_report(report, group=args.wandb_group, logger={"project": args.wandb_project})
+    if report.records.runs.empty:  # a mistyped or wrong folder: an empty report is no success
+        print(f"[seqbench] error: no result record (record.json) found under {', '.join(args.dirs)}; name the folder "
+              "of a run or sweep (e.g. results/<sweep_name>)", file=sys.stderr)
+        return 1
+    return 0 if logged else 1
+
+
+def records_path(value: str) -> str:
+    """A folder of records (or a record file): an empty path is an error (it would read the current folder)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path (it would read the current folder): name a folder of records")
+    return value
 
 
 def out_folder(value: str) -> Path:

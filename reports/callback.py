@@ -1,11 +1,12 @@
 """Hydra callback: build the sweep's report when a multirun ends (and, after ``experiment=tune``, tuned.yaml).
 
-Wire it in ``conf/config.yaml``::
+``conf/config.yaml`` wires it through ``harness.cluster.launcher.SweepReport``, which imports this module only
+when the sweep ends (the report's libraries stay out of the jobs' memory)::
 
     hydra:
       callbacks:
         report:
-          _target_: reports.callback.BuildReport
+          _target_: harness.cluster.launcher.SweepReport
 """
 from __future__ import annotations
 

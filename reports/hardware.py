@@ -86,3 +86,18 @@ def row_warning(seeds: str) -> str:
 def unknown(runs: pd.DataFrame) -> int:
     """How many of the finished training runs ``runs`` record no utilisation."""
     return int(utilization(runs).isna().sum()) if len(runs) else 0
+
+
+# costs.peak_memory_kind values that measure the job's own peak (harness/environment.py, MEMORY_KINDS)
+PER_JOB_MEMORY = ("cuda_allocated", "job_peak_rss", "job_sampled_rss")
+
+
+def memory_not_per_job(done: pd.DataFrame) -> list[str]:
+    """The finished runs whose peak memory is not the job's own: the process's lifetime peak (``process_max_rss``,
+    what records before per-job measurement hold, or where the platform cannot measure per job), which in a sweep
+    run in one process includes the earlier jobs' memory."""
+    if done.empty or "peak_memory_bytes" not in done:
+        return []
+    kind = done["peak_memory_kind"] if "peak_memory_kind" in done else pd.Series(None, index=done.index)
+    has = pd.to_numeric(done["peak_memory_bytes"], errors="coerce").notna()
+    return sorted(done.loc[has & ~kind.isin(PER_JOB_MEMORY), "job"].astype(str))

@@ -14,10 +14,19 @@ the plots' colours, and ``metrics``, the task's metrics (``wer,ser``; harness/me
 which way is better). Tasks on different folders that share a name get a short hash of the folder appended.
 Nothing here imports torch: a report can be rebuilt anywhere pandas runs.
 
-A record that cannot be read, or holds a value of a JSON type the report cannot use, becomes an ``unreadable``
-row naming its file and why; a copy of a job's folder (same job name, sweep, start time and output folder) is
-counted once; a ``record.json`` that is not a regular file (a FIFO, a folder) is skipped. ``Records.notes``
-says which.
+A system is every setting that can change a result (:func:`system_settings`; :func:`system_key` is its
+grouping key, the ``system`` column): the model's hyperparameters, the task's settings, decoding, optimiser, loss,
+budget and evaluation settings, and the device. Seeds, output folders, times, tracking and logging do not split
+systems. Every table, test and plot groups runs by (``task``, ``system``), never by architecture alone; each
+row carries ``system_name``, the architecture with what sets it apart from the task's other systems
+(``system_differs``).
+
+A record is checked against the record schema (``harness.schema.problems``) before any use: one that cannot be
+read, holds a value of the wrong JSON type, or a metric outside its range becomes an ``unreadable`` row naming its
+file and each field at fault. A finished record without any metric is listed (status ``no metrics``), not counted.
+A copy of a job's folder (same job name, sweep, start time and output folder) is counted once, and so are two
+finished runs of one system with one seed (a duplicate: the later finished counts, the note names both); a
+``record.json`` that is not a regular file (a FIFO, a folder) is skipped. ``Records.notes`` says which.
 """
 from __future__ import annotations
 
@@ -33,14 +42,21 @@ from typing import Iterable
 import pandas as pd
 
 from harness import metrics as scoring  # torch-free
-from harness.schema import BUDGET_KEYS, COST_KEYS, CURVE_KEYS, RECORD_NAME, SHAPE  # torch-free
+from harness import schema  # torch-free
+from harness.schema import BUDGET_KEYS, COST_KEYS, CURVE_KEYS, RECORD_NAME  # torch-free
 
 METRICS = tuple((m.name, m.record_key) for m in scoring.METRICS.values())  # (column, record)
 QUALITY = [f"test_{name}" for name, _ in METRICS]  # every metric a record may hold; a task shows its own
 SIGNATURES = ("bleu_signature", "chrf_signature", "ter_signature", "bleu_tok_signature")
 TUNED_KEYS = ("lr", "warmup_steps", "clip_norm")  # trainer settings a tuning grid varies (reports/tuning.py)
 KEY = ("job", "record", "status", "kind", "model", "label", "preset", "arch", "task", "family", "metrics", "seed",
-       "device_name", "lm_protocol")
+       "device_name", "lm_protocol", "system", "system_name", "system_differs")
+# config keys (a key or a whole group) that never split a system: the seed, where data and outputs live, which file
+# tuned settings came from (the settings themselves count), the requested device (the device used counts),
+# tracking, logging and progress display
+NOT_SYSTEM = ("seed", "sweep_name", "tuned", "device", "hydra", "logger", "data", "overrides", "task.path",
+              "trainer.progress", "trainer.log_every", "trainer.resume")
+NO_METRICS = "no metrics"  # the row status of a finished record that holds no metric
 # names cut to LABEL_LIMIT characters in plots and report tables, errors to TEXT_LIMIT (the tidy tables keep them)
 LABELS = ("job", "sweep", "model", "label", "preset", "arch", "task", "device_name", "bucket", "split", "layer_type",
           "latency_device", "precision", "tokenization")
@@ -65,8 +81,10 @@ def find(dirs: Iterable[str | Path]) -> list[Path]:
     for d in map(Path, dirs):
         if d.is_dir():
             found.update(p.resolve() for p in d.rglob(RECORD_NAME))
-        elif d.exists():  # a record file (load skips one that is not a regular file)
+        elif d.is_file():  # a record file
             found.add(d.resolve())
+        elif d.exists():
+            raise FileNotFoundError(f"{d} is neither a folder nor a record file: name a folder of records")
         else:
             raise FileNotFoundError(f"no such folder: {d}")
     return sorted(found)
@@ -75,7 +93,13 @@ def find(dirs: Iterable[str | Path]) -> list[Path]:
 def load(dirs: Iterable[str | Path]) -> Records:
     curves, by_length, paths, influence, by_distance = [], [], [], [], []
     found, notes = _distinct(find(dirs))
-    rows = distinct_task_names([flatten(rec, path) for path, rec in found])
+    rows = describe_systems(distinct_task_names([flatten(rec, path) for path, rec in found]))
+    found, rows, more = _count_once(found, rows)
+    notes += more
+    for row in rows:
+        if row["status"] == NO_METRICS:
+            notes.append(f"{row['record']}: status ok but no metrics: not counted (listed with the unfinished jobs)")
+            log.warning(notes[-1])
     for (path, rec), row in zip(found, rows):
         key = {k: row[k] for k in KEY}
         curves += [{**key, **{k: point.get(k) for k in CURVE_KEYS},  # and whatever the task's validate adds
@@ -126,6 +150,108 @@ def _distinct(paths: list[Path]) -> tuple[list[tuple[Path, dict]], list[str]]:
     return sorted(kept, key=lambda c: c[0]), notes
 
 
+def _count_once(found: list[tuple[Path, dict]], rows: list[dict]) -> tuple[list, list, list[str]]:
+    """``found`` and their ``rows`` without duplicate runs, and a note on each duplicate left out.
+
+    Two finished training runs of one task, system and seed (a copied folder under another output folder, the
+    same command run twice) are one result, not two seeds: the later finished counts.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        if row["status"] == "ok" and row["kind"] == "train" and row["seed"] is not None:
+            groups.setdefault((row["task"], row["system"], row["seed"]), []).append(i)
+    dropped, notes = set(), []
+    for (task, _, seed), members in groups.items():
+        if len(members) < 2:
+            continue
+        keep = max(members, key=lambda i: ((found[i][1].get("job") or {}).get("finished") or "", -i))
+        others = [i for i in members if i != keep]
+        dropped.update(others)
+        notes.append(f"duplicate runs: {', '.join(str(found[i][0].parent) for i in others)} "
+                     f"{'repeats' if len(others) == 1 else 'repeat'} {found[keep][0].parent} (system "
+                     f"{rows[keep]['system_name']}, task {task}, seed {seed}, the same settings): counted once, "
+                     f"from {found[keep][0].parent}, the one finished last")
+    for note in notes:
+        log.warning(note)
+    keep = [i for i in range(len(rows)) if i not in dropped]
+    return [found[i] for i in keep], [rows[i] for i in keep], notes
+
+
+def system_settings(rec: dict) -> dict[str, str]:
+    """Every setting of a record that can change its result: ``{dotted key: value as JSON}``.
+
+    The resolved config (``config``) without ``NOT_SYSTEM`` and without unset (null) values, the model's name and
+    preset where the config lacks them, and the device the run used (``device``: the device name). Numbers are
+    compared by value (``4`` and ``4.0`` are one setting).
+    """
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value) -> None:
+        if prefix in NOT_SYSTEM or any(prefix.startswith(k + ".") for k in NOT_SYSTEM) or value is None:
+            return
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif prefix:
+            flat[prefix] = json.dumps(_number(value), sort_keys=True, default=str)
+
+    walk("", rec.get("config") or {})
+    model = rec.get("model") or {}
+    for k in ("name", "preset"):
+        if f"model.{k}" not in flat and model.get(k) is not None:
+            flat[f"model.{k}"] = json.dumps(model[k])
+    device = (rec.get("environment") or {}).get("device_name")
+    if device is not None:
+        flat["device"] = json.dumps(device)
+    return dict(sorted(flat.items()))
+
+
+def system_key(rec: dict) -> str:
+    """The system a record belongs to (within its task): a digest of :func:`system_settings`. Runs with one key
+    differ only in seed, output folder, times, tracking or logging: they are seeds of one system."""
+    text = json.dumps(system_settings(rec), sort_keys=True)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def describe_systems(rows: list[dict]) -> list[dict]:
+    """Each row's ``system_differs`` (JSON: the settings whose values set its system apart from the other systems
+    of its task's finished training runs) and ``system_name`` (the architecture, with those settings).
+
+    A model hyperparameter counts where it differs from a system of the same architecture (two architectures'
+    hyperparameters always differ); any other setting where it differs from any other system of the task. A
+    setting the system lacks (an older record) is not named: the other systems name their value.
+    """
+    systems: dict = {}  # task -> system -> (arch, settings) of the finished training runs
+    for row in rows:
+        if row["status"] == "ok" and row["kind"] == "train":
+            systems.setdefault(row["task"], {})[row["system"]] = (row["arch"], json.loads(row["system_settings"]))
+    for row in rows:
+        mine = json.loads(row["system_settings"])
+        others = [(arch, s) for key, (arch, s) in systems.get(row["task"], {}).items() if key != row["system"]]
+        keys = sorted({k for _, s in others for k in s} | set(mine))
+        differs = {k: json.loads(mine[k]) for k in keys
+                   if k in mine and any(s.get(k) != mine[k] for arch, s in others
+                                        if not k.startswith("model.") or arch == row["arch"])}
+        row["system_differs"] = json.dumps(differs, default=str)
+        row["system_name"] = system_name(row["arch"], differs)
+    return rows
+
+
+def system_name(arch, differs: dict) -> str:
+    """``transformer-tiny (eval.decoding.beam=1, trainer.lr=0.001)``: the architecture and what sets it apart."""
+    shown = ", ".join(f"{k}={v}" for k, v in differs.items())
+    return f"{arch} ({shown})" if shown else str(arch)
+
+
+def _number(value):
+    """Whole floats as ints, inside lists too, so ``4.0`` and ``4`` are one setting."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_number(v) for v in value]
+    return value
+
+
 def for_display(records: Records) -> Records:
     """The records with long names (``LABELS``) and errors cut for plots and report tables.
 
@@ -133,7 +259,7 @@ def for_display(records: Records) -> Records:
     (minutes of layout, tens of MB of SVG); the tidy tables are written from the records uncut.
     """
     def cut(frame: pd.DataFrame) -> pd.DataFrame:
-        limits = {**{c: LABEL_LIMIT for c in LABELS}, "error": TEXT_LIMIT}
+        limits = {**{c: LABEL_LIMIT for c in LABELS}, "error": TEXT_LIMIT, "system_name": TEXT_LIMIT}
         return frame.assign(**{c: frame[c].map(lambda v, n=n: shorten(v, n) if isinstance(v, str) else v)
                                for c, n in limits.items() if c in frame})
     return dataclasses.replace(records, **{f.name: cut(getattr(records, f.name)) for f in dataclasses.fields(records)
@@ -192,9 +318,14 @@ def flatten(rec: dict, path: Path) -> dict:
     label = model_label(name, {**model, **(cfg.get("model") or {})})
     test, valid = _get(rec, "metrics", "test") or {}, _get(rec, "metrics", "valid") or {}
     family = task.get("family") or _family(test)
+    status, error, kind = rec.get("status"), rec.get("error"), job_kind(rec)
+    if status == "ok" and kind == "train" and not _has_metrics(rec):
+        status, error = NO_METRICS, ("status ok, but the record holds no metric (metrics is empty or null): not "
+                                     "counted; rerun the job in its folder to evaluate it")
     return {
-        "job": job.get("name") or path.parent.name, "sweep": job.get("sweep"), "status": rec.get("status"),
-        "kind": job_kind(rec), "error": rec.get("error"), "record": str(path),
+        "job": job.get("name") or path.parent.name, "sweep": job.get("sweep"), "status": status,
+        "kind": kind, "error": error, "record": str(path), "output_dir": job.get("output_dir"),
+        "system": system_key(rec), "system_settings": json.dumps(system_settings(rec)),
         "model": name, "label": label, "preset": preset, "arch": f"{label}-{preset}" if preset else label,
         "parameters": model.get("parameters"),
         "task": task.get("name") or task_cfg.get("name"), "family": family,
@@ -220,8 +351,18 @@ def flatten(rec: dict, path: Path) -> dict:
     }
 
 
+def _has_metrics(rec: dict) -> bool:
+    """Whether any split of the record holds a value of any metric (harness/metrics.py)."""
+    return any(isinstance(m, dict) and any(isinstance(m.get(k), (int, float)) for k in (*scoring.METRICS, "perplexity"))
+               for m in (rec.get("metrics") or {}).values())
+
+
 def protocol_label(metrics: dict, family: str | None, task: dict) -> str:
     """How a language model's perplexity was computed, e.g. ``sliding (bptt 128, stride 64)``; "" for other tasks.
+
+    A limited evaluation (``eval.max_test_tokens``) adds the part scored (``; first 10,000 of 245,569 tokens``), and
+    the share of unknown tokens among the scored ones follows (``; unknown tokens 2.6%``), so a perplexity is never
+    read without either: both keep runs apart in the summary (the label is part of its grouping).
 
     Records that do not name a protocol predate the choice: they were scored in independent chunks.
     """
@@ -229,51 +370,35 @@ def protocol_label(metrics: dict, family: str | None, task: dict) -> str:
         return ""
     settings = metrics.get("protocol_settings") or {"bptt": task.get("bptt")}
     shown = ", ".join(f"{k} {v}" for k, v in settings.items() if v is not None)
-    return (metrics.get("protocol") or "chunks") + (f" ({shown})" if shown else "")
+    label = (metrics.get("protocol") or "chunks") + (f" ({shown})" if shown else "")
+    scored, total = metrics.get("tokens_evaluated"), metrics.get("tokens_total")
+    if metrics.get("limited") and isinstance(scored, int) and isinstance(total, int):
+        label += f"; first {scored:,} of {total:,} tokens"  # eval.max_*_tokens: never shown as a full evaluation
+    if isinstance(metrics.get("unk_rate"), (int, float)):
+        label += f"; unknown tokens {metrics['unk_rate']:.1%}"
+    return label
 
 
 def _read(path: Path) -> dict:
     """The record, or a stand-in 'unreadable' record that the failure listing shows.
 
-    A value of the wrong JSON type is named by ``shape_error``; anything else that stops the record from
-    being flattened into its rows (a field newer than these checks) makes it unreadable too, with the error.
+    The record is checked against the record schema first (``harness.schema.problems``: each field of the wrong
+    JSON type, each metric outside its range, named); anything else that stops it from being flattened into its
+    rows (a field newer than these checks) makes it unreadable too, with the error.
     """
     try:
         rec = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rec, dict):
-            raise ValueError("not a JSON object")
-        wrong = shape_error(rec)
+        rec = scoring.read_old_names(rec) if isinstance(rec, dict) else rec  # metrics_version 1: wer <-> ser
+        wrong = schema.problems(rec)
         if wrong:
-            raise ValueError(f"wrong shape: {wrong}")
-        flatten(rec, path)  # raises on what the shape checks do not cover
+            raise ValueError(f"wrong shape: {'; '.join(wrong)}")
+        flatten(rec, path)  # raises on what the schema does not cover
         _path_rows(rec.get("path_length"), {})
         return rec
     except (OSError, ValueError, TypeError, AttributeError, KeyError, RecursionError) as err:
         why = f"{type(err).__name__}: {err}"
         log.warning("%s: unreadable record (%s); the report lists it with the failed jobs", path, why)
         return {"status": "unreadable", "error": why}
-
-
-def shape_error(rec: dict) -> str | None:
-    """Where the record holds a JSON type the report cannot use (``config is a number, not an object``), or None."""
-    for keys, types in SHAPE.items():
-        parent = _get(rec, *keys[:-1])
-        if isinstance(parent, dict) and keys[-1] in parent and not _is(parent[keys[-1]], types):
-            return f"{'.'.join(keys)} is {_json_type(parent[keys[-1]])}, not {_json_type(types[0]())}"
-    for split, m in (rec.get("metrics") or {}).items():
-        if not isinstance(m, dict):
-            return f"metrics.{split} is {_json_type(m)}, not an object"
-    return None
-
-
-def _is(value, types: tuple) -> bool:
-    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-
-
-def _json_type(value) -> str:
-    return ("null" if value is None else "a boolean" if isinstance(value, bool) else
-            "a number" if isinstance(value, (int, float)) else "a string" if isinstance(value, str) else
-            "an array" if isinstance(value, list) else "an object")
 
 
 def _get(d: dict, *keys):

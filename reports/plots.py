@@ -12,6 +12,7 @@ rather than one per measured value, so tick labels never overlap.
 """
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 import zlib
@@ -39,6 +40,7 @@ SHADES = (-0.35, 0.4, -0.6, 0.65, -0.15, 0.2)  # variants: towards black (<0) or
 LOSS_CURVES = ("valid_nll", "valid_ppl")  # every run's; a task's own validation columns come first (Task.validate)
 AXIS = {"train_flops": "training FLOPs", "train_seconds": "train seconds", "parameters": "parameters"}
 TABLE1 = ("path_length", "throughput_by_length")  # plots of the analysis records, shown with Table 1
+HEADLINE = "pareto"  # the overview's figure: final quality against training cost, per task
 LEGEND_TITLES = {"label": "model", "layer_type": "layer type", "variant": "preset"}  # column names as legend titles
 LOG_SCALE = ("valid_ppl", "test_ppl")  # drawn on a log axis
 TICKS = 5  # at most about this many labelled ticks on an axis of numbers
@@ -183,12 +185,21 @@ def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
 
     def draw(ax, task, p):
         d, y, label = p
-        if d.groupby("record").size().max() == 1:  # one evaluation per run (an update budget): a point per seed,
-            sns.scatterplot(d, x="train_seconds", y=y, hue="label", style=_varied(d, "variant"),  # never a line
-                            palette=_pal(pal, d), ax=ax)                                        # joining seeds
-        else:
-            sns.lineplot(d, x="train_seconds", y=y, hue="label", style=_varied(d, "variant"), palette=_pal(pal, d),
+        # a model whose runs were evaluated once each (an update budget): a point per seed, never a line joining
+        # seeds; the others a line per model (a marker on each point, so a one-point line still shows)
+        evaluations = d.groupby(["label", "variant", "record"]).size().groupby(["label", "variant"]).max()
+        once = d.set_index(["label", "variant"]).index.isin(evaluations[evaluations == 1].index)
+        style = _varied(d, "variant")
+        if not once.all():
+            lines = d[~once]
+            sns.lineplot(lines, x="train_seconds", y=y, hue="label", style=style, palette=_pal(pal, lines),
                          errorbar=stats.t_band, marker="o", ax=ax)
+        if once.any():
+            points = d[once]
+            sns.scatterplot(points, x="train_seconds", y=y, hue="label", style=style, palette=_pal(pal, points),
+                            s=50, ax=ax)
+        if once.any() and not once.all():  # one legend for both: each call replaced the other's
+            _merged_legend(ax)
         if y in LOG_SCALE:
             _readable(ax.yaxis, log=True)
         _label(ax, task, "train seconds (wall-clock)", label)
@@ -204,7 +215,8 @@ def learning_curves(curves: pd.DataFrame, pal: dict | None = None):
 def with_variant(d: pd.DataFrame) -> pd.DataFrame:
     """A ``variant`` column: the preset, with the device where the rows come from several (never pooled)."""
     several = d["device_name"].nunique() > 1
-    return d.assign(variant=[f"{p} on {dev}" if several else p for p, dev in zip(d["preset"], d["device_name"])])
+    d = d.assign(variant=[f"{p} on {dev}" if several else p for p, dev in zip(d["preset"], _devices(d))])
+    return _by_system(d, "variant")
 
 
 def on_common_grid(d: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
@@ -241,7 +253,7 @@ def quality_against(runs: pd.DataFrame, pal: dict | None, x_of, missing: str, ca
 
     def draw(ax, task, p):
         d, x, y, label, higher = p
-        sns.scatterplot(d, x=x, y=y, hue="label", style="preset", palette=_pal(pal, d), s=60, ax=ax)
+        sns.scatterplot(d, x=x, y=y, hue="label", style=_varied(d, "preset"), palette=_pal(pal, d), s=60, ax=ax)
         if front:
             draw_front(ax, d, x, y, higher)
         _readable(ax.xaxis, log=d[x].min() > 0 and d[x].max() > 10 * d[x].min())
@@ -288,8 +300,8 @@ def throughput(runs: pd.DataFrame, pal: dict | None = None):
     def prepare(d):
         d = _numeric(d, "train_tokens_per_second")
         several = d["device_name"].nunique() > 1
-        return d.assign(bar=[f"{a}\n{dev}" if several else a for a, dev in zip(d["arch"], d["device_name"])]) \
-            if len(d) else None
+        return _by_system(d.assign(bar=[f"{a}\n{dev}" if several else a for a, dev in zip(d["arch"], _devices(d))]),
+                          "bar") if len(d) else None
 
     def draw(ax, task, d):
         sns.barplot(d, x="bar", y="train_tokens_per_second", hue="label", palette=_pal(pal, d), errorbar="sd",
@@ -411,10 +423,47 @@ def throughput_by_length(paths: pd.DataFrame, pal: dict | None = None):
 
 # ---------------------------------------------------------------- helpers
 
+def _by_system(d: pd.DataFrame, column: str) -> pd.DataFrame:
+    """``d`` with ``column`` (what a plot draws one line, bar or style per) set to a name of the system where the
+    column would join runs of two systems (reports.load.system_key): never pooled as if seeds of one. The name is
+    short: the settings in which the system differs from the usual value among its model's systems."""
+    if "system" not in d or d.groupby(["label", column])["system"].nunique().max() <= 1:
+        return d
+    names = {}
+    for _, model in d.groupby("label", sort=False):
+        differs = {key: json.loads(text) if isinstance(text, str) else {}
+                   for key, text in model.groupby("system", sort=False)["system_differs"].first().items()}
+        usual = {k: pd.Series([v[k] for v in differs.values() if k in v], dtype=object).astype(str).mode().iloc[0]
+                 for k in {k for v in differs.values() for k in v}}
+        short = {key: ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in sorted(diff.items()) if str(v) != usual[k])
+                 for key, diff in differs.items()}
+        unique = len(set(short.values())) == len(short)
+        for key, name in model.groupby("system", sort=False)["system_name"].first().items():
+            names[key] = "\n".join(textwrap.wrap(short[key] or "usual settings" if unique else str(name), 28)) \
+                if len(differs) > 1 else ""  # the model's only system: its name as it was
+    return d.assign(**{column: [f"{v}\n{names[key]}" if names[key] else v for v, key in zip(d[column], d["system"])]})
+
+
 def _mean_lines(ax, d: pd.DataFrame, x: str, y: str, pal: dict | None) -> None:
-    """One line per model (and preset): the mean over runs, a band of the 95% t-interval of the mean."""
+    """One line per model (and preset): the mean over runs, a band of the 95% t-interval of the mean; markers on
+    few points, and always where a model has one point (a line through one point is invisible)."""
+    d = _by_system(d, "preset")  # systems of one model and preset: a line each, never pooled
+    lone = bool((d.groupby(["label", "preset"])[x].nunique() == 1).any()) if "preset" in d else True
     sns.lineplot(d, x=x, y=y, hue="label", style=_varied(d, "preset"), palette=_pal(pal, d), errorbar=stats.t_band,
-                 marker="o" if d[x].nunique() <= 20 else None, ax=ax)
+                 marker="o" if lone or d[x].nunique() <= 20 else None, ax=ax)
+
+
+def _devices(d: pd.DataFrame) -> list[str]:
+    """The rows' devices by the short names the report's tables use (``H100``; the overview's legend spells them)."""
+    short = tables.short_devices(d["device_name"])
+    return [short[str(v)].replace(tables.NBSP, " ") for v in d["device_name"].fillna("?")]
+
+
+def _merged_legend(ax) -> None:
+    """One legend from every handle drawn on the panel, each label once."""
+    handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
+    if handles:
+        ax.legend(handles.values(), handles.keys())
 
 
 def _varied(d: pd.DataFrame, column: str) -> str | None:

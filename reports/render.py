@@ -49,6 +49,8 @@ class Table:
     frame: pd.DataFrame
     caption: str = ""
     kind: str = ""  # "reference" marks quoted, not measured, values
+    name: str = ""  # the table's id in HTML (e.g. "overview")
+    bold: set = field(default_factory=set)  # (row, column) positions of cells shown in bold (a task's best)
 
 
 @dataclass
@@ -88,7 +90,8 @@ def _md_block(b, root: Path) -> list[str]:
         if b.frame.empty:
             return head + ["*(none)*"]
         cols = [_cell(c) for c in b.frame.columns]
-        rows = [[_cell(_clip(v)) for v in r] for r in b.frame.itertuples(index=False)]
+        rows = [[_strong_md(_cell(_clip(v)), (i, j) in b.bold) for j, v in enumerate(r)]
+                for i, r in enumerate(b.frame.itertuples(index=False))]
         return head + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + \
             ["| " + " | ".join(r) + " |" for r in rows]
     if isinstance(b, Plot):
@@ -105,13 +108,16 @@ def _html_block(b) -> str:
         return f'<p class="{cls}">{_h(b.text)}</p>' if cls else f"<p>{_h(b.text)}</p>"
     if isinstance(b, Table):
         caption = f"<caption>{_h(b.caption)}</caption>" if b.caption else ""
+        ident = f' id="{_h(b.name)}"' if b.name else ""
         if b.frame.empty:
-            return f'<table class="{_h(b.kind)}">{caption}<tr><td class="note">(none)</td></tr></table>'
+            return f'<table{ident} class="{_h(b.kind)}">{caption}<tr><td class="note">(none)</td></tr></table>'
         head = "".join(f"<th>{_h(c)}</th>" for c in b.frame.columns)
         # 'mean ± std' stays on one line
-        rows = "".join("<tr>" + "".join(f"<td>{_h(_clip(v)).replace(' ± ', '&nbsp;±&nbsp;')}</td>" for v in r)
-                       + "</tr>" for r in b.frame.itertuples(index=False))
-        return f'<table class="{_h(b.kind)}">{caption}<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+        rows = "".join("<tr>" + "".join(_strong_html(_h(_clip(v)).replace(' ± ', '&nbsp;±&nbsp;'), (i, j) in b.bold)
+                                        for j, v in enumerate(r)) + "</tr>"
+                       for i, r in enumerate(b.frame.itertuples(index=False)))
+        return (f'<table{ident} class="{_h(b.kind)}">{caption}<thead><tr>{head}</tr></thead>'
+                f"<tbody>{rows}</tbody></table>")
     if isinstance(b, Plot):
         if b.skipped:
             return f'<p class="note">Plot skipped ({_h(b.title)}): {_h(b.skipped)}.</p>'
@@ -142,3 +148,11 @@ def _clip(v):
 
 def _cell(v) -> str:
     return _md(v).replace("|", "\\|")
+
+
+def _strong_md(cell: str, bold: bool) -> str:
+    return f"**{cell}**" if bold and cell else cell
+
+
+def _strong_html(cell: str, bold: bool) -> str:
+    return f"<td><strong>{cell}</strong></td>" if bold and cell else f"<td>{cell}</td>"

@@ -16,21 +16,36 @@ log = logging.getLogger("seqbench.reports")
 
 def all_sections(records: Records, dirs: list[Path], plot_dir: Path,
                  pairs: pd.DataFrame | None = None) -> list[Section]:
-    """The report's sections; ``pairs`` is :func:`significance.pairwise` of the runs (computed here if not given)."""
+    """The report's sections, those with something to show; ``pairs`` is :func:`significance.pairwise` of the runs
+    (computed here if not given).
+
+    The overview leads: the architecture x task matrix of each task's primary metric and the headline figure
+    (quality against training cost). Then fairness, tuning, the quality tables per task, the costs, Table 2 (BLEU
+    runs; the paper's rows when its task ran), Table 1 (path-length records), the other plots, failures, appendix.
+    """
     if records.runs.empty:
         return [overview(records, dirs)]
-    from . import tuning  # here, not at the top: `python -m reports.tuning` runs that module as __main__
+    from . import probe_suites, tuning  # here, not at the top: `python -m reports.<module>` runs it as __main__
 
     runs = records.runs
+    summ = tables.summary(runs)
+    devices = tables.short_devices(summ["device_name"])
     figures = plots.make_all(records, plot_dir)
+    headline = next((p for p in figures if p.name == plots.HEADLINE and not p.skipped), None)
     analysis = [p for p in figures if p.name in plots.TABLE1]
+    rest = [p for p in figures if p.name not in plots.TABLE1 and p is not headline]
     pairs = significance.pairwise(runs) if pairs is None else pairs
-    return [overview(records, dirs), fairness(runs), *tuning.sections(runs), *results(runs, pairs), table2(runs),
-            table1(records, analysis),
-            Section("Plots", [p for p in figures if p.name not in plots.TABLE1]), failures(runs), appendix(runs)]
+    shown = [overview(records, dirs, summ, devices, headline), fairness(runs), *tuning.sections(runs),
+             *results(runs, pairs, devices, summ), *probe_suites.sections(runs, plot_dir), costs(summ, devices),
+             table2(runs, devices, summ),
+             table1(records, analysis),
+             plot_section(rest), failures(runs), appendix(runs)]
+    return [s for s in shown if s is not None]
 
 
-def overview(records: Records, dirs: list[Path]) -> Section:
+def overview(records: Records, dirs: list[Path], summ: pd.DataFrame | None = None,
+             devices: dict[str, str] | None = None, headline: plots.Plot | None = None) -> Section:
+    """What ran, then the answer: the matrix of each task's primary metric (best in bold) and the headline figure."""
     runs = records.runs
     skipped = [Note(n, "warning") for n in records.notes]  # copies counted once, files that are no records
     if runs.empty:
@@ -47,13 +62,27 @@ def overview(records: Records, dirs: list[Path]) -> Section:
                  if len(frame)]
         counts += (f" {len(analysis)} analysis-only jobs without training ({done}): not in the quality and cost "
                    f"tables; their analyses ({', '.join(found) or 'none'}) are in Table 1 and the plots.")
+    summ = tables.summary(runs) if summ is None else summ
+    devices = tables.short_devices(summ["device_name"]) if devices is None else devices
+    matrix, best = tables.overview(summ, devices)
+    if len(matrix):
+        named = [n for n in summ["device_name"].unique()  # devices the row names show, by their short names
+                 if any(f" · {devices.get(n, n)}" in name for name in matrix["architecture"])]
+        legend = tables.device_legend(devices, named)
+        answer = [Table(matrix, "Each task's primary test metric per architecture, as mean (low, high; n=k): the "
+                                "mean over k seeds and the 95% confidence interval of the mean (Student t); ↑ higher "
+                                "is better, ↓ lower is better; the best mean of each task in bold. Every metric: the "
+                                "tables per task below; costs: the cost table.", name="overview", bold=best),
+                  *([Note(legend, "note")] if legend else [])]
+    else:
+        answer = [Note("No finished training run has a test score: nothing to compare yet (see the failed and "
+                       "unfinished jobs below).", "warning")]
     return Section("Overview", [
-        Note(counts, "text"),
+        Note(counts, "text"), *answer, *([headline] if headline is not None else []), *skipped,
         Note(f"Records read from: {', '.join(map(str, dirs))}. Built {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
              "Quality is mean ± sample standard deviation over seeds with the 95% confidence interval of the mean "
              "(Student t) and n seeds; costs are means. Differences between architectures are tested pairwise "
-             "(paired bootstrap on the test set) below each task's table.", "note"),
-        *skipped])
+             "(paired bootstrap on the test set) below each task's table.", "note")])
 
 
 def fairness(runs: pd.DataFrame) -> Section:
@@ -64,14 +93,17 @@ def fairness(runs: pd.DataFrame) -> Section:
     blocks += low
     differ = tables.differing_settings(runs)
     checked = ", ".join(label for _, label in tables.SETTINGS) + ", task.* (task settings and tokenization)"
+    others = ("every other setting of the resolved config that can change a result (model hyperparameters, decoding, "
+              "optimiser, loss, evaluation; seeds, output folders and logging aside)")
     if tables.ok(runs).empty:
         blocks.append(Note("no finished training runs to compare", "note"))
     elif differ.empty:
         blocks.append(Note(f"Within each task, all finished runs share these settings: {checked}."
                            + (" They did not share the hardware alike: the comparison is not fair for the runs "
-                              f"flagged above ({unfair})." if unfair else ""), "text"))
+                              f"flagged above ({unfair})." if unfair else "") + f" They also share {others}.", "text"))
     else:
-        blocks.append(Table(differ, f"Settings that differ between the finished runs of one task (checked: {checked})"))
+        blocks.append(Table(differ, f"Settings that differ between the finished runs of one task (checked: {checked}, "
+                                    f"and {others})"))
     return Section("Fair comparison", blocks)
 
 
@@ -91,21 +123,43 @@ def hardware_blocks(done: pd.DataFrame) -> tuple[list, int]:
     if missing:
         blocks.append(Note(f"{missing} finished runs record no CPU utilisation (older records): whether they had the "
                            "machine to themselves is unknown.", "note"))
+    shared = hardware.memory_not_per_job(done)
+    if shared:
+        blocks.append(Note(f"The peak memory of {len(shared)} finished runs ({', '.join(shared[:5])}"
+                           f"{', ...' if len(shared) > 5 else ''}) is the process's lifetime peak, not the job's own "
+                           "(peak_memory_kind process_max_rss: older records, or no per-job measurement here): in a "
+                           "sweep run in one process it includes the earlier jobs' memory; do not compare it.",
+                           "warning"))
     return blocks, len(low)
 
 
-def results(runs: pd.DataFrame, pairs: pd.DataFrame) -> list[Section]:
-    """A heading, then one section per task: its fairness warnings above its summary table, then its pairwise
-    significance table (``pairs``: :func:`significance.pairwise`)."""
-    summ = tables.summary(runs)
+def results(runs: pd.DataFrame, pairs: pd.DataFrame, devices: dict[str, str] | None = None,
+            summ: pd.DataFrame | None = None) -> list[Section]:
+    """A heading, then one section per task: its fairness warnings above its quality table, then its pairwise
+    significance table (``pairs``: :func:`significance.pairwise`). Costs are in :func:`costs`. ``summ``:
+    :func:`tables.summary` of the runs (computed here if not given)."""
+    summ = tables.summary(runs) if summ is None else summ
     warnings = tables.warnings_by_task(runs)
     sections = [Section("Results per task and architecture", [] if len(summ) else [Note("no finished runs")])]
     for task in sorted(summ["task"].unique()):
         sections.append(Section(f"Task {task}", [*(Note(m, "warning") for m in warnings.get(task, [])),
-                                                 Table(tables.summary_display(summ, task),
+                                                 Table(tables.quality_display(summ, task, devices),
                                                        tables.summary_caption(summ, task)),
                                                  *significance_blocks(pairs, task)], level=3))
     return sections
+
+
+def costs(summ: pd.DataFrame, devices: dict[str, str]) -> Section | None:
+    """Every finished system's mean costs in one table, with the full names of the devices it abbreviates."""
+    if summ.empty:
+        return None
+    legend = tables.device_legend(devices, summ["device_name"])
+    return Section("Costs", [
+        Table(tables.costs_display(summ, devices),
+              "Means over seeds: parameters, training FLOPs (counted by the harness), training wall-clock seconds, "
+              "training tokens per second, decoding sentences per second (translation), peak memory of the job, "
+              "CPU utilisation (CPU seconds / (training seconds x threads))", name="costs"),
+        *([Note(legend, "note")] if legend else [])])
 
 
 def significance_blocks(pairs: pd.DataFrame, task: str) -> list:
@@ -117,25 +171,34 @@ def significance_blocks(pairs: pd.DataFrame, task: str) -> list:
     return blocks + [Note(n, "note") for n in significance.notes(pairs, task)]
 
 
-def table2(runs: pd.DataFrame) -> Section:
-    measured = tables.table2_display(tables.summary(runs))
-    return Section("Table 2: BLEU and training cost", [
-        Table(measured, "Measured here (test BLEU mean ± std over seeds, the 95% t-interval of the mean and n "
-              "seeds; training FLOPs counted by the harness)")
-        if len(measured) else Note("no finished translation runs", "note"),
-        Table(tables.reference_display(reference.table2()),
-              f"Reference values, not measured here: {reference.CITATION}", kind="reference"),
-        Note(f"Reference rows are quoted from the paper for task {reference.TASK} at the paper's scale; "
-             "compare them with measured rows only for that task and budget, and like with like: the paper's BLEU is "
-             "tokenized and compound-split (set it beside the measured tokenized BLEU, which wmt14_en_de records as "
-             "bleu_tok), not sacreBLEU; its FLOPs are estimated from time and hardware, ours counted.", "note")])
+def table2(runs: pd.DataFrame, devices: dict[str, str] | None = None,
+           summ: pd.DataFrame | None = None) -> Section | None:
+    """Table 2 of the paper's layout for the translation runs scored by BLEU; the paper's own rows only when its
+    task (``reference.TASK``) ran. None without such runs."""
+    measured = tables.table2_display(tables.summary(runs) if summ is None else summ)
+    if measured.empty:
+        return None
+    if devices:
+        measured = measured.assign(device=measured["device"].map(lambda v: devices.get(v, v)))
+    blocks = [Table(measured, "Measured here (test BLEU mean ± std over seeds, the 95% t-interval of the mean and n "
+                    "seeds; training FLOPs counted by the harness)")]
+    if (measured["task"] == reference.TASK).any():
+        blocks += [
+            Table(tables.reference_display(reference.table2()),
+                  f"Reference values, not measured here: {reference.CITATION}", kind="reference"),
+            Note(f"Reference rows are quoted from the paper for task {reference.TASK} at the paper's scale; compare "
+                 "them with measured rows only for that task and budget, and like with like: the paper's BLEU is "
+                 "tokenized and compound-split (set it beside the measured tokenized BLEU, which wmt14_en_de records "
+                 "as bleu_tok), not sacreBLEU; its FLOPs are estimated from time and hardware, ours counted.", "note")]
+    return Section("Table 2: BLEU and training cost", blocks)
 
 
-def table1(records: Records, figures: list[plots.Plot] = ()) -> Section:
-    """Table 1 from the path-length records, then its plots (path length and forward throughput against n)."""
+def table1(records: Records, figures: list[plots.Plot] = ()) -> Section | None:
+    """Table 1 from the path-length records, then its plots (path length and forward throughput against n); None
+    without path-length records."""
     paths = records.path_length
     if paths.empty:
-        return Section("Table 1: maximum path length", [Note("no path-length records", "note"), *figures])
+        return None
     frame = paths.assign(n=pd.to_numeric(paths["n"], errors="coerce").astype("Int64"),
                          arch=paths["arch"].fillna("?"), layer_type=paths["layer_type"].fillna("?"))
     pivot = frame.pivot_table(index=["arch", "layer_type"], columns="n", values="max_path_length",
@@ -147,6 +210,16 @@ def table1(records: Records, figures: list[plots.Plot] = ()) -> Section:
         *figures])
 
 
+def plot_section(figures: list[plots.Plot]) -> Section | None:
+    """The plots drawn, then one line naming those the records hold no data for; None when none was drawn."""
+    drawn = [p for p in figures if not p.skipped]
+    if not drawn:
+        return None
+    missing = [f"{p.title} ({p.skipped})" for p in figures if p.skipped]
+    return Section("Plots", [*drawn, *([Note("Not drawn, for want of data in these records: "
+                                             + "; ".join(missing) + ".", "note")] if missing else [])])
+
+
 def failures(runs: pd.DataFrame) -> Section:
     bad = tables.failures(runs)
     if bad.empty:
@@ -155,10 +228,12 @@ def failures(runs: pd.DataFrame) -> Section:
 
 
 def appendix(runs: pd.DataFrame) -> Section:
-    return Section("Appendix: runs, signatures and versions", [
-        Table(tables.appendix(runs), "Every run and its record"),
-        Table(tables.signatures(runs), "sacrebleu signatures"),
-        Table(tables.package_versions(runs), "Package versions")])
+    """Every run and its record; the sacreBLEU signatures and package versions the records hold."""
+    shown = [Table(tables.appendix(runs), "Every run and its record")]
+    shown += [Table(frame, caption) for frame, caption in ((tables.signatures(runs), "sacrebleu signatures"),
+                                                           (tables.package_versions(runs), "Package versions"))
+              if len(frame)]
+    return Section("Appendix: runs, signatures and versions", shown)
 
 
 def _round(v):

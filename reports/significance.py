@@ -2,15 +2,17 @@
 
 A translation job writes ``test.hyp`` and ``test.ref`` (hypotheses and references, one a line), a language-model
 job ``test.nll.json`` (summed NLL and tokens of each test chunk) into its output folder, the folder of its
-``record.json`` (harness/job.py). A system is one row of a task's summary table (architecture, and device or
-budget where the task has several). Two systems are compared seed pair by seed pair: the i-th seed of one with
+``record.json`` (harness/job.py). A system is one row of a task's summary table: every setting that can change a
+result (``load.system_key``), so runs of one architecture at two learning rates or beam sizes are two systems,
+never seeds of one. Two systems are compared seed pair by seed pair: the i-th seed of one with
 the i-th seed of the other (seeds sorted; a system with more seeds has its extra ones left out), each pair by a
 paired bootstrap on the test set (``stats``): sacreBLEU's for BLEU, chrF and TER, chunks of the test stream for
 the per-token NLL of language models. The bootstrap measures how much the test set's sample moves one trained
 model's score; the spread over seeds is the t-interval of the summary table. The p-values of one task and metric
 (every pair of systems, every seed pair) are one family, adjusted by Holm's step-down method (statsmodels), which
 holds the chance of any false "significant" in the family at 5%. A difference counts as significant only when
-every seed pair is significant (adjusted p < 0.05) in the same direction.
+every seed pair is significant (adjusted p < 0.05) in the same direction, and never when the difference rounds
+to zero at the precision the report shows (``negligible``: 0.0024 BLEU reads +0.00).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import math
 from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from statsmodels.stats.multitest import multipletests
 
@@ -31,6 +34,7 @@ SPLIT = "test"
 NLL = "nll"  # the paired test of language models (perplexity and bits per character are both its exponent)
 COLUMNS = ["task", "metric", "a", "b", "seed_a", "seed_b", "a_score", "b_score", "delta", "ci_low", "ci_high", "p",
            "p_holm", "significant", "units", "n_samples", "note"]
+NAME_LIMIT = 200  # characters of a system's name (its architecture and the settings that set it apart)
 NOTES = 5  # reasons for untested pairs shown per task
 ABSENT = "(jobs of this version write it beside record.json)"  # ends the note of an output file not there
 NOTE_SEPARATOR = "; "  # between the two runs' reasons in one note
@@ -68,7 +72,8 @@ def holm(pairs: pd.DataFrame) -> pd.DataFrame:
     for _, family in pairs[pairs["p"].notna()].groupby(["task", "metric"], sort=False):
         adjusted = multipletests(family["p"].astype(float).to_numpy(), alpha=stats.ALPHA, method="holm")[1]
         pairs.loc[family.index, "p_holm"] = adjusted
-        pairs.loc[family.index, "significant"] = adjusted < stats.ALPHA  # strictly below, as stats.Paired
+        small = [negligible(name, d) for name, d in zip(family["metric"], family["delta"])]
+        pairs.loc[family.index, "significant"] = (adjusted < stats.ALPHA) & ~np.array(small, dtype=bool)
     return pairs
 
 
@@ -81,12 +86,14 @@ def testable(rows: pd.DataFrame) -> list[str]:
 
 
 def _systems(group: pd.DataFrame, names: list[str]) -> dict[str, list[dict]]:
-    """System name -> its runs sorted by seed, systems best first by their mean on the task's first metric."""
-    parts = [group["arch"]]
-    for column, lead in (("device_name", " on "), ("budget", ", ")):
-        if group[column].nunique() > 1:
-            parts.append(lead + group[column])
-    name = parts[0].str.cat(parts[1:]) if len(parts) > 1 else parts[0]
+    """System name -> its runs sorted by seed, systems best first by their mean on the task's first metric.
+
+    A system is ``load.system_key`` (the ``system`` column), named by ``system_name``; runs of two systems are
+    never pooled, even where their names read alike (the key's start is appended then)."""
+    first = group.groupby("system", sort=False)["system_name"].first()
+    alike = first[first.duplicated(keep=False)].index
+    name = group["system_name"].where(~group["system"].isin(alike),
+                                      group["system_name"] + " #" + group["system"].str[:6])
     group = group.assign(_system=name)
     quality = tables.task_metrics(group)
     order = list(dict.fromkeys(group["_system"]))
@@ -177,7 +184,8 @@ def display(pairs: pd.DataFrame, task: str) -> pd.DataFrame:
     rows = []
     for (name, a, b), group in pairs[pairs["task"] == task].groupby(["metric", "a", "b"], sort=False):
         tested = group[group["note"].isna()]
-        rows.append({"metric": _label(name), "A": shorten(a), "B": shorten(b), "seed pairs": len(tested),
+        rows.append({"metric": _label(name), "A": shorten(a, NAME_LIMIT), "B": shorten(b, NAME_LIMIT),
+                     "seed pairs": len(tested),
                      "mean Δ (A − B)": _number(name, tested["delta"].mean(), sign=True) if len(tested) else "–",
                      "Δ (95% CI), p per seed pair": "; ".join(_pair(name, r) for r in tested.itertuples()),
                      "significant": verdict(name, tested, a, b)})
@@ -212,7 +220,9 @@ def caption(pairs: pd.DataFrame, task: str) -> str:
             f"test chunks for NLL), seed {stats.SEED}: Δ = A − B for each seed pair (the i-th seed of A with the i-th "
             f"of B) with its 95% interval and p-value, and the p-value adjusted by Holm's method over every seed pair "
             f"of every pair of systems in this table for that metric. 'yes' only when every seed pair has an adjusted "
-            f"p < {stats.ALPHA:g} in the same direction; 'no' marks a difference that is not significant.{lm}")
+            f"p < {stats.ALPHA:g} in the same direction, and never for a mean difference that rounds to zero at the "
+            f"precision shown; 'no' marks a difference that is not significant. A system is every setting that can "
+            f"change a result (the rows of the table above): seeds of one system are never paired with another's.{lm}")
 
 
 def verdict(name: str, tested: pd.DataFrame, a: str, b: str) -> str:
@@ -221,10 +231,17 @@ def verdict(name: str, tested: pd.DataFrame, a: str, b: str) -> str:
         return "– (not tested)"
     significant = tested["significant"].astype(bool)
     signs = set((tested["delta"] > 0).tolist())
+    if significant.all() and len(signs) == 1 and negligible(name, tested["delta"].mean()):
+        return f"no (the mean difference rounds to {_number(name, 0.0)})"
     if significant.all() and len(signs) == 1:
         higher = METRICS[name].higher_is_better if name in METRICS else False  # lower NLL is better
-        return f"yes: {shorten(a if signs == {higher} else b)} better"
+        return f"yes: {shorten(a if signs == {higher} else b, NAME_LIMIT)} better"
     return f"no ({int(significant.sum())} of {len(tested)} seed pairs Holm-adjusted p < {stats.ALPHA:g})"
+
+
+def negligible(name: str, delta: float) -> bool:
+    """Whether ``delta`` rounds to zero at the precision the report shows it (``_number``)."""
+    return not math.isnan(delta) and float(_number(name, delta)) == 0
 
 
 def _pair(name: str, r) -> str:

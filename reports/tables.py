@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pandas as pd
 
@@ -16,10 +17,13 @@ from . import hardware, stats
 from .load import BUDGET_KEYS, QUALITY, TUNED_KEYS
 from .reference import MEASURED
 
-# rows of one summary group: same task (and metrics), architecture (variant and preset), device, budget,
-# optimiser settings (a tuning grid's points are not seeds of one another) and LM protocol; seeds are pooled
+# rows of one summary group: one task and one system (reports.load.system_key: every setting that can change a
+# result, the device included); the other columns name it. Seeds (and only seeds) are pooled
 GROUP = ["task", "family", "metrics", "arch", "model", "label", "preset", "device_name", "budget", "optimizer",
-         "lm_protocol"]
+         "lm_protocol", "system_name"]
+SYSTEM = ["task", "system"]  # what identifies a row: runs.system is load.system_key of each record
+SHOWN = ("device", "trainer.lr", "trainer.warmup_steps", "trainer.clip_norm",
+         *(f"trainer.{k}" for k in BUDGET_KEYS))  # settings with columns of their own in the summary display
 COSTS = [("parameters", "parameters", "{:,.0f}"), ("train_flops", "train FLOPs", "{:.2e}"),
          ("train_seconds", "train s", "{:.1f}"), ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
          ("decode_sentences_per_second", "decode sentences/s", "{:,.1f}"),
@@ -56,7 +60,7 @@ def with_groups(runs: pd.DataFrame) -> pd.DataFrame:
     runs["budget"] = runs.apply(budget, axis=1) if len(runs) else []
     runs["optimizer"] = runs.apply(optimizer, axis=1) if len(runs) else []
     runs["peak_memory_mib"] = pd.to_numeric(runs.get("peak_memory_bytes"), errors="coerce") / 2**20
-    for c in GROUP:
+    for c in [*GROUP, "system"]:
         runs[c] = runs[c].fillna("?").astype(str) if c in runs else "?"
     return runs
 
@@ -75,12 +79,14 @@ def summary(runs: pd.DataFrame) -> pd.DataFrame:
     agg["low_utilization"] = ("low_utilization", lambda s: ", ".join(s.dropna()))
     done = with_groups(ok(runs))
     if done.empty:
-        return pd.DataFrame(columns=[*GROUP, *agg])
+        return pd.DataFrame(columns=[*GROUP, "system", *agg, "system_differs"])
     numbers = metrics + [c for c, _, _ in COSTS]
     done[numbers] = done[numbers].apply(pd.to_numeric, errors="coerce")
     done["low_utilization"] = [None if why is None else f"seed {_plain(seed)}: {why}"
                                for seed, why in zip(done["seed"], hardware.flag(done))]
-    return done.groupby(GROUP, sort=True, dropna=False).agg(**agg).reset_index()
+    first = done.groupby(SYSTEM, sort=False)["system_differs"].first().rename("system_differs")
+    out = done.groupby([*GROUP, "system"], sort=True, dropna=False).agg(**agg).reset_index()
+    return out.join(first, on=SYSTEM)
 
 
 def task_metrics(rows: pd.DataFrame) -> list[Metric]:
@@ -108,8 +114,11 @@ def summary_display(summ: pd.DataFrame, task: str) -> pd.DataFrame:
         rows = best_first(rows, quality[0], f"test_{quality[0].name}_mean")
     out = pd.DataFrame({"architecture": rows["arch"], "device": rows["device_name"], "budget": rows["budget"],
                         "n": rows["n"], "seeds": rows["seeds"]})
+    settings = rows["system_differs"].map(lambda text: differs_text(text, SHOWN))
+    if settings.astype(bool).any():  # systems of one architecture apart in other settings: each row says which
+        out.insert(1, "settings", settings)
     if (rows["lm_protocol"] != "").any():  # a language model's perplexity depends on the context it was given
-        out["perplexity protocol"] = rows["lm_protocol"]
+        out["perplexity protocol"] = rows["lm_protocol"]  # with the part scored and the unknown-token rate
     for m in quality:
         out[f"test {m.label}"] = [spread(row, f"test_{m.name}", m.fmt) for _, row in rows.iterrows()]
     for c, label, fmt in COSTS:
@@ -179,15 +188,36 @@ def reference_display(ref: pd.DataFrame) -> pd.DataFrame:
                          "BLEU pipeline": ref["bleu_pipeline"], "FLOPs method": ref["flops_method"]})
 
 
+def differs_text(text, without=()) -> str:
+    """A run's ``system_differs`` (JSON) as ``eval.decoding.beam=1, model.d_model=64``, leaving out ``without``."""
+    differs = json.loads(text) if isinstance(text, str) and text else {}
+    return ", ".join(f"{k}={v}" for k, v in differs.items() if k not in without)
+
+
 def differing_settings(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per task, each setting whose value differs between the task's finished runs, with run counts."""
+    """Per task, each setting whose value differs between the task's finished runs, with run counts: the
+    ``SETTINGS`` columns and every setting of the resolved config that can change a result
+    (``load.system_settings``); a model hyperparameter where it differs between runs of one architecture,
+    labelled with it (two architectures' hyperparameters always differ)."""
     rows = []
     for task, group in with_groups(ok(runs)).groupby("task", sort=True):
         settings = group[[c for c, _ in SETTINGS]].rename(columns=dict(SETTINGS))
         settings = settings.join(pd.DataFrame([{f"task.{k}": v for k, v in json.loads(s or "{}").items()}
                                                for s in group["task_settings"]], index=group.index))
-        for label in settings.columns:
-            values = settings[label].map(_plain).map(str).value_counts()
+        config = [json.loads(s) if isinstance(s, str) else {} for s in group.get("system_settings", [])]
+        shown = set(settings.columns) | {"device", "model.name", "model.preset"}
+        columns = {label: settings[label] for label in settings.columns}
+        for k in sorted({k for c in config for k in c if k not in shown and not k.startswith("task.")}):
+            values = pd.Series([json.loads(c[k]) if k in c else "unset" for c in config], index=group.index,
+                               dtype=object)
+            if not k.startswith("model."):
+                columns[k] = values
+                continue
+            for arch in sorted(group["arch"].unique()):
+                columns[f"{k} ({arch})"] = values[group["arch"] == arch]
+        for label, column in columns.items():
+            values = column.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else str(_plain(v)))
+            values = values.value_counts()
             if len(values) > 1:
                 rows.append({"task": task, "setting": label,
                              "values (runs)": "; ".join(f"{v} ({n})" for v, n in values.sort_index().items())})
@@ -289,3 +319,146 @@ def _plain(v):
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return None if _missing(v) else v
+
+
+# ---------------------------------------------------------------- the overview, the quality and the cost tables
+
+ARROWS = {True: "↑", False: "↓"}  # which way a metric is better, as the overview's column headers say it
+NBSP = "\u00a0"  # joins the words of a short device name: a table never breaks it over lines
+DEVICE_LIMIT = 20  # characters of a short device name
+VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro", "amd", "intel", "apple", "cpu", "processor", "radeon"}
+
+
+def short_device(name) -> str:
+    """A device name as a table cell: the model (``H100``, ``RTX 4090``, ``Xeon``) and a CPU's cores.
+
+    ``NVIDIA H100 80GB HBM3`` -> ``H100``; ``Intel(R) Xeon(R) CPU @ 2.20GHz (2 cores)`` -> ``Xeon, 2 cores``;
+    names without a vendor's noise (``x86_64``) stay as they are.
+    """
+    text = "?" if _missing(name) else str(name)
+    cores = re.search(r"\((\d+) cores?\)\s*$", text)
+    rest = re.sub(r"\((R|TM|C)\)|®|™|@\s*[\d.]+\s*[GM]Hz|\(\d+ cores?\)\s*$", " ", text, flags=re.I)
+    words = [w for w in rest.split() if w.lower() not in VENDOR_WORDS]
+    if not cores:  # an accelerator: its model, without memory and variant suffixes (V100-SXM2-16GB -> V100)
+        words = [w.split("-")[0] if re.match(r"^[A-Za-z]+\d", w) else w for w in words]
+    at = next((k for k, w in enumerate(words) if re.search(r"\d", w)), None)
+    if at is None:
+        model = words[:1]
+    else:  # the first word with a digit, after its series name (RTX 4090, EPYC 7B13)
+        model = words[max(0, at - 1):at + 1] if at and words[at - 1].isalpha() else words[at:at + 1]
+    short = " ".join(model) or text
+    if cores:
+        short += f", {cores.group(1)} cores"
+    short = short if len(short) <= DEVICE_LIMIT else short[:DEVICE_LIMIT - 1] + "…"
+    return short.replace(" ", NBSP)
+
+
+def short_devices(names) -> dict[str, str]:
+    """Each device name -> its short name (:func:`short_device`), numbered where two would read alike."""
+    full = sorted({"?" if _missing(n) else str(n) for n in names})
+    short = {n: short_device(n) for n in full}
+    counts = pd.Series(list(short.values()), dtype=object).value_counts()
+    seen: dict[str, int] = {}
+    for n in full:
+        if counts.get(short[n], 0) > 1:
+            seen[short[n]] = seen.get(short[n], 0) + 1
+            short[n] = f"{short[n]}{NBSP}#{seen[short[n]]}"
+    return short
+
+
+def device_legend(devices: dict[str, str], shown) -> str:
+    """``Devices: H100 = NVIDIA H100 80GB HBM3; ...`` for the shortened names among ``shown``; "" if none."""
+    pairs = sorted({(devices[n], n) for n in shown if n in devices and devices[n] != n})
+    return ("Devices: " + "; ".join(f"{s.replace(NBSP, ' ')} = {n}" for s, n in pairs) + ".") if pairs else ""
+
+
+def primary_metric(rows: pd.DataFrame) -> Metric | None:
+    """A task's primary metric: the first of its metrics (BLEU, perplexity, accuracy, an error rate)."""
+    quality = task_metrics(rows)
+    return quality[0] if quality else None
+
+
+def system_names(summ: pd.DataFrame, devices: dict[str, str] | None = None, without=()) -> pd.Series:
+    """Each summary row's name in the overview: its architecture, with the device, budget, optimiser settings or
+    LM protocol where the architecture's rows of one task differ in them (named the same way in every task), and
+    any other setting that sets apart systems of one architecture and task (``system_differs``); ``without``:
+    columns a table shows on their own (``device_name``)."""
+    if summ.empty:
+        return pd.Series(dtype=object)
+    devices = devices if devices is not None else short_devices(summ["device_name"])
+    extra = [c for c in ("device_name", "budget", "optimizer", "lm_protocol") if c in summ and c not in without]
+    varies = {arch: [c for c in extra if (rows.groupby("task")[c].nunique() > 1).any()]
+              for arch, rows in summ.groupby("arch", sort=False)}
+    show = lambda c, v: devices.get(v, v) if c == "device_name" else str(v)  # noqa: E731
+    names = pd.Series([" · ".join([row["arch"], *(show(c, row[c]) for c in varies[row["arch"]])])
+                       for _, row in summ.iterrows()], index=summ.index, dtype=object)
+    for _, rows in summ.assign(_name=names).groupby(["task", "_name", *without], sort=False):  # still alike
+        if len(rows) < 2 or "system_differs" not in rows:
+            continue
+        differs = [json.loads(t) if isinstance(t, str) and t else {} for t in rows["system_differs"]]
+        keys = sorted({k for d in differs for k in d
+                       if len({json.dumps(o.get(k), default=str) for o in differs}) > 1})
+        for k, (i, d) in enumerate(zip(rows.index, differs), 1):  # numbered where nothing recorded tells them apart
+            names[i] += " (" + (", ".join(f"{key}={d[key]}" for key in keys if key in d) or f"#{k}") + ")"
+    return names
+
+
+def interval_cell(row, column: str, fmt: str) -> str:
+    """``mean (low, high; n=k)`` with the 95% t-interval of the mean over seeds, ``mean (1 seed)``, or ``–``."""
+    mean, n = row.get(f"{column}_mean"), row.get(f"{column}_n")
+    show = lambda v: re.sub(r"^-(?=[0.]*$)", "", fmt.format(v))  # noqa: E731  (no "-0.00")
+    if _missing(mean):
+        return "–"
+    if _missing(n) or n < 2:
+        return f"{show(mean)} (1 seed)"
+    low, high = (show(row[f"{column}_ci_{end}"]) for end in ("low", "high"))
+    return f"{show(mean)} ({low}, {high}; n={_plain(n)})"
+
+
+def overview(summ: pd.DataFrame, devices: dict[str, str] | None = None) -> tuple[pd.DataFrame, set]:
+    """The architecture x task matrix of each task's primary test metric, and the cells of each task's best mean.
+
+    Rows are :func:`system_names`, one column per task headed ``task: metric ↑`` (↓ where lower is better); a cell
+    is :func:`interval_cell`. The second value holds (row, column) positions of the best cells (ties all best).
+    """
+    columns, cells = {}, {}
+    names = system_names(summ, devices)
+    for task in sorted(summ["task"].unique()) if len(summ) else []:
+        rows = summ[summ["task"] == task]
+        metric = primary_metric(rows)
+        if metric is None:
+            continue
+        head = f"{task}: {metric.label} {ARROWS[metric.higher_is_better]}"
+        columns[head] = {names[i]: interval_cell(row, f"test_{metric.name}", metric.fmt) for i, row in rows.iterrows()}
+        means = pd.to_numeric(rows[f"test_{metric.name}_mean"], errors="coerce")
+        best = means.max() if metric.higher_is_better else means.min()
+        cells[head] = {names[i] for i, v in means.items() if v == best}
+    if not columns:
+        return pd.DataFrame(columns=["architecture"]), set()
+    order = sorted({n for col in columns.values() for n in col})
+    frame = pd.DataFrame({"architecture": order, **{h: [col.get(n, "") for n in order] for h, col in columns.items()}})
+    bold = {(r, c) for c, head in enumerate(frame.columns) if head in cells
+            for r, name in enumerate(order) if name in cells[head]}
+    return frame, bold
+
+
+def quality_display(summ: pd.DataFrame, task: str, devices: dict[str, str] | None = None) -> pd.DataFrame:
+    """:func:`summary_display` without the costs (they are in :func:`costs_display`), devices by their short names.
+
+    A task with a hardware warning keeps its CPU utilisation beside the warning, which cites it."""
+    out = summary_display(summ, task)
+    keep = {"CPU utilisation"} if "hardware" in out else set()
+    out = out.drop(columns=[label for _, label, _ in COSTS if label in out and label not in keep])
+    devices = devices if devices is not None else short_devices(summ["device_name"])
+    return out.assign(device=out["device"].map(lambda v: devices.get(v, v)))
+
+
+def costs_display(summ: pd.DataFrame, devices: dict[str, str] | None = None) -> pd.DataFrame:
+    """Per task and system: the mean costs over seeds (time, throughput, FLOPs, memory, parameters)."""
+    devices = devices if devices is not None else short_devices(summ["device_name"])
+    rows = summ.sort_values(["task", "arch"], kind="stable")
+    out = pd.DataFrame({"task": rows["task"], "architecture": system_names(summ, devices, ["device_name"])[rows.index],
+                        "device": rows["device_name"].map(lambda v: devices.get(v, v)), "n": rows["n"]})
+    for c, label, fmt in COSTS:
+        out[label] = rows[c].map(lambda v, fmt=fmt: num(v, fmt))
+    return out.reset_index(drop=True)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import lm, probes, synthetic, translation
+from . import lm, probes, synthetic, translation, zoology
 from .data import DataError, data_root
 
 TASKS = {
@@ -27,6 +27,7 @@ TASKS = {
     "reverse": synthetic.reverse,
     "delayed_copy": probes.delayed_copy,
     "assoc_recall": probes.assoc_recall,
+    **{name: getattr(zoology, name) for name in ("mqar", *zoology.MAD_TASKS)},
 }
 
 __all__ = ["TASKS", "DataError", "build"]

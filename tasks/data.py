@@ -147,10 +147,14 @@ def read_lines(path: Path) -> list[str]:
     These are the lines ``wc -l`` and every line-aligned tool count: ``str.splitlines()`` (and universal
     newlines) would also split at U+2028, U+0085, form feeds, ``\\x1c``-``\\x1e`` and a lone ``\\r``, shifting
     every later pair of a parallel corpus when one side holds such a character.
-    A clear error on bad bytes.
+    A file with no ``\n`` at all whose lines end in a lone ``\r`` (classic Mac OS line ends) is split at its
+    ``\r``: the only line terminator present. A clear error on bad bytes.
     """
     try:
-        lines = path.read_bytes().decode("utf-8").removeprefix("\ufeff").split("\n")
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+        if "\n" not in text and "\r" in text:  # CR-only line ends: read as one line, a test set scored as one pair
+            text = text.replace("\r", "\n")
+        lines = text.split("\n")
         if lines[-1] == "":  # the text after the last newline (or an empty file)
             lines.pop()
         return [line[:-1] if line.endswith("\r") else line for line in lines]

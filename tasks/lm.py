@@ -10,6 +10,7 @@ each line end counting as one character).
 """
 from __future__ import annotations
 
+import logging
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -22,9 +23,13 @@ from . import tokenizers
 from .base import EvalContext
 from .batching import Batch, lm_batches
 from .data import DataError, display_name, read_lines, require_path, resolve, sha256
+from .streams import eval_stream
+from .vocab import UNK
 
 SPLITS = ("train", "valid", "test")
 EOS_WORD, UNK_WORD = "<eos>", "<unk>"
+UNK_WARN_RATE = 0.10  # a split with more unknown tokens than this gets a warning (WikiText-2 and PTB: 2.6 to 6.2%)
+log = logging.getLogger("seqbench")
 
 
 class Words:
@@ -49,6 +54,7 @@ class Words:
         self.itos = kept + ([UNK_WORD] if UNK_WORD not in kept else [])
         self.stoi = {w: i for i, w in enumerate(self.itos)}
         self.eos_id = self.stoi[EOS_WORD]
+        self.unk_id = self.stoi[UNK_WORD]
 
     @property
     def vocab_size(self) -> int:
@@ -82,6 +88,18 @@ class LMTask:
         for s in SPLITS:
             if len(self.streams[s]) < 2:
                 raise DataError(f"task {name}: the {s} split has fewer than 2 tokens")
+        self.unk_rates = {s: self.unk_rate(self.streams[s]) for s in SPLITS}
+        self.data_warnings = [f"{rate:.1%} of the {s} split's tokens are unknown to the vocabulary (read as one "
+                              f"unknown token; above {UNK_WARN_RATE:.0%}): its perplexity says little about the text. "
+                              "Check that the split is text of the training data's kind, or raise task.vocab_size / "
+                              "lower task.min_count" for s, rate in self.unk_rates.items() if rate > UNK_WARN_RATE]
+        for warning in self.data_warnings:
+            log.warning("task %s: %s", name, warning)
+
+    def unk_rate(self, stream: np.ndarray) -> float:
+        """The share of a stream's tokens (line ends included) that are the unknown token."""
+        unk = getattr(self.tokenizer, "unk_id", UNK)
+        return float(np.count_nonzero(stream == unk)) / max(len(stream), 1)
 
     @property
     def vocab_size(self) -> int:
@@ -94,9 +112,11 @@ class LMTask:
         return {s: [self.streams[s]] for s in self.streams}  # one token stream per split
 
     def describe(self) -> dict:
-        about = {"path": None if self.path is None else str(self.path), "warnings": self.tokenizer.warnings}
+        about = {"path": None if self.path is None else str(self.path),
+                 "warnings": [*self.tokenizer.warnings, *self.data_warnings]}
         return {"name": self.name, "family": self.family, "form": self.form, "vocab": self.vocab_size, "bptt": self.bptt,
                 "tokens": {s: int(len(self.streams[s])) for s in SPLITS}, "segmentation": self.tokenizer.kind,
+                "unk_rate": {s: round(rate, 6) for s, rate in self.unk_rates.items()},
                 "metrics": list(self.metrics), **{k: v for k, v in about.items() if v}}
 
     def batches(self, split: str, max_tokens: int, epoch: int = 0, shuffle: bool = False, seed: int = 0) -> list[Batch]:
@@ -105,7 +125,8 @@ class LMTask:
                           f"sequence: each batch holds one {self.bptt}-token sequence; raise trainer.max_tokens "
                           f"to a multiple of {self.bptt}, or lower task.bptt", stacklevel=2)
         batch_size = max(1, max_tokens // self.bptt)
-        return lm_batches(self.streams[split], self.bptt, batch_size, shuffle, seed, epoch)
+        stream = self.streams[split] if split == "train" else eval_stream(self, split)  # under eval.max_*_tokens
+        return lm_batches(stream, self.bptt, batch_size, shuffle, seed, epoch)
 
 
     def validate(self, model, ctx: EvalContext) -> dict:
@@ -116,7 +137,8 @@ class LMTask:
         the per-sequence losses are left as ``<split>.nll.json``."""
         from harness.evaluate import lm_scores  # noqa: PLC0415 (the harness evaluates; see __init__)
         protocol = {} if ctx.lm_protocol is None else {"protocol": ctx.lm_protocol}
-        metrics, chunks = lm_scores(model, self, split, ctx.device, ctx.max_tokens, **protocol)
+        metrics, chunks = lm_scores(model, self, split, ctx.device, ctx.max_tokens, check_stop=ctx.check_stop,
+                                    **protocol)
         return metrics, {f"{split}.nll.json": chunks}
 
 

@@ -7,12 +7,32 @@ up to ``bptt`` tokens that advance by ``stride`` (Hugging Face's perplexity guid
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from .batching import Batch
 
 NO_LOSS = -100  # target id of a position that is read as context but not scored
+
+
+def limited_tokens(task, split: str, total: int) -> int:
+    """How many of a split's ``total`` scorable tokens evaluation scores under the task's limit for that split
+    (``task.eval_limits[split]``: a number of tokens, a fraction of the split in (0, 1], or None for all): ``total``
+    without one, else at least 1."""
+    limit = (getattr(task, "eval_limits", None) or {}).get(split)
+    if limit is None:
+        return total
+    n = limit if isinstance(limit, int) else math.ceil(limit * total)
+    return max(1, min(total, n))
+
+
+def eval_stream(task, split: str) -> np.ndarray:
+    """The part of a split's token stream that evaluation reads: its first ``limit + 1`` tokens under a limit
+    (:func:`limited_tokens`; the first token is context only)."""
+    stream = task.streams[split]
+    return stream[: limited_tokens(task, split, len(stream) - 1) + 1]
 
 
 def carried_batches(stream: np.ndarray, bptt: int, n_streams: int) -> list[Batch]:

@@ -9,6 +9,7 @@ the scores (harness/metrics.py).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from .data import DataError, display_name, read_lines, require_path, resolve, sh
 from .vocab import UNK
 
 SPLITS = ("train", "valid", "test")
+log = logging.getLogger("seqbench")
 EMPTY_SOURCE = np.array([UNK], dtype=np.int32)
 
 
@@ -46,6 +48,9 @@ class TranslationTask:
         self.name, self.src_lang, self.tgt_lang, self.max_len = name, src_lang, tgt_lang, max_len
         self.corpus, self.src_tok, self.tgt_tok = corpus, src_tok, tgt_tok
         self.metrics, self.path = metrics, path
+        self.empty_references, self.data_warnings = empty_references(corpus)
+        for warning in self.data_warnings:
+            log.warning(warning)
         self.src_ids = {s: src_tok.encode(corpus.src[s]) for s in SPLITS}
         self.tgt_ids = {s: tgt_tok.encode(corpus.tgt[s]) for s in SPLITS}
         lens = [(len(a), len(b)) for a, b in zip(self.src_ids["train"], self.tgt_ids["train"])]
@@ -74,7 +79,8 @@ class TranslationTask:
                 "sizes": {s: len(self.corpus.src[s]) for s in SPLITS}, "train_pairs_used": len(self.train_keep),
                 "train_pairs_dropped": len(self.corpus.src["train"]) - len(self.train_keep),  # empty or > max_len
                 "src_vocab": self.src_vocab_size, "tgt_vocab": self.tgt_vocab_size, "max_len": self.max_len,
-                "metrics": list(self.metrics), **_about(self.src_tok, self.tgt_tok, self.path)}
+                "metrics": list(self.metrics), "empty_references": self.empty_references,
+                **_about(self.src_tok, self.tgt_tok, self.path, self.data_warnings)}
 
     def data_arrays(self) -> dict[str, list]:
         return {s: [*self.src_ids[s], *self.tgt_ids[s]] for s in self.src_ids}  # the subword ids of both sides
@@ -124,7 +130,8 @@ class TranslationTask:
             return {}
         from harness.evaluate import evaluate_translation  # noqa: PLC0415 (the harness decodes; see __init__)
         scores, _ = evaluate_translation(model, self, "valid", ctx.device,
-                                         {"precision": ctx.precision, **ctx.decoding, "beam": 1})
+                                         {"precision": ctx.precision, **ctx.decoding, "beam": 1},
+                                         check_stop=ctx.check_stop)
         return {"valid_bleu_greedy": scores["bleu"]}
 
     def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, dict]:
@@ -137,10 +144,12 @@ class TranslationTask:
         return scores, {f"{split}.hyp": hyps, f"{split}.ref": self.references(split)[: len(hyps)]}
 
 
-def _about(src_tok, tgt_tok, path: Path | None) -> dict:
-    """The tokenizer kind, its warnings (e.g. a capped vocabulary) and the data folder, where there are such."""
+def _about(src_tok, tgt_tok, path: Path | None, data_warnings: list[str] = ()) -> dict:
+    """The tokenizer kind, its warnings (e.g. a capped vocabulary) and the data's, and the data folder, where there
+    are such."""
     about = {"segmentation": getattr(tgt_tok, "kind", None),  # records redact strings under *token* keys
-             "warnings": list(dict.fromkeys(getattr(src_tok, "warnings", []) + getattr(tgt_tok, "warnings", [])))}
+             "warnings": list(dict.fromkeys(getattr(src_tok, "warnings", []) + getattr(tgt_tok, "warnings", [])
+                                            + list(data_warnings)))}
     if path is not None:
         about["path"] = str(path)
     return {k: v for k, v in about.items() if v}
@@ -156,8 +165,37 @@ def load_parallel(root: Path, files: dict[str, tuple[str, str]], download: bool)
                             f"{root / ft} has {len(b)}; they must be line-aligned")
         if not a:
             raise DataError(f"{root / fs} is empty; split '{split}' needs at least one sentence pair")
+        if split != "train":  # training drops empty pairs; a test set scores every line
+            _refuse_empty_sources(root / fs, a, split)
         src[split], tgt[split] = a, b
     return Corpus(src, tgt)
+
+
+def _line_numbers(numbers: list[int], shown: int = 5) -> str:
+    return ", ".join(map(str, numbers[:shown])) + (", ..." if len(numbers) > shown else "")
+
+
+def _refuse_empty_sources(path: Path, lines: list[str], split: str) -> None:
+    """An empty source line of a valid or test split would be scored against its reference from nothing."""
+    empty = [n for n, line in enumerate(lines, 1) if not line.strip()]
+    if empty:
+        raise DataError(f"{path} has {len(empty)} empty source line(s) in the {split} split (line "
+                        f"{_line_numbers(empty)}): there is nothing to translate; remove those pairs from both files "
+                        "or fill in the sources")
+
+
+def empty_references(corpus: Corpus) -> tuple[dict[str, int], list[str]]:
+    """Empty target lines of the valid and test splits per split (scored against an empty reference, they reward a
+    model that outputs nothing), and a warning for each split that has any."""
+    counts, warnings = {}, []
+    for split in SPLITS[1:]:
+        empty = [n for n, line in enumerate(corpus.tgt[split], 1) if not line.strip()]
+        counts[split] = len(empty)
+        if empty:
+            warnings.append(f"{len(empty)} of {len(corpus.tgt[split])} {split} references are empty (line "
+                            f"{_line_numbers(empty)}): they score a model that outputs nothing as exact; remove those "
+                            "pairs or fill in the references")
+    return counts, warnings
 
 
 def build_translation(name: str, corpus: Corpus, files: list[Path], cache_dir: Path, src_lang: str, tgt_lang: str,
@@ -190,10 +228,20 @@ def multi30k(root: Path, cache_dir: Path, *, src_lang: str = "en", tgt_lang: str
                         max_len=max_len, metrics=metrics)
 
 
+def check_languages(src_lang: str, tgt_lang: str, allow_same_lang: bool) -> None:
+    """The same source and target language reads one file as both sides: a copy task, refused unless asked for."""
+    if str(src_lang) == str(tgt_lang) and not allow_same_lang:
+        raise DataError(f"task.src_lang={src_lang!r} equals task.tgt_lang={tgt_lang!r}: both sides would be read from "
+                        f"the same files, so the model would learn to copy its input; set task.tgt_lang (or "
+                        f"task.src_lang) to the other side's file suffix, or task.allow_same_lang=true to train that "
+                        f"copy task on purpose")
+
+
 def wmt14_en_de(root: Path, cache_dir: Path, *, src_lang: str = "en", tgt_lang: str = "de", vocab_size: int = 37000,
                 tokenizer: str = "bpe", min_count: int = 1, joint_vocab: bool = True, max_len: int = 256,
-                metrics=None, download: bool = True):
+                metrics=None, download: bool = True, allow_same_lang: bool = False):
     """WMT14 En-De: your training files, newstest2013 valid, newstest2014 (full, 3003) test."""
+    check_languages(src_lang, tgt_lang, allow_same_lang)
     stems = {"train": "train", "valid": "newstest2013", "test": "newstest2014"}
     return _from_folder("wmt14_en_de", root, cache_dir, "wmt14-en-de", stems, src_lang, tgt_lang, download,
                         vocab_size=vocab_size, tokenizer=tokenizer, min_count=min_count, joint_vocab=joint_vocab,
@@ -210,11 +258,14 @@ def _from_folder(name, root, cache_dir, folder, stems, src_lang, tgt_lang, downl
 
 def parallel_files(root: Path, cache_dir: Path, *, path: str, src_lang: str = "src", tgt_lang: str = "tgt",
                    vocab_size: int | None = 8000, tokenizer: str = "bpe", min_count: int = 1, joint_vocab: bool = True,
-                   max_len: int = 256, metrics=None, label: str | None = None, download: bool = False):
+                   max_len: int = 256, metrics=None, label: str | None = None, download: bool = False,
+                   allow_same_lang: bool = False):
     """Any folder with {train,valid,test}.{src_lang,tgt_lang} (relative to the data root or absolute).
 
-    The task is named after the folder (or ``label``); the record keeps the full path.
+    The task is named after the folder (or ``label``); the record keeps the full path. ``src_lang`` equal to
+    ``tgt_lang`` (a copy task) is refused unless ``allow_same_lang``.
     """
+    check_languages(src_lang, tgt_lang, allow_same_lang)
     require_path(path, "parallel_files", f"{{train,valid,test}}.{{{src_lang},{tgt_lang}}}")
     folder = (root / path).resolve()
     files = {s: (f"{s}.{src_lang}", f"{s}.{tgt_lang}") for s in SPLITS}

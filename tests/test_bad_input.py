@@ -202,7 +202,7 @@ def test_a_signal_stops_a_local_sweep_with_its_report_and_a_failing_exit_status(
             "seed=1,2,3"]
     proc = run_sweep(args, sweep_dir, log)
     deadline = time.monotonic() + 120
-    while " step 5 " not in "".join(p.read_text() for p in sweep_dir.glob("0_*/run.log")):  # job 0 is training
+    while " step 5/" not in "".join(p.read_text() for p in sweep_dir.glob("0_*/run.log")):  # job 0 is training
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "the first job never trained"
         time.sleep(0.1)
@@ -230,13 +230,13 @@ def test_a_signal_stops_a_local_sweep_with_its_report_and_a_failing_exit_status(
 def test_a_sweep_in_which_every_job_fails_has_records_a_report_and_exit_status_1(tmp_path):
     """A crashing setting and an unknown job=: each leaves a failed record, the report lists both, the exit is 1."""
     sweep_dir, log = tmp_path / "sweep", tmp_path / "sweep.log"
-    proc = run_sweep(["model=transformer_tiny", "model.n_heads=3", *COPY, "job=train,nope"], sweep_dir, log)
+    proc = run_sweep(["model=convs2s_tiny", "model.kernel_size=4", *COPY, "job=train,nope"], sweep_dir, log)
     proc.wait(timeout=300)
     output = log.read_text()
     assert proc.returncode == 1, output[-3000:]
     recs = list(sweep_records(sweep_dir).values())
     assert [r["status"] for r in recs] == ["failed", "failed"]
-    assert "d_model=32 is not divisible by n_heads=3" in recs[0]["error"]
+    assert "kernel_size=4 is even" in recs[0]["error"]
     assert recs[1]["error"] == "SettingError: job='nope'; valid: train, path_length"
     report = (sweep_dir / "report" / "report.md").read_text()
     assert "2 jobs did not finish with status ok" in report and "valid: train, path_length" in report

@@ -125,7 +125,7 @@ def test_bad_tokenizer_and_metric_settings_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match=r"task.tokenizer='words'; valid: bpe, unigram, whitespace, char"):
         build(folder, tmp_path / "cache", tokenizer="words")
     with pytest.raises(ValueError, match=r"task.metrics=\['wer', 'per'\] has \['per'\]; choose from bleu, chrf, ter, "
-                                         r"wer, ser, exact_match"):
+                                         r"wer, ser, cer, exact_match"):
         build(folder, tmp_path / "cache", tokenizer="whitespace", metrics=["wer", "per"])
     with pytest.raises(ValueError, match=r"task.min_count=0"):
         build(folder, tmp_path / "cache", tokenizer="whitespace", min_count=0)
@@ -147,13 +147,13 @@ def test_corrupt_tokenizer_cache_names_the_file_and_says_deleting_is_safe(tmp_pa
 
 # -- metrics ---------------------------------------------------------------------------------
 
-def test_sequence_and_symbol_error_rates_against_hand_computed_values():
+def test_sentence_and_word_error_rates_against_hand_computed_values():
     refs = ["K AE1 T", "D AO1 G", "F IH1 SH", "B"]
     hyps = ["K AE1 T", "D AO1", "F IY1 SH S", "B"]
     # sequences wrong: 2 of 4; token edits: 0 + 1 deletion + (1 substitution + 1 insertion) + 0 = 3 of 10 tokens
     scores = metrics.score(["wer", "ser", "exact_match"], hyps, refs)
-    assert scores == {"wer": pytest.approx(0.5), "ser": pytest.approx(3 / 10), "exact_match": pytest.approx(0.5)}
-    assert metrics.symbol_error_rate(["a b c d"], ["x"]) == pytest.approx(4 / 1)  # 1 substitution, 3 insertions
+    assert scores == {"ser": pytest.approx(0.5), "wer": pytest.approx(3 / 10), "exact_match": pytest.approx(0.5)}
+    assert metrics.word_error_rate(["a b c d"], ["x"]) == pytest.approx(4 / 1)  # 1 substitution, 3 insertions
     assert not any(metrics.METRICS[n].higher_is_better for n in ("wer", "ser", "ter", "ppl", "bpc"))
     assert all(metrics.METRICS[n].higher_is_better for n in ("bleu", "chrf", "exact_match", "accuracy"))
 
@@ -253,13 +253,13 @@ def test_report_shows_error_rates_lower_is_better(whitespace_runs):
     assert "lower is better for WER, SER. Rows sorted by test WER, best first." in section
     for r in recs.values():
         test = r["metrics"]["test"]
-        assert test["wer"] == pytest.approx(1 - test["exact_match"]) and f"| {test['wer']:.3f} (1 seed) |" in section
+        assert test["ser"] == pytest.approx(1 - test["exact_match"]) and f"| {test['wer']:.3f} (1 seed) |" in section
     summ = pd.read_csv(out / "summary.csv")
     for m, r in recs.items():
         row = summ[summ["arch"] == f"{m.split('_')[0]}-tiny"].iloc[0]
         assert row["metrics"] == "wer,ser" and row["test_ser_mean"] == pytest.approx(r["metrics"]["test"]["ser"])
     assert set(pd.read_csv(out / "runs.csv")["tokenization"]) == {"whitespace"}
-    assert "g2p" not in md.split("## Table 2")[1].split("## Table 1")[0]  # Table 2 is for BLEU-scored tasks
+    assert "## Table 2" not in md  # Table 2 is for BLEU-scored tasks: none here
 
 
 def test_report_ranks_lower_error_rates_first(whitespace_runs, tmp_path):

@@ -248,7 +248,7 @@ def test_a_finished_record_with_non_ascii_text_is_kept_under_an_ascii_locale(tmp
     out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=True).stdout.split("\n")
     assert out[0] in ("ANSI_X3.4-1968", "ascii", "US-ASCII")  # the locale really is ASCII
-    assert out[1] == str(tmp_path / "record.previous.json")
-    assert json.loads((tmp_path / "record.previous.json").read_text(encoding="utf-8"))["sample"] == (
-        "Straße über Brücken")
+    (kept,) = tmp_path.glob("previous/*/record.json")
+    assert out[1] == str(kept)
+    assert json.loads(kept.read_text(encoding="utf-8"))["sample"] == "Straße über Brücken"
     assert schema.keep_previous(tmp_path / "missing.json") is None

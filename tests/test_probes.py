@@ -177,6 +177,27 @@ def test_influence_counts_only_earlier_positions_and_is_switchable(make_cfg):
     assert influence.job_entry(model, Stream(8), off, torch.device("cpu")) == {}
 
 
+def test_a_stop_signal_ends_the_influence_analysis_and_is_not_recorded_as_its_failure(make_cfg):
+    """The stop check runs before every gradient round; a stop is raised (the job ends as interrupted), while any
+    other error of the analysis is recorded and the job's metrics stay."""
+    from harness.train import Interrupted
+
+    calls = []
+
+    def stop_after_two():
+        calls.append(1)
+        if len(calls) > 2:
+            raise Interrupted("stopped")
+
+    with pytest.raises(Interrupted):
+        influence.influence_by_distance(ShiftLM(8, 3), Stream(8), "valid", torch.device("cpu"), max_tokens=64,
+                                        n_positions=20, max_rows=2, check_stop=stop_after_two)
+    assert len(calls) == 3  # checked round by round, not once at the start
+    cfg = make_cfg("task=delayed_copy")
+    with pytest.raises(Interrupted):
+        influence.job_entry(ShiftLM(8, 3), Stream(8), cfg, torch.device("cpu"), check_stop=stop_after_two)
+
+
 # ---------------------------------------------------------------- presets and the experiment
 
 def test_probe_presets_have_equal_parameter_budgets(make_cfg):

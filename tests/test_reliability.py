@@ -109,12 +109,12 @@ def _cache_under_a_file(tmp_path):
 # Each pattern holds the problem and the fix (the valid values, the setting to change).
 JOB_CASES = [
     ("unknown_model_name", ["model=transformer_tiny", "model.name=nope", *COPY],
-     r"unknown model 'nope'; valid models: bytenet, convs2s, gru, lstm, transformer"),
+     r"model.name='nope'; valid: bytenet, convs2s, gru, lstm, transformer"),
     ("unknown_task_name", ["model=transformer_tiny", *COPY, "task.name=nope"],
-     r"unknown task 'nope'; valid tasks: assoc_recall, copy, delayed_copy, multi30k, parallel_files, ptb, reverse, "
-     r"text_files"),
+     r"unknown task 'nope'; valid tasks: assoc_recall, copy, delayed_copy, mad_compression, .*, mqar, multi30k, "
+     r"parallel_files, ptb, reverse, text_files"),
     ("d_model_not_divisible_by_heads", ["model=transformer_tiny", "model.n_heads=3", *COPY],
-     r"d_model=32 is not divisible by n_heads=3; choose n_heads dividing d_model"),
+     r"model.d_model=32 is not divisible by model.n_heads=3.*set model.n_heads to a divisor of d_model"),
     ("convs2s_even_kernel", ["model=convs2s_tiny", "model.kernel_size=4", *COPY],
      r"ConvS2S: kernel_size=4 is even.*needs an odd kernel_size; use 3 or 5"),
     ("bytenet_even_kernel", ["model=bytenet_tiny", "model.kernel_size=2", *COPY],
@@ -123,7 +123,7 @@ JOB_CASES = [
      r"max_positions=16 learned positions, but the train split holds a sequence of 21 positions.*"
      r"raise model.max_positions or lower task.max_len below 16"),
     ("unknown_model_hyperparameter", ["model=transformer_tiny", "+model.n_head=4", *COPY],
-     r"TransformerSeq2Seq does not take \['n_head'\]; valid hyperparameters: d_model, n_layers, .*n_heads"),
+     r"model.n_head is not a setting of transformer; valid: d_model, n_layers, .*n_heads"),
     ("unknown_task_setting", ["model=transformer_tiny", *COPY, "+task.n_symbol=8"],
      r"task copy does not take \['n_symbol'\]; valid settings: n_train, .*n_symbols"),
     ("unknown_trainer_setting", ["model=transformer_tiny", *COPY, "+trainer.max_step=2"],
@@ -149,7 +149,7 @@ JOB_CASES = [
      r"an example of 21 tokens exceeds max_tokens=10; raise trainer.max_tokens or lower task.max_len"),
     ("zero_log_every", ["model=transformer_tiny", *COPY, "trainer.log_every=0"],
      r"trainer.log_every=0 must be a positive integer"),
-    ("bad_dropout", ["model=lstm_tiny", "model.dropout=1.5", *COPY], r"dropout must be in \[0, 1\); got 1.5"),
+    ("bad_dropout", ["model=lstm_tiny", "model.dropout=1.5", *COPY], r"model.dropout=1.5 must be .*in \[0, 1\)"),
     ("bad_min_max_len", ["model=lstm_tiny", *COPY, "task.min_len=9", "task.max_len=4"],
      r"need 1 <= min_len <= max_len; got min_len=9, max_len=4"),
     ("missing_data_folder", lambda t: ["model=lstm_tiny", *SMOKE, "task=parallel_files", f"task.path={t / 'nowhere'}"],
@@ -215,17 +215,20 @@ def test_unknown_preset_is_a_composition_error_listing_options(make_cfg, overrid
 
 
 def test_empty_lines_in_parallel_data_are_dropped_from_training_with_a_count(make_cfg, tmp_path):
-    """Empty lines: dropped from training (counted in the record), kept and scored in valid/test."""
+    """Empty lines: dropped from training (counted in the record); an empty reference in valid/test is kept, scored
+    and counted (an empty valid/test source is refused: tests/test_data_checks.py)."""
     def edit(split, src, tgt):
-        src[3] = tgt[3] = ""  # both sides empty
-        src[5] = ""  # source only
         tgt[7] = ""  # target only
+        if split == "train":
+            src[3] = tgt[3] = ""  # both sides empty
+            src[5] = ""  # source only
     for arch in ("lstm", "convs2s"):  # packed RNNs and learned positions are the fragile ones
         out = tmp_path / arch
         rec = job.run(make_cfg(f"model={arch}_tiny", *SMOKE, *parallel(tmp_path, edit)), out, raise_errors=False)
         assert rec["status"] == "ok", rec["error"]
         assert rec["task"]["sizes"] == {"train": 30, "valid": 30, "test": 30}
         assert rec["task"]["train_pairs_used"] == 27 and rec["task"]["train_pairs_dropped"] == 3
+        assert rec["task"]["empty_references"] == {"valid": 1, "test": 1}
         assert all(math.isfinite(r["valid_nll"]) for r in rec["curves"]["valid"])
         assert rec["metrics"]["test"]["sentences"] == 30
         assert len((out / "test.hyp").read_text().splitlines()) == 30
@@ -348,7 +351,7 @@ def test_a_refused_rerun_keeps_the_finished_record_beside_its_own(make_cfg, trai
     rec = job.run(make_cfg(*TINY, "model.d_model=64", "trainer.max_steps=4"), trained, raise_errors=False)
     assert rec["status"] == "failed" and "made for another model" in rec["error"]
     assert on_disk(trained)["status"] == "failed"  # record.json says what this run did
-    kept = trained / "record.previous.json"
+    (kept,) = trained.glob("previous/*/record.json")
     assert rec["job"]["previous_record"] == str(kept)
     assert json.loads(kept.read_text()) == finished  # the finished run's record, byte for byte the same content
     # a failed record is not "finished": a second failure leaves the kept one alone

@@ -127,10 +127,10 @@ def test_a_copied_job_folder_counts_once(tmp_path):
     runs = tmp_path / "runs"
     first = started(record("transformer", "multi30k", 1, scores=(20.0, 50.0)), "2026-01-01T10:00:00+00:00",
                     "2026-01-01T11:00:00+00:00")
-    rerun = started(record("transformer", "multi30k", 1, scores=(24.0, 54.0)), "2026-01-02T10:00:00+00:00",
-                    "2026-01-02T11:00:00+00:00")  # the same job run again later: a run of its own
-    twin = started(record("transformer", "multi30k", 1, scores=(28.0, 58.0)), "2026-01-01T10:00:00+00:00",
-                   "2026-01-01T11:00:00+00:00", "results/sweep/1")  # started alongside it (another lr, say)
+    rerun = started(record("transformer", "multi30k", 2, scores=(24.0, 54.0)), "2026-01-02T10:00:00+00:00",
+                    "2026-01-02T11:00:00+00:00")  # run again later with another seed: a run of its own
+    twin = started(record("transformer", "multi30k", 3, scores=(28.0, 58.0)), "2026-01-01T10:00:00+00:00",
+                   "2026-01-01T11:00:00+00:00", "results/sweep/1")  # started alongside it (another seed)
     write_records(runs / "sweep", [first, rerun, twin])
     copy = runs / "backup" / "0_transformer"
     copy.mkdir(parents=True)

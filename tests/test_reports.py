@@ -18,9 +18,10 @@ from matplotlib.colors import to_hex, to_rgb
 from omegaconf import OmegaConf
 
 import reports
-from reports import plots, reference, tables
+from reports import plots, reference, sections, tables
 from reports.__main__ import main as cli
 from reports.callback import BuildReport
+from reports.render import write_html, write_markdown
 
 CPU, H100 = ("cpu", "x86_64"), ("cuda", "NVIDIA H100 80GB HBM3")
 XSS_NAME = "<script>alert(1)</script>"
@@ -180,8 +181,11 @@ def test_every_plot_is_written_and_absent_data_is_noted(built):
             assert (out / "plots" / f"{name}.{ext}").stat().st_size > 1000, (name, ext)
     assert not (out / "plots" / "path_length.png").exists()
     md = (out / "report.md").read_text()
-    assert "Plot skipped (Maximum path length against n): no path-length records" in md
-    assert "## Table 1: maximum path length" in md and "*no path-length records*" in md
+    (missing,) = [line for line in md.split("## Plots")[1].splitlines() if line.startswith("*Not drawn")]
+    assert "Quality by source-length bucket" not in missing  # drawn
+    assert ("Long-range accuracy by distance (probe tasks) (no records carry metrics.&lt;split&gt;."
+            "accuracy_by_distance)") in missing
+    assert "## Table 1" not in md  # no path-length records: no Table 1, nor its plots
     assert md.count("](plots/") == len(PLOTS) * 2  # each PNG and its SVG link
     assert path.read_text().count('src="data:image/png;base64,') == len(PLOTS)
 
@@ -241,7 +245,7 @@ def test_plots_draw_the_fixture_values(tmp_path):
                              for t, p in zip(ax.get_xticklabels(), ax.patches)} for ax in fig.axes if ax.get_visible()}
     assert {t: {k: h for k, (h, _) in b.items()} for t, b in bars.items()} == {
         "multi30k": {"lstm-tiny\nx86_64": 1000.0, "transformer-tiny\nx86_64": 1100.0,
-                     "transformer-tiny\nNVIDIA H100 80GB HBM3": 9000.0},
+                     "transformer-tiny\nH100": 9000.0},
         "wikitext2": {"lstm-tiny": 1000.0, "transformer-tiny": 1000.0}}
     for b in bars.values():  # seaborn's bars are a desaturated shade of the architecture's colour
         assert all(same_hue(c, T_COL if k.startswith("transformer") else L_COL) for k, (_, c) in b.items()), b
@@ -281,15 +285,20 @@ def test_device_and_budget_warnings(built):
     assert 'class="warning">WARNING: task multi30k' in path.read_text()
 
 
-def test_reference_rows_stand_apart_from_measured_ones(built):
+def test_reference_rows_stand_apart_from_measured_ones(built, tmp_path):
     path, out = built
-    md = (out / "report.md").read_text()
-    t2 = md.split("## Table 2")[1].split("## Table 1")[0]
-    measured, ref = t2.split("Reference values, not measured here")
-    assert "Transformer (base)" not in measured and "multi30k" in measured
+    t2 = (out / "report.md").read_text().split("## Table 2")[1].split("\n## ")[0]
+    assert "multi30k" in t2 and "Reference values" not in t2  # the paper's rows only beside a WMT14 run
+    recs = [record("transformer", reference.TASK, 1, scores=(20.0, 50.0)), record("lstm", "multi30k", 1,
+                                                                                   scores=(10.0, 40.0))]
+    section = sections.table2(reports.load([write_records(tmp_path, recs)]).runs)
+    write_markdown(tmp_path / "t2.md", TITLE, [section])
+    write_html(tmp_path / "t2.html", TITLE, [section])
+    measured, ref = (tmp_path / "t2.md").read_text().split("Reference values, not measured here")
+    assert "Transformer (base)" not in measured and "multi30k" in measured and reference.TASK in measured
     assert "| Transformer (base) | 27.3 | 3.3e+18 |" in ref and "| ByteNet | 23.75 | – |" in ref
     assert reference.CITATION.split(",")[0] in ref
-    assert '<table class="reference">' in path.read_text()
+    assert '<table class="reference">' in (tmp_path / "t2.html").read_text()
 
 
 def test_appendix_traces_every_run(built):
@@ -334,7 +343,8 @@ def test_path_length_section_renders_when_present(tmp_path, capsys):
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| lstm-tiny | recurrent | 4 | 16 | 64 |" in md and "| transformer-tiny | self-attention | 1 | 1 | 1 |" in md
     assert (tmp_path / "out" / "plots" / "path_length.svg").exists()
-    assert "Plot skipped (Quality by source-length bucket)" in md
+    (missing,) = [line for line in md.splitlines() if line.startswith("*Not drawn")]
+    assert "Quality by source-length bucket (no records carry metrics.test.by_length)" in missing
 
 
 # --- analysis records: path length, influence, probe tasks, a restricted-attention variant ---------------------
@@ -410,7 +420,7 @@ def test_analysis_records_stay_out_of_the_quality_tables(analysed):
     runs = pd.read_csv(out / "runs.csv")
     assert (runs["kind"] == "analysis").sum() == 3 + 4 and "path_length" in set(runs["task"])
     md = (out / "report.md").read_text()
-    results = md.split("## Results per task")[1].split("## Table 2")[0]
+    results = md.split("## Results per task")[1].split("\n## ")[0]
     assert "### Task path_length" not in results and "path_length" not in results
     assert "### Task delayed_copy" in results and "### Task assoc_recall" in results
     assert "7 analysis-only jobs without training" in md
@@ -477,8 +487,8 @@ def test_analysis_plots_are_written_and_shown(analysed):
     assert f"| {RESTRICTED}-restricted_tiny | restricted self-attention | 2 | 4 | 8 | 16 |" in table1
     assert "| transformer-tiny | self-attention | 1 | 1 | 1 | 1 |" in table1
     assert "3 points with zero gradient" in md  # lstm at distance 64, the restricted variant beyond its window
-    assert "Plot skipped" in md and "Plot skipped (Quality by source-length bucket)" in md
-    assert md.count("Plot skipped") == 1
+    (missing,) = [line for line in md.splitlines() if line.startswith("*Not drawn")]
+    assert missing.count(" (no records carry") == 1 and "Quality by source-length bucket" in missing
     assert path.read_text().count('src="data:image/png;base64,') == len(PLOTS) - 1 + len(ANALYSIS_PLOTS)
     # influence: a panel per task, from the trained assoc_recall run and the analysis-only delayed_copy jobs
     fig, _ = plots.influence_by_distance(reports.load([root]).influence)
@@ -556,8 +566,8 @@ def test_no_finished_run_still_gives_a_report(tmp_path):
     (root / "broken" / "record.json").write_text("{oops")
     md = reports.build([root], tmp_path / "out").with_suffix(".md").read_text()
     assert "| gru-tiny_multi30k_s1 | running |" in md and "| broken | unreadable | JSONDecodeError" in md
-    assert "*no finished translation runs*" in md
-    assert md.count("Plot skipped") == len(PLOTS) + len(ANALYSIS_PLOTS)
+    assert "No finished training run has a test score" in md.split("## Overview")[1].split("\n## ")[0]
+    assert not re.search(r"^## (Table 2|Table 1|Plots|Costs)", md, re.M)  # no section without content
 
 
 # --- the HTML in a real headless browser ---------------------------------------------------------------------

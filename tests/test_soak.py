@@ -34,7 +34,7 @@ ARCHS = ["transformer_tiny", "lstm_tiny", "gru_tiny", "convs2s_tiny", "bytenet_t
 
 # fault name -> (model preset, YAML lines merged into the job's config, expected error or None for ok)
 FAULTS = {
-    "heads3": ("transformer_tiny", "model:\n  n_heads: 3", "d_model=32 is not divisible by n_heads=3"),
+    "heads3": ("transformer_tiny", "model:\n  n_heads: 3", "d_model=32 is not divisible by model.n_heads=3"),
     "even_kernel": ("convs2s_tiny", "model:\n  kernel_size: 4", "kernel_size=4 is even"),
     "unknown_hparam": ("lstm_tiny", "model:\n  hidden: 64", "does not take ['hidden']"),
     "nan": ("transformer_tiny", "trainer:\n  lr: 1.0e+30\n  warmup_steps: 1", "NonFiniteLoss"),

@@ -54,7 +54,7 @@ def test_record_is_complete_and_written_atomically(make_cfg, tmp_path):
 def test_failed_job_writes_a_failed_record(make_cfg, tmp_path):
     cfg = make_cfg("model=transformer_tiny", "model.n_heads=3", "task=copy", "task.n_train=50", "trainer=smoke")
     rec = job.run(cfg, tmp_path, raise_errors=False)
-    assert rec["status"] == "failed" and "not divisible by n_heads=3" in rec["error"]
+    assert rec["status"] == "failed" and "not divisible by model.n_heads=3" in rec["error"]
     assert json.loads((tmp_path / "record.json").read_text())["status"] == "failed"
 
 

@@ -138,7 +138,7 @@ def test_validation_scores_on_the_trainers_device_at_its_precision(tmp_path, mon
     t = trainer(tmp_path, max_tokens=48, precision="bf16")
     asked = []
 
-    def mean_nll(model, task, split, device, max_tokens, autocast=None):
+    def mean_nll(model, task, split, device, max_tokens, autocast=None, check_stop=None):
         asked.append((model, task, split, device, max_tokens, autocast))
         return 2.0, 10
 

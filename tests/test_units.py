@@ -216,12 +216,13 @@ def test_keep_previous_copies_only_a_finished_record_verbatim(tmp_path):
     for text in ('{"status": "running"}', "not json", '["ok"]', '{"status": "failed"}'):
         path.write_text(text)
         assert schema.keep_previous(path) is None
-        assert not (tmp_path / "record.previous.json").exists()
-    text = '{"status":   "ok", "metrics": {"test": {"bleu": 30.1}}}\n'  # odd spacing: kept byte for byte
+        assert not (tmp_path / "previous").exists()
+    text = '{"status":   "ok", "job": {"finished": "2026-01-01T10:00:00+00:00"}}\n'  # odd spacing: kept byte for byte
     path.write_text(text)
     kept = schema.keep_previous(path)
-    assert kept == tmp_path / schema.PREVIOUS_NAME == tmp_path / "record.previous.json"
+    assert kept == tmp_path / "previous" / "2026-01-01T10-00-00-00-00" / "record.json"
     assert kept.read_text() == text and path.read_text() == text
+    assert schema.keep_previous(path) == kept and len(list(tmp_path.glob("previous/*"))) == 1  # not kept twice
 
 
 def test_job_entry_started_and_not_started_records():
@@ -467,12 +468,13 @@ class StubModel(torch.nn.Module):
 
 
 def test_translate_passes_its_settings_to_the_search_and_returns_corpus_order(monkeypatch):
-    searched, casts = [], []
+    searched, casts, checks = [], [], []
 
     def search(kind):
-        def run(model, src, lengths, limits, **kw):
+        def run(model, src, lengths, limits, check_stop=None, **kw):
             assert not torch.is_grad_enabled()
             searched.append((kind, lengths.tolist(), limits, kw))
+            checks.append(check_stop)  # the search runs it at every step
             return [[n + 4] for n in lengths.tolist()]
         return run
 
@@ -485,9 +487,13 @@ def test_translate_passes_its_settings_to_the_search_and_returns_corpus_order(mo
     monkeypatch.setattr(evaluate, "autocast_for", autocast_for)
     task, model, cpu = StubTask(), StubModel().train(), torch.device("cpu")
     stops = []
-    hyps, seconds = evaluate.translate(model, task, "test", cpu, check_stop=lambda: stops.append(1))
+
+    def stop():
+        stops.append(1)
+
+    hyps, seconds = evaluate.translate(model, task, "test", cpu, check_stop=stop)
     assert not model.training and hyps == ["6", "5", "7", ""]  # corpus order; a sentence in no batch stays empty
-    assert 0 <= seconds < 5 and len(stops) == 2
+    assert 0 <= seconds < 5 and len(stops) == 2 and checks == [stop, stop]
     assert task.calls == [("test", 128, 1024, None)] and casts == [(cpu, "fp32")]
     assert searched == [("beam", [1, 2], [11, 12], {"beam": 4, "lenpen": 0.6}),  # int(1.2 n + 10)
                         ("beam", [3], [13], {"beam": 4, "lenpen": 0.6})]
@@ -563,7 +569,8 @@ def test_mean_nll_divides_the_summed_loss_by_the_tokens(monkeypatch):
     monkeypatch.setattr(evaluate, "chunk_nll",
                         lambda *a, **k: calls.append(a + tuple(k.values())) or ([3.0, 5.0], [2, 6]))
     assert evaluate.mean_nll("model", "task", "valid", "dev", 8, "cast") == (1.0, 8)
-    assert calls == [("model", "task", "valid", "dev", 8, "cast")]
+    assert calls == [("model", "task", "valid", "dev", 8, "cast", None)]  # None: no stop check given
+    assert evaluate.mean_nll("model", "task", "valid", "dev", 8, "cast", print) == (1.0, 8) and calls[-1][-1] is print
     monkeypatch.setattr(evaluate, "chunk_nll", lambda *a, **k: ([3.0], [1]))
     assert evaluate.mean_nll(None, None, "valid", None, 8) == (3.0, 1)
     monkeypatch.setattr(evaluate, "chunk_nll", lambda *a, **k: ([], []))
@@ -578,7 +585,7 @@ def test_lm_scores_turn_summed_losses_into_metrics(monkeypatch, metrics):
     task = SimpleNamespace(bptt=35, metrics=metrics)
     protocol = evaluate.Protocol("carry", streams=3)  # not the default: each call must pass it on
     out, chunks = evaluate.lm_scores("model", task, "test", "dev", 64, protocol)
-    assert calls == [("model", task, "test", "dev", 64, protocol)]
+    assert calls == [("model", task, "test", "dev", 64, protocol, None)]  # None: no stop check given
     assert out["nll"] == 2.0 and out["perplexity"] == pytest.approx(math.e ** 2)
     assert out["tokens"] == 3 and out["protocol"] == "chunks" and "diverged" not in out
     assert ("bpc" in out) == ("bpc" in metrics)
@@ -586,7 +593,7 @@ def test_lm_scores_turn_summed_losses_into_metrics(monkeypatch, metrics):
         assert out["bpc"] == pytest.approx(2.0 / math.log(2))
     assert chunks == {"split": "test", "bptt": 35, "protocol": "carry", "nll": [2.0, 4.0], "tokens": [1, 2]}
     assert evaluate.evaluate_lm("model", task, "test", "dev", 64, protocol) == out
-    assert calls[-1] == ("model", task, "test", "dev", 64, protocol)
+    assert calls[-1] == ("model", task, "test", "dev", 64, protocol, None)
     _, bare = evaluate.lm_scores(None, SimpleNamespace(), "test", None, 64)  # a task naming no bptt or metrics
     assert bare["bptt"] is None
 
@@ -771,20 +778,20 @@ def test_a_language_model_refuses_to_translate_with_the_fix():
 
 def test_force_eos_ends_the_capped_sentences_beams_charging_their_eos():
     """Two sentences, two beams each; sentence 1 reaches its cap of 3 tokens at step 3, sentence 0 does not.
-    Each live beam of sentence 1 ends with its own row's EOS log-probability, scored by the GNMT penalty of
-    4 tokens (the EOS counts): ((5 + 4) / 6) ** 1 = 1.5; only as many as the sentence still lacks are added."""
+    Each live beam of sentence 1 is offered as finished (sentence, score, row), ended with its own row's EOS
+    log-probability and scored by the GNMT penalty of 4 tokens (the EOS counts): ((5 + 4) / 6) ** 1 = 1.5, best
+    first; a beam holding no hypothesis offers none."""
     from harness.decode import force_eos
 
     scores = torch.tensor([[-0.5, -0.7], [-1.0, -2.0]])
     eos = torch.tensor([-0.1, -0.3, -0.2, -0.4])  # one per row: sentence i, beam b is row 2 i + b
-    hist = torch.tensor([[5], [6], [7], [8]])
-    finished = [[], []]
-    force_eos(finished, [0, 1], [5, 3], 3, scores, eos, hist, 1.0)
-    assert finished[0] == []
-    assert [(pytest.approx(sc), h) for sc, h in finished[1]] == [(-1.2 / 1.5, [7]), (-2.4 / 1.5, [8])]
-    finished = [[], [(0.0, [1])]]  # one finished already: only the best beam is added
-    force_eos(finished, [0, 1], [5, 3], 3, scores, eos, hist, 1.0)
-    assert len(finished[1]) == 2 and finished[1][1][0] == pytest.approx(-1.2 / 1.5)
-    finished = [[], []]
-    force_eos(finished, [0, 1], [5, 3], 3, torch.tensor([[0.0, 0.0], [-1.0, float("-inf")]]), eos, hist, 1.0)
-    assert [h for _, h in finished[1]] == [[7]]  # a beam holding no hypothesis adds none
+    offered = []
+
+    def offer(sentence, score, row):
+        offered.append((sentence, pytest.approx(score), row))
+
+    force_eos(offer, [0, 1], [5, 3], 3, scores, eos, 1.0)
+    assert offered == [(1, -1.2 / 1.5, 2), (1, -2.4 / 1.5, 3)]
+    offered.clear()
+    force_eos(offer, [0, 1], [5, 3], 3, torch.tensor([[0.0, 0.0], [-1.0, float("-inf")]]), eos, 1.0)
+    assert offered == [(1, -1.2 / 1.5, 2)]

@@ -192,7 +192,7 @@ def test_a_failed_wandb_run_keeps_the_report_and_says_how_to_retry(offline, monk
 def test_no_records_still_give_a_report_run_with_the_report(offline):
     (offline / "empty").mkdir()
     out = offline / "report"
-    assert reports_main([str(offline / "empty"), "--out", str(out), "--wandb"]) == 0
+    assert reports_main([str(offline / "empty"), "--out", str(out), "--wandb"]) == 1  # no record: an error, logged
     wandb_flushed()
     (run_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
     got = read_run(run_file)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..train import Interrupted
+
 log = logging.getLogger("seqbench")
 
 
@@ -71,7 +73,7 @@ def _stack(rows: list[torch.Tensor], fill: int) -> torch.Tensor:
 
 
 def influence_by_distance(model: nn.Module, task, split: str, device, *, max_tokens: int, n_positions: int = 64,
-                          max_rows: int = 8, seed: int = 0) -> list[dict]:
+                          max_rows: int = 8, seed: int = 0, check_stop=None) -> list[dict]:
     """Mean gradient norm of the output at i w.r.t. the input embedding at j, by distance i - j.
 
     Args:
@@ -86,14 +88,18 @@ def influence_by_distance(model: nn.Module, task, split: str, device, *, max_tok
     was_training = model.training
     model.eval()
     try:
-        return _influence(model, task.batches(split, max_tokens), device, n_positions, max_rows, seed)
+        return _influence(model, task.batches(split, max_tokens), device, n_positions, max_rows, seed, check_stop)
     finally:
         model.train(was_training)
 
 
-def _influence(model: nn.Module, batches: list, device, n_positions: int, max_rows: int, seed: int) -> list[dict]:
+def _influence(model: nn.Module, batches: list, device, n_positions: int, max_rows: int, seed: int,
+               check_stop=None) -> list[dict]:
     """The body of :func:`influence_by_distance`, on an eval-mode model and the split's batches."""
+    from harness.evaluate import Progress  # noqa: PLC0415 (the evaluation's progress lines)
+
     picks = list(_sample(batches, n_positions, torch.Generator().manual_seed(seed)).items())
+    progress = Progress("influence analysis", sum(len(positions) for _, positions in picks), "positions")
     total, count = torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
     # cuDNN RNNs have no backward pass in eval mode; the native kernels compute the same gradients
     with torch.backends.cudnn.flags(enabled=False):
@@ -109,10 +115,14 @@ def _influence(model: nn.Module, batches: list, device, n_positions: int, max_ro
             logp = F.log_softmax(forward_from_embeddings(model, tokens, x, r_idx, i_idx)[0].float(), -1)  # (P,V)
             score = logp.gather(-1, target[r_idx, i_idx][:, None])[:, 0]  # (P,): log p(target) at each pick
             for round_ in _rounds(list(enumerate(chosen))):  # each row once: rows are independent
+                if check_stop:
+                    check_stop()
                 grad, = torch.autograd.grad(score[[p for p, _ in round_]].sum(), x, retain_graph=True)  # (R,T,D)
                 norms = grad.norm(dim=-1).double().cpu()  # (R,T)
                 for _, (r, i) in round_:
                     total, count = _accumulate(total, count, norms[r, : i + 1].flip(0))  # index d = i - j
+                progress.update(len(round_))
+    progress.end()
     return [{"distance": d, "grad_norm": (total[d] / count[d]).item(), "n": int(count[d])}
             for d in torch.nonzero(count)[:, 0].tolist()]
 
@@ -141,20 +151,27 @@ def _accumulate(total: torch.Tensor, count: torch.Tensor, values: torch.Tensor) 
     return total, count
 
 
-def job_entry(model: nn.Module, task, cfg, device) -> dict:
+def job_entry(model: nn.Module, task, cfg, device, check_stop=None) -> dict:
     """``{"analysis": {"influence_by_distance": [...], ...}}`` for a job's record, or {} when not applicable.
 
     Runs for language-model-form tasks (language modelling, probes) when ``eval.influence`` is true,
     on the valid split; translation is skipped. A failure is recorded, not raised: the trained
-    model's metrics stay.
+    model's metrics stay. ``check_stop()`` runs before every gradient round and raises to end the analysis early (a
+    stop signal): that is raised, not recorded.
     """
     if task.form != "lm" or not cfg.eval.get("influence", False):
         return {}
     settings = {"split": "valid", "output": "log p(target)", "n_positions": 64, "max_rows": 8, "seed": int(cfg.seed)}
+    limit = (getattr(task, "eval_limits", None) or {}).get("valid")
+    if limit is not None:  # positions drawn from the part of the split evaluation reads (eval.max_valid_tokens)
+        settings["max_valid_tokens"] = limit
     try:
         rows = influence_by_distance(model, task, "valid", device, max_tokens=cfg.trainer.max_tokens,
+                                     check_stop=check_stop,
                                      **{k: settings[k] for k in ("n_positions", "max_rows", "seed")})
         return {"analysis": {"influence_by_distance": rows, "influence_settings": settings}}
+    except Interrupted:
+        raise
     except Exception as err:
         log.warning("influence analysis failed: %s: %s", type(err).__name__, err)
         return {"analysis": {"influence_by_distance": None, "influence_settings": settings,

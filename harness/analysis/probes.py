@@ -29,7 +29,7 @@ def accuracy_by_distance(predicted: torch.Tensor, target: torch.Tensor, distance
 
 
 @torch.no_grad()
-def evaluate_probe(model, task, split: str, device, max_tokens: int) -> dict:
+def evaluate_probe(model, task, split: str, device, max_tokens: int, check_stop=None) -> dict:
     """Greedy (argmax) answer accuracy of a language model on a probe split, overall and by distance.
 
     Returns ``{"accuracy", "accuracy_by_distance": [{"distance", "accuracy", "n"}, ...], "nll",
@@ -38,6 +38,8 @@ def evaluate_probe(model, task, split: str, device, max_tokens: int) -> dict:
     model.eval()
     predicted, targets, distances, nll = [], [], [], 0.0
     for batch in task.batches(split, max_tokens):
+        if check_stop:  # a stop signal ends the evaluation (raises)
+            check_stop()
         dist = task.distances(split, batch.index)  # (B,T)
         batch = batch.to(device)
         logits = model(**batch.inputs).float()  # (B,T,V)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -445,6 +446,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--len-a", type=float, default=1.0, help="decoding length limit a|s|+b")
     g.add_argument("--len-b", type=int, default=0)
     args = ap.parse_args(argv)
+    for flag in ("--beam", "--steps", "--threads", "--repeats", "--batch", "--src-len", "--tgt-len", "--vocab",
+                 "--lm-batch", "--bptt", "--lm-vocab", "--lm-size", "--decode-sentences", "--decode-batch"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < 1:  # None: the default; 0 would divide by zero or be taken for the default
+            ap.error(f"{flag} {value}: must be a positive integer (leave it out for the default)")
+    for flag in ("--warmup", "--len-a", "--len-b", "--decode-sd-len", "--decode-mean-len"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            ap.error(f"{flag} {value}: must be a finite number >= 0")
     shapes = SHAPES[shape_key(args.preset)]
     for names, key in ((("batch", "src_len", "tgt_len", "vocab"), "batch"),
                        (("lm_batch", "bptt", "lm_vocab", "lm_size"), "lm"),
@@ -458,6 +468,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--models: unknown {unknown}; valid: {', '.join(ARCHS)}")
     if args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.beam > args.vocab:
+        ap.error(f"--beam {args.beam} is larger than the vocabulary (--vocab {args.vocab}); use at most {args.vocab}")
     return args
 
 

@@ -27,6 +27,116 @@ from ..job import job_name
 
 log = logging.getLogger("seqbench.launcher")
 
+# The sweep's time estimate (SweepPlan): rough allowances, printed as an estimate
+SETUP_SECONDS = 3.0  # per job: build the task and the model, count FLOPs, write the record
+EVAL_SHARE = 0.25  # per job: validation and test evaluation, as a share of its training time
+STEP_SECONDS = 0.1  # per step, for a job whose budget is steps only (tiny presets on a CPU; larger models take longer)
+SWEEP_SECONDS = 15.0  # once per sweep: start-up and the report
+BUDGET_FREE = ("model", "task", "seed")  # overrides that leave a job's training budget as it is
+
+
+class SweepPlan(Callback):
+    """Hydra callback (``conf/config.yaml``): at the start of a sweep, print how many jobs it runs and an estimate
+    of how long they take, from their budgets (:func:`estimate`)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            print(f"[seqbench] {describe_plan(config)}", flush=True)
+        except Exception as err:  # a plan that cannot be worked out must not stop the sweep
+            log.debug("no sweep estimate: %s", err)
+
+
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """Each job's overrides, as Hydra's basic sweeper makes them (``hydra.sweeper.params`` and the command line)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+    overrides = parser.parse_overrides([*params, *config.hydra.overrides.task])
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def job_seconds(cfg: DictConfig) -> float | None:
+    """A rough estimate of one job's wall-clock seconds from its budget: training (``trainer.max_seconds``, or
+    ``max_steps`` x ``STEP_SECONDS``, whichever ends first), plus ``SETUP_SECONDS`` and ``EVAL_SHARE`` of the
+    training time for evaluation. None for an epoch budget alone (its time depends on the data and the model)."""
+    if cfg.get("job", "train") != "train":
+        return SETUP_SECONDS
+    t = cfg.trainer
+    bounds = [b for b in (t.get("max_seconds"), t.get("max_steps") and t.max_steps * STEP_SECONDS) if b]
+    if not bounds:
+        return None
+    train = min(bounds)
+    return train + SETUP_SECONDS + EVAL_SHARE * train
+
+
+def parallel_jobs(config: DictConfig, n: int) -> int:
+    """How many of the sweep's jobs run at once: joblib's n_jobs, SLURM's array parallelism, else one."""
+    launcher = config.hydra.launcher
+    target = str(launcher.get("_target_", ""))
+    if "joblib" in target:
+        at_once = int(launcher.get("n_jobs") or 1)
+    elif "submitit" in target:
+        at_once = int(launcher.get("array_parallelism") or 1)
+    else:
+        at_once = 1
+    return max(1, min(n, at_once if at_once > 0 else n))
+
+
+def estimate(config: DictConfig, jobs: list[list[str]]) -> tuple[float, int]:
+    """The sweep's estimated wall-clock seconds and how many of its jobs could not be estimated (epoch budgets).
+
+    One config is composed per distinct set of budget-relevant overrides (not ``BUDGET_FREE``), as Hydra composes
+    each job's."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    loader, seconds, per_group = GlobalHydra.instance().config_loader(), [], {}
+    for job in jobs:
+        group = tuple(o for o in job if o.split("=", 1)[0].lstrip("+~") not in BUDGET_FREE)
+        if group not in per_group:
+            per_group[group] = job_seconds(loader.load_sweep_config(config, list(job)))
+        seconds.append(per_group[group])
+    known = [s for s in seconds if s is not None]
+    return SWEEP_SECONDS + sum(known) / parallel_jobs(config, len(jobs)), len(seconds) - len(known)
+
+
+def duration(seconds: float) -> str:
+    """``about 40 s``, ``about 15 min``, ``about 2 h 10 min``."""
+    if seconds < 60:
+        return f"about {max(10, round(seconds, -1)):.0f} s"
+    minutes = round(seconds / 60)
+    return f"about {minutes} min" if minutes < 60 else f"about {minutes // 60} h {minutes % 60} min"
+
+
+def describe_plan(config: DictConfig) -> str:
+    """``sweep quick: 5 jobs, about 15 min in all (an estimate from the budgets: ...)``."""
+    jobs = sweep_jobs(config)
+    seconds, unknown = estimate(config, jobs)
+    at_once = parallel_jobs(config, len(jobs))
+    how = (f"a rough estimate: each job's training budget (steps at ~{STEP_SECONDS} s), ~{SETUP_SECONDS:.0f} s "
+           f"set-up and {EVAL_SHARE:.0%} more for evaluation, ~{SWEEP_SECONDS:.0f} s start-up and report; "
+           f"{'one job at a time' if at_once == 1 else f'{at_once} jobs at a time'}")
+    text = f"sweep {config.get('sweep_name')}: {len(jobs)} job{'s' * (len(jobs) != 1)}, "
+    if unknown == len(jobs):
+        return text + "time not estimated (epoch budgets: their time depends on the data and the model)"
+    text += f"{duration(seconds)} in all ({how}"
+    if unknown:
+        text += f"; not counted: {unknown} jobs with an epoch budget alone"
+    return text + f") -> {config.hydra.sweep.dir}"
+
+
+class SweepReport(Callback):
+    """Hydra callback (``conf/config.yaml``): :class:`reports.callback.BuildReport` when the sweep ends, imported
+    only then, so that a job does not carry the report's libraries (pandas, matplotlib, scipy: about 150 MB of
+    memory and seconds of start-up) while it trains."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from reports.callback import BuildReport
+
+        BuildReport().on_multirun_end(config, **kwargs)
+
 
 class RecordLostJobs(Callback):
     """Hydra callback (``conf/config.yaml``): failure isolation for sweeps, and their exit status.
