@@ -251,7 +251,17 @@ def _print_summary(rec: dict) -> None:
     score += (f" [first {m['tokens_evaluated']:,} of {m['tokens_total']:,} tokens: {m['limit']}]"  # eval.max_test_tokens
               if m.get("limited") else "")
     c = rec.get("costs", {})
-    print(f"[seqbench] {rec['job']['name']}: {rec['status']} | test {score} | "
-          f"{c.get('train_seconds', 0):.0f}s train, {c.get('steps', 0)} steps | {rec['job']['output_dir']}")
-    for warning in task.get("warnings", []):  # e.g. a vocabulary capped at what the data allows
-        print(f"[seqbench] warning: {warning}")
+    lines = [f"[seqbench] {rec['job']['name']}: {rec['status']} | test {score} | "
+             f"{c.get('train_seconds', 0):.0f}s train, {c.get('steps', 0)} steps | {rec['job']['output_dir']}",
+             *(f"[seqbench] warning: {w}" for w in task.get("warnings", []))]  # e.g. a vocabulary capped by the data
+    for line in lines:
+        print(line)
+        _to_log_files(line)
+
+
+def _to_log_files(line: str) -> None:
+    """``line`` in the job's log files (Hydra's ``run.log``) as well: the console has it already, from print."""
+    entry = logging.LogRecord(log.name, logging.INFO, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(entry)

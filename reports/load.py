@@ -125,9 +125,10 @@ def _distinct(paths: list[Path]) -> tuple[list[tuple[Path, dict]], list[str]]:
     """The records to count, as (path, record), and notes on the files left out.
 
     A ``record.json`` that is not a regular file is skipped (reading a FIFO would block). A copy of a
-    job's folder holds the same job (name, sweep, start time and the output folder it ran in) and would
-    count as a second seed: the job is counted once, from its most finished copy (status ok first, then
-    the latest finish).
+    job's folder holds the same job (name, sweep, start time, the output folder it ran in and its settings) and
+    would count as a second seed: the job is counted once, from its most finished copy (status ok first, then
+    the latest finish). The settings are part of it because reruns in one folder with other settings (kept under
+    ``previous/``) may start within the same second as the run before them (the start time is in seconds).
     """
     notes, by_job = [], {}
     for path in paths:
@@ -136,8 +137,8 @@ def _distinct(paths: list[Path]) -> tuple[list[tuple[Path, dict]], list[str]]:
             continue
         rec = _read(path)
         job = rec.get("job") or {}
-        identity = (job.get("name"), job.get("sweep"), job["started"], job.get("output_dir")) if job.get("started") \
-            else path
+        identity = (job.get("name"), job.get("sweep"), job["started"], job.get("output_dir"), _system_or_none(rec)) \
+            if job.get("started") else path
         by_job.setdefault(identity, []).append((path, rec))
     kept = []
     for identity, copies in by_job.items():
@@ -377,6 +378,14 @@ def protocol_label(metrics: dict, family: str | None, task: dict) -> str:
     if isinstance(metrics.get("unk_rate"), (int, float)):
         label += f"; unknown tokens {metrics['unk_rate']:.1%}"
     return label
+
+
+def _system_or_none(rec: dict) -> str | None:
+    """:func:`system_key` of a record, or None for a record too broken to have one (listed as unreadable)."""
+    try:
+        return system_key(rec)
+    except Exception:  # noqa: BLE001 (an unreadable record's shape is anything)
+        return None
 
 
 def _read(path: Path) -> dict:

@@ -202,10 +202,14 @@ def test_a_signal_stops_a_local_sweep_with_its_report_and_a_failing_exit_status(
             "seed=1,2,3"]
     proc = run_sweep(args, sweep_dir, log)
     deadline = time.monotonic() + 120
-    while " step 5/" not in "".join(p.read_text() for p in sweep_dir.glob("0_*/run.log")):  # job 0 is training
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, "the first job never trained"
-        time.sleep(0.1)
+    try:
+        while " step 5/" not in "".join(p.read_text() for p in sweep_dir.glob("0_*/run.log")):  # job 0 is training
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first job never trained"
+            time.sleep(0.1)
+    except BaseException:
+        proc.kill()  # a sweep of 100,000 steps per job must not outlive a failed test
+        raise
     proc.send_signal(sig)
     try:
         proc.wait(timeout=60)

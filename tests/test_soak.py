@@ -36,7 +36,7 @@ ARCHS = ["transformer_tiny", "lstm_tiny", "gru_tiny", "convs2s_tiny", "bytenet_t
 FAULTS = {
     "heads3": ("transformer_tiny", "model:\n  n_heads: 3", "d_model=32 is not divisible by model.n_heads=3"),
     "even_kernel": ("convs2s_tiny", "model:\n  kernel_size: 4", "kernel_size=4 is even"),
-    "unknown_hparam": ("lstm_tiny", "model:\n  hidden: 64", "does not take ['hidden']"),
+    "unknown_hparam": ("lstm_tiny", "model:\n  hidden: 64", "model.hidden is not a setting of lstm"),
     "nan": ("transformer_tiny", "trainer:\n  lr: 1.0e+30\n  warmup_steps: 1", "NonFiniteLoss"),
 }
 

@@ -168,6 +168,9 @@ def test_run_py_command_line(tmp_path, data_root):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "[seqbench] lstm-tiny_ptb_s1: ok | test ppl" in out.stdout
+    run_log = (tmp_path / "run.log").read_text()
+    assert "[seqbench] lstm-tiny_ptb_s1: ok | test ppl" in run_log  # the summary is in the job's log too
+    assert "test evaluation (chunks): done" in run_log and "influence analysis: done" in run_log  # and the phases
     rec = json.loads((tmp_path / "record.json").read_text())
     assert rec["status"] == "ok"
     assert rec["task"]["name"] == "ptb"

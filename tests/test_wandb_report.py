@@ -238,7 +238,7 @@ def test_a_wandb_sweep_with_a_failing_job_gets_a_report_run_listing_it(tmp_path)
     assert got["run"].job_type == "report" and got["run"].run_group == "dashboard"
     (failed,) = rows(got["tables"]["failed_jobs"])
     assert failed["job"] == "lstm-tiny_copy_s1" and failed["status"] == "failed"
-    assert failed["error"] == recs["lstm"]["error"] and "does not take ['n_heads']" in failed["error"]
+    assert failed["error"] == recs["lstm"]["error"] and "model.n_heads is not a setting of lstm" in failed["error"]
     (row,) = rows(got["tables"]["summary/copy"])
     assert row["architecture"] == "transformer-tiny" and row["n"] == 1
     assert row["test_bleu_mean"] == pytest.approx(recs["transformer"]["metrics"]["test"]["bleu"])
