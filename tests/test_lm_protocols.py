@@ -258,9 +258,9 @@ def test_a_job_records_the_protocol_of_every_perplexity_and_the_report_shows_it(
                               "trainer=smoke", "trainer.max_steps=1", "eval.influence=false"), tmp_path / "chunks")
     assert chunks["metrics"]["test"]["protocol"] == "chunks"
     runs = reports.load([tmp_path]).runs
-    assert sorted(runs["lm_protocol"]) == ["carry (bptt 8, streams 2)", "chunks (bptt 8)"]
+    assert sorted(runs["lm_protocol"]) == ["carry (bptt 8, streams 2); unknown tokens 0.0%", "chunks (bptt 8); unknown tokens 0.0%"]  # with the test split's unknown-token rate
     shown = tables.summary_display(tables.summary(runs), "words")
-    assert sorted(shown["perplexity protocol"]) == ["carry (bptt 8, streams 2)", "chunks (bptt 8)"]
+    assert sorted(shown["perplexity protocol"]) == ["carry (bptt 8, streams 2); unknown tokens 0.0%", "chunks (bptt 8); unknown tokens 0.0%"]
     assert "eval.lm_protocol" in set(tables.differing_settings(runs)["setting"])
     warned = tables.fairness_warnings(runs)["words"]
     assert any("different perplexity protocols (eval.lm_protocol)" in w for w in warned)
