@@ -1,4 +1,4 @@
-"""Reliability (issue 8): bad input fails early and clearly, faults never corrupt what is already computed.
+"""Reliability: bad input fails early and clearly, faults never corrupt what is already computed.
 
 Every test checks two things: the message names the problem and the fix, and nothing already
 computed is lost or written wrongly (records stay valid JSON with the right status, checkpoints
