@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from models.common import reorder_state
-from tasks.vocab import BOS, EOS
+from seqbench.models.common import reorder_state
+from seqbench.tasks.vocab import BOS, EOS
 
 from .settings import MAX_OUTPUT_TOKENS  # the most output tokens decoding makes for one sentence
 

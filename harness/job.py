@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import models
-import tasks
-from tasks.base import EvalContext
-from tasks.data import display_name
+from seqbench import models
+from seqbench import tasks
+from seqbench.tasks.base import EvalContext
+from seqbench.tasks.data import display_name
 
-from . import checkpoint, distributed, environment, lm_protocol, schema, secrets, settings, tuned, utilization
+from . import checkpoint, distributed, environment, lm_protocol, plugins, schema, secrets, settings, tuned, utilization
 from . import metrics as scoring
 from .analysis import influence
 from .cluster.signals import StopFlag, slurm_job_id
@@ -112,6 +112,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         distributed.lead(d, device, out_dir)
         rec["config"] = resolved = OmegaConf.to_container(cfg, resolve=True)
         rec["environment"] = {**environment.describe(device), "processes": d.world}
+        rec["environment"]["plugins"] = plugins.provenance(OmegaConf.to_container(cfg.model, resolve=True))
         schema.write(path, rec)
         train_cfg, task, model, identity = _build(cfg, device, rec)
         for warning in lm_protocol.ignored(cfg, task):

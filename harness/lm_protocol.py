@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-import models
-from tasks.batching import Batch
-from tasks.streams import carried_batches, eval_stream, limited_tokens, sliding_batches
+from seqbench import models
+from seqbench.tasks.batching import Batch
+from seqbench.tasks.streams import carried_batches, eval_stream, limited_tokens, sliding_batches
 
 from .loss import sequence_nll
 

@@ -213,7 +213,7 @@ def model_problems(cfg: DictConfig) -> list[str]:
     zero, ``model.n_layers=0`` index an empty stack). What depends on the task's model form (an encoder's odd
     kernel) is checked by the model's constructor.
     """
-    import models  # noqa: PLC0415 (the registry imports torch)
+    from seqbench import models  # noqa: PLC0415 (the registry imports torch)
 
     try:
         model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.select(cfg, "model") is not None else None
@@ -222,23 +222,31 @@ def model_problems(cfg: DictConfig) -> list[str]:
     if not isinstance(model, dict):
         return []
     name = model.get("name")
-    if name not in models.MODELS:
-        return [f"model.name={name!r}; valid: {', '.join(sorted(models.MODELS))}"]
-    takes = dict.fromkeys(k for cls in models.MODELS[name] for k in models.accepted_kwargs(cls))
+    try:
+        arch = models.architecture(model)
+    except KeyError:
+        return [f"model.name={name!r}; {models.unknown_model(name)}"]
+    except models.PluginError as err:
+        return [str(err)]
+    takes = dict.fromkeys(k for cls in arch.classes for k in models.accepted_kwargs(cls))
+    own = {k: Rule(*rule) if isinstance(rule, tuple) else rule for k, rule in arch.settings.items()}
     found = []
     for key, value in model.items():
         if key in models.META_KEYS:
             continue
         if key not in takes:
             found.append(f"model.{key} is not a setting of {name}; valid: {', '.join(takes)}")
-        elif key in MODEL_SETTINGS:
-            found.append(MODEL_SETTINGS[key].problem(f"model.{key}", value))
+        elif key in own or key in MODEL_SETTINGS:
+            found.append((own.get(key) or MODEL_SETTINGS[key]).problem(f"model.{key}", value))
     found = [f for f in found if f]
     if found:  # the combined checks below read values of the right type only
         return found
 
     def get(key):
-        return model[key] if key in model else models.valid_default(models.MODELS[name][0], key)
+        return model[key] if key in model else models.valid_default(arch.seq2seq, key)
+
+    if arch.check is not None:
+        found += list(arch.check({k: get(k) for k in takes}))
 
     d_model = get("d_model")
     if "n_heads" in takes and d_model % get("n_heads"):

@@ -16,8 +16,8 @@ from time import monotonic  # the progress line's clock (not the timed ``time`` 
 import torch
 from tqdm import tqdm
 
-import models
-from tasks.base import EvalContext
+from seqbench import models
+from seqbench.tasks.base import EvalContext
 
 from . import checkpoint, distributed, lm_protocol, optim, utilization
 from .device import sync

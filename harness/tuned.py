@@ -1,6 +1,6 @@
 """Settings chosen by a tuning sweep, read by the jobs that use them: ``tuned=<sweep>/tuned.yaml``.
 
-``python -m reports.tuning`` (run at the end of every ``experiment=tune`` sweep) writes, per task and
+``python -m seqbench.reports.tuning`` (run at the end of every ``experiment=tune`` sweep) writes, per task and
 architecture, the overrides of the grid point with the best validation score. A job given ``tuned=<that file>``
 takes its own task's and architecture's ``trainer.*`` settings from it, so one sweep trains every architecture
 with its own tuned settings:
@@ -30,14 +30,14 @@ def task_name(task: DictConfig) -> str:
     path = OmegaConf.select(task, "path", default=None, throw_on_missing=False)
     if path in (None, "", "???"):
         return str(task.name)
-    from tasks.data import display_name  # noqa: PLC0415 (tasks imports torch; only folder tasks need it)
+    from seqbench.tasks.data import display_name  # noqa: PLC0415 (tasks imports torch; only folder tasks need it)
 
     return display_name(Path(str(path)), task.get("label"), str(task.name))
 
 
 def architecture(model: DictConfig) -> str:
     """``<model>-<preset>`` (the tuning report's name for it); restricted attention adds its window, as reports do."""
-    from reports.load import model_label  # noqa: PLC0415 (torch-free; the report's naming, not a copy of it)
+    from seqbench.reports.load import model_label  # noqa: PLC0415 (torch-free; the report's naming, not a copy of it)
 
     name, preset = model_label(str(model.name), {"attn_window": model.get("attn_window")}), model.get("preset")
     return f"{name}-{preset}" if preset else name
@@ -49,7 +49,7 @@ def settings_for(path: str | Path, task: str, arch: str) -> dict:
     path = Path(path).expanduser()
     if not path.is_absolute() and not path.exists() and (ROOT / path).is_file():
         path = ROOT / path  # e.g. conf/tuned_settings/*.yaml, the choices an experiment preset ships with
-    fix = "run the tuning sweep (python run.py -m experiment=tune ...) or python -m reports.tuning <its folder>"
+    fix = "run the tuning sweep (python run.py -m experiment=tune ...) or python -m seqbench.reports.tuning <its folder>"
     if not path.is_file():
         raise SettingError(f"tuned={path}: no such file; give the tuned.yaml a tuning sweep wrote ({fix})")
     try:
@@ -69,12 +69,12 @@ def settings_for(path: str | Path, task: str, arch: str) -> dict:
         key, sep, value = str(override).partition("=")
         if not sep:
             raise SettingError(f"tuned={path}: {task} {arch}: {override!r} is not key=value; rewrite it with "
-                               "python -m reports.tuning")
+                               "python -m seqbench.reports.tuning")
         if key.startswith(PREFIX):
             values[key] = yaml.safe_load(value)
     if not values:
         raise SettingError(f"tuned={path}: {task} {arch} sets no trainer.* setting; rewrite it with "
-                           "python -m reports.tuning")
+                           "python -m seqbench.reports.tuning")
     return values
 
 

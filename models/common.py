@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.vocab import BOS, EOS, PAD, UNK  # noqa: F401 (re-exported: the ids models and decoders use)
+from seqbench.tasks.vocab import BOS, EOS, PAD, UNK  # noqa: F401 (re-exported: the ids models and decoders use)
 
 SOURCE_PREFIX = "src_"  # names of the per-sentence decoder-state entries
 

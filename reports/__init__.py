@@ -1,7 +1,7 @@
 """The comparison report: result records in, ``report.md`` / ``report.html`` / plots / tidy tables out.
 
-    python -m reports results/quick --out results/quick/report
-    python -m reports results/quick --out results/quick/report --wandb   # also as a wandb run (reports.wandb_run)
+    python -m seqbench.reports results/quick --out results/quick/report
+    python -m seqbench.reports results/quick --out results/quick/report --wandb   # also as a wandb run (reports.wandb_run)
     reports.build(["results/quick"], "results/quick/report")   # -> Path to report.html
 
 Reads only the records (``load``), so a report can be rebuilt at any time from any set of sweeps.

@@ -1,4 +1,4 @@
-"""``python -m reports <record dirs...> --out <dir> [--wandb]``: build the comparison report (and its wandb run)."""
+"""``python -m seqbench.reports <record dirs...> --out <dir> [--wandb]``: build the comparison report (and its wandb run)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from . import build_report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reports", description=__doc__.split(":", 1)[1].strip())
+    parser = argparse.ArgumentParser(prog="python -m seqbench.reports", description=__doc__.split(":", 1)[1].strip())
     parser.add_argument("dirs", nargs="+", type=records_path,
                         help="folders searched recursively for record.json (or record files)")
     parser.add_argument("--out", required=True, type=out_folder,

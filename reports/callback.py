@@ -6,7 +6,7 @@ when the sweep ends (the report's libraries stay out of the jobs' memory)::
     hydra:
       callbacks:
         report:
-          _target_: harness.cluster.launcher.SweepReport
+          _target_: seqbench.harness.cluster.launcher.SweepReport
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from harness.secrets import scrub_files  # torch-free
+from seqbench.harness.secrets import scrub_files  # torch-free
 
 log = logging.getLogger("seqbench.reports")
 
@@ -35,14 +35,14 @@ class BuildReport(Callback):
             print(f"[seqbench] report: {report.html}")
         except Exception:  # the records are safe; a report bug must not fail the finished sweep
             report = None
-            log.exception("report failed; rebuild it with: python -m reports %s --out %s", sweep, sweep / "report")
+            log.exception("report failed; rebuild it with: python -m seqbench.reports %s --out %s", sweep, sweep / "report")
         if "tune" in config:  # experiment=tune: the choice per architecture, and the overrides to use
             from . import tuning
 
             try:
                 tuning.main([str(sweep)])
             except Exception:
-                log.exception("choosing the tuned settings failed; rerun: python -m reports.tuning %s", sweep)
+                log.exception("choosing the tuned settings failed; rerun: python -m seqbench.reports.tuning %s", sweep)
         logger = OmegaConf.to_container(config.logger, resolve=True) if "logger" in config else None
         if report is not None and logger and logger.get("kind") == "wandb":
             from .wandb_run import log_report

@@ -41,9 +41,9 @@ from typing import Iterable
 
 import pandas as pd
 
-from harness import metrics as scoring  # torch-free
-from harness import schema  # torch-free
-from harness.schema import BUDGET_KEYS, COST_KEYS, CURVE_KEYS, RECORD_NAME  # torch-free
+from seqbench.harness import metrics as scoring  # torch-free
+from seqbench.harness import schema  # torch-free
+from seqbench.harness.schema import BUDGET_KEYS, COST_KEYS, CURVE_KEYS, RECORD_NAME  # torch-free
 
 METRICS = tuple((m.name, m.record_key) for m in scoring.METRICS.values())  # (column, record)
 QUALITY = [f"test_{name}" for name, _ in METRICS]  # every metric a record may hold; a task shows its own

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullFormatter, \
     NullLocator
 
-from harness.metrics import METRICS
+from seqbench.harness.metrics import METRICS
 
 from . import stats, tables
 from .load import Records

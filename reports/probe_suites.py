@@ -6,7 +6,7 @@ mean test accuracy over seeds; its seeds then give the mean, the standard deviat
 cell is (sequence length, pairs, vocabulary, d_model); a MAD cell is the task with its settings. The MAD score of an
 architecture is its mean best accuracy over the six tasks (shown only where all six ran).
 
-    python -m reports.probe_suites results/mad/<date> --out results/mad/<date>/suites
+    python -m seqbench.reports.probe_suites results/mad/<date> --out results/mad/<date>/suites
 
 Reads only the records (``reports.load``); never torch.
 """
@@ -168,7 +168,7 @@ def sections(runs: pd.DataFrame, plot_dir: Path) -> list[Section]:
 
 
 def main(argv: Iterable[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m reports.probe_suites", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m seqbench.reports.probe_suites", description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="+", help="folders of records (sweeps of experiment=mqar or experiment=mad)")
     parser.add_argument("--out", default=None, help="folder of the tables and figures (default: <first dir>/suites)")
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ def all_sections(records: Records, dirs: list[Path], plot_dir: Path,
     """
     if records.runs.empty:
         return [overview(records, dirs)]
-    from . import probe_suites, tuning  # here, not at the top: `python -m reports.<module>` runs it as __main__
+    from . import probe_suites, tuning  # here, not at the top: `python -m seqbench.reports.<module>` runs it as __main__
 
     runs = records.runs
     summ = tables.summary(runs)

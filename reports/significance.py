@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from statsmodels.stats.multitest import multipletests
 
-from harness.metrics import METRICS
+from seqbench.harness.metrics import METRICS
 
 from . import stats, tables
 from .load import shorten

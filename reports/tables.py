@@ -11,7 +11,7 @@ import re
 
 import pandas as pd
 
-from harness.metrics import METRICS, Metric
+from seqbench.harness.metrics import METRICS, Metric
 
 from . import hardware, stats
 from .load import BUDGET_KEYS, QUALITY, TUNED_KEYS

@@ -1,7 +1,7 @@
 """The tuning protocol's choice (``experiment=tune``): per task and architecture, the best grid point on the
 validation set.
 
-    python -m reports.tuning results/tune/<date>     # writes <sweep>/tuned.yaml and prints the overrides to use
+    python -m seqbench.reports.tuning results/tune/<date>     # writes <sweep>/tuned.yaml and prints the overrides to use
 
 The grid is what a sweep's training runs vary among ``trainer.lr``, ``trainer.warmup_steps`` and
 ``trainer.clip_norm``. A grid point's score is the mean over its finished seeds of the task's first metric
@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from harness.metrics import METRICS
+from seqbench.harness.metrics import METRICS
 
 from . import tables
 from .load import TUNED_KEYS, load
@@ -87,7 +87,7 @@ def write(sweep: str | Path) -> tuple[Path, pd.DataFrame]:
     sweep = Path(sweep)
     chosen = choose(grid(load([sweep]).runs))
     path = sweep / TUNED_NAME
-    header = ("# Chosen on the validation set by `python -m reports.tuning`: per task and architecture, the grid point "
+    header = ("# Chosen on the validation set by `python -m seqbench.reports.tuning`: per task and architecture, the grid point "
               "with the best mean validation score over seeds.\n")
     path.write_text(header + yaml.safe_dump(tuned(chosen), sort_keys=True, allow_unicode=True), encoding="utf-8")
     return path, chosen
@@ -109,7 +109,7 @@ def sections(runs: pd.DataFrame) -> list[Section]:
     blocks = [Note("Every architecture was tuned on the same grid at the same budget, and chosen on the validation "
                    "set alone: per task and architecture, the grid point with the best mean validation score over "
                    "seeds (ties: the smaller learning rate, then the shorter warm-up). ✓ marks the choice; "
-                   f"python -m reports.tuning on the sweep's folder writes it to {TUNED_NAME}.", "note")]
+                   f"python -m seqbench.reports.tuning on the sweep's folder writes it to {TUNED_NAME}.", "note")]
     for task in sorted(points["task"].unique()):
         metric = METRICS[points.loc[points["task"] == task, "metric"].iloc[0]]
         blocks.append(Table(grid_display(points, chosen, task),
@@ -161,7 +161,7 @@ def _value(v):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reports.tuning", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m seqbench.reports.tuning", description=__doc__.split("\n")[0])
     parser.add_argument("sweep", type=Path, help="the tuning sweep's folder (searched for record.json)")
     args = parser.parse_args(argv)
     if not args.sweep.is_dir():

@@ -8,7 +8,7 @@ The run sits in the sweep's group, beside the job runs, and logs one row holding
   warnings            the fair-comparison and task warnings; differing_settings: settings that differ
 and the artifact ``report-<group>`` (type ``report``): report.html, report.md, the plots and the tidy tables
 (CSV, Parquet). Its run id is derived from the group, so rebuilding a group's report (a rerun sweep, a second
-``python -m reports ... --wandb``) continues that run instead of adding one. Offline without an API key, like
+``python -m seqbench.reports ... --wandb``) continues that run instead of adding one. Offline without an API key, like
 the job runs (``harness.tracking``); table cells, the run's config and the text files of the artifact are
 scrubbed of secrets like every file a job writes.
 
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.secrets import scrub
-from harness.tracking import WandbTracker
+from seqbench.harness.secrets import scrub
+from seqbench.harness.tracking import WandbTracker
 
 from . import Report, tables
 from .load import for_display, shorten
@@ -44,7 +44,7 @@ def log_report(report: Report, *, group: str | None = None, logger: dict | None 
     try:
         run = publish(report, group=group, logger=logger)
     except Exception:
-        retry = ["python", "-m", "reports", *map(str, report.dirs), "--out", str(report.out), "--wandb",
+        retry = ["python", "-m", "seqbench.reports", *map(str, report.dirs), "--out", str(report.out), "--wandb",
                  *(["--wandb-group", group] if group else []),
                  *(["--wandb-project", logger["project"]] if logger and logger.get("project") else [])]
         log.exception("the report is built, but its wandb run failed; log it again with: %s", shlex.join(retry))

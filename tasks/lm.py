@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harness import metrics as scoring
+from seqbench.harness import metrics as scoring
 
 from . import tokenizers
 from .base import EvalContext
@@ -135,7 +135,7 @@ class LMTask:
     def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, dict]:
         """Perplexity under ``ctx.lm_protocol`` (and bits per character for a character LM; harness/evaluate.py);
         the per-sequence losses are left as ``<split>.nll.json``."""
-        from harness.evaluate import lm_scores  # noqa: PLC0415 (the harness evaluates; see __init__)
+        from seqbench.harness.evaluate import lm_scores  # noqa: PLC0415 (the harness evaluates; see __init__)
         protocol = {} if ctx.lm_protocol is None else {"protocol": ctx.lm_protocol}
         metrics, chunks = lm_scores(model, self, split, ctx.device, ctx.max_tokens, check_stop=ctx.check_stop,
                                     **protocol)

@@ -70,7 +70,7 @@ class ProbeTask:
 
     def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, dict]:
         """Greedy answer accuracy, overall and by distance (harness/analysis/probes.py); no files."""
-        from harness.analysis.probes import evaluate_probe  # noqa: PLC0415 (the harness evaluates; see __init__)
+        from seqbench.harness.analysis.probes import evaluate_probe  # noqa: PLC0415 (the harness evaluates; see __init__)
         return evaluate_probe(model, self, split, ctx.device, ctx.max_tokens, ctx.check_stop), {}
 
     def batches(self, split: str, max_tokens: int, epoch: int = 0, shuffle: bool = False, seed: int = 0) -> list[Batch]:

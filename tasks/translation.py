@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness import metrics as scoring
+from seqbench.harness import metrics as scoring
 
 from . import tokenizers
 from .base import EvalContext
@@ -128,7 +128,7 @@ class TranslationTask:
         """Greedy corpus BLEU of the validation split (``trainer.valid_bleu``), the curve the report plots."""
         if not ctx.greedy_curve:
             return {}
-        from harness.evaluate import evaluate_translation  # noqa: PLC0415 (the harness decodes; see __init__)
+        from seqbench.harness.evaluate import evaluate_translation  # noqa: PLC0415 (the harness decodes; see __init__)
         scores, _ = evaluate_translation(model, self, "valid", ctx.device,
                                          {"precision": ctx.precision, **ctx.decoding, "beam": 1},
                                          check_stop=ctx.check_stop)
@@ -137,7 +137,7 @@ class TranslationTask:
     def evaluate(self, model, split: str, ctx: EvalContext) -> tuple[dict, dict]:
         """Decode the split with ``eval.decoding`` and score it with the task's metrics (harness/evaluate.py); the
         detokenized hypotheses and their references are left as ``<split>.hyp`` and ``<split>.ref``."""
-        from harness.evaluate import evaluate_translation  # noqa: PLC0415
+        from seqbench.harness.evaluate import evaluate_translation  # noqa: PLC0415
         scores, hyps = evaluate_translation(model, self, split, ctx.device, {"precision": ctx.precision,
                                                                              **ctx.decoding},
                                             check_stop=ctx.check_stop)

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
-import tasks
-from harness import io, job, schema, settings
-from harness.cluster import launcher
-from harness.evaluate import evaluate_translation
-from tasks.data import read_lines
+from seqbench import models
+from seqbench import tasks
+from seqbench.harness import io, job, schema, settings
+from seqbench.harness.cluster import launcher
+from seqbench.harness.evaluate import evaluate_translation
+from seqbench.tasks.data import read_lines
 from tests.conftest import ROOT
 from tests.test_reliability import parallel, run_py, saved_step, temp_files, write_parallel
 
@@ -266,7 +266,7 @@ def test_sweep_exit_status(tmp_path, statuses, problem):
 
 
 def test_run_py_and_the_settings_table_know_the_same_jobs():
-    import run
+    from seqbench.harness import run
     assert tuple(run.JOBS) == settings.JOBS
 
 
@@ -356,7 +356,7 @@ def test_reports_out_must_be_a_folder(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("keep me\n")
     for out in (a_file, a_file / "report"):
-        res = subprocess.run([sys.executable, "-m", "reports", str(tmp_path / "records"), "--out", str(out)], cwd=ROOT,
+        res = subprocess.run([sys.executable, "-m", "seqbench.reports", str(tmp_path / "records"), "--out", str(out)], cwd=ROOT,
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 2
         assert f"argument --out: {out}: {a_file} is a file, not a folder; give a folder for the report" in res.stderr

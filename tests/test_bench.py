@@ -9,15 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
-from harness.bench import suites as bench
-from harness.bench.baselines import WordLanguageModel, build_baseline
-from harness.bench.decoding import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
-from harness.bench.timing import Contender, paired_ratio, peak_call_bytes, resident_bytes, summary
-from harness.decode import beam_search
-from harness.profile import _cudnn_rnn, _cudnn_rnn_backward, count_flops, flop_counter
-from models.common import BOS, PAD
-from tasks.base import Shape
+from seqbench import models
+from seqbench.harness.bench import suites as bench
+from seqbench.harness.bench.baselines import WordLanguageModel, build_baseline
+from seqbench.harness.bench.decoding import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
+from seqbench.harness.bench.timing import Contender, paired_ratio, peak_call_bytes, resident_bytes, summary
+from seqbench.harness.decode import beam_search
+from seqbench.harness.profile import _cudnn_rnn, _cudnn_rnn_backward, count_flops, flop_counter
+from seqbench.models.common import BOS, PAD
+from seqbench.tasks.base import Shape
 
 V = 64
 CPU = torch.device("cpu")

@@ -15,14 +15,14 @@ import sentencepiece as spm
 import torch
 import torch.nn.functional as F
 
-import models
-import reports
-import tasks
-from harness import job, metrics
-from harness.evaluate import evaluate_lm
-from models.common import EOS, UNK
-from tasks.data import DataError
-from tasks.tokenizers import SPECIALS
+from seqbench import models
+from seqbench import reports
+from seqbench import tasks
+from seqbench.harness import job, metrics
+from seqbench.harness.evaluate import evaluate_lm
+from seqbench.models.common import EOS, UNK
+from seqbench.tasks.data import DataError
+from seqbench.tasks.tokenizers import SPECIALS
 from tests.test_models import preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -237,7 +237,7 @@ def whitespace_runs(tmp_path_factory):
                                                f"task.path={folder}", "task.tokenizer=whitespace"])
         job.run(cfg, runs / model)
     out = tmp / "report"
-    built = subprocess.run([sys.executable, "-m", "reports", str(runs), "--out", str(out)], cwd=ROOT,
+    built = subprocess.run([sys.executable, "-m", "seqbench.reports", str(runs), "--out", str(out)], cwd=ROOT,
                            capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
     return runs, out

@@ -16,12 +16,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tasks
-from harness import job, train
-from harness.decode import beam_search, greedy, length_penalty, max_lengths
-from harness.evaluate import evaluate_translation
-from harness.loss import smoothed_cross_entropy
-from models.common import BOS, EOS, PAD, Seq2Seq
+from seqbench import tasks
+from seqbench.harness import job, train
+from seqbench.harness.decode import beam_search, greedy, length_penalty, max_lengths
+from seqbench.harness.evaluate import evaluate_translation
+from seqbench.harness.loss import smoothed_cross_entropy
+from seqbench.models.common import BOS, EOS, PAD, Seq2Seq
 
 A, B = 3, 4  # the stubs' two ordinary tokens (ids after PAD, BOS, EOS)
 V = 5

@@ -6,10 +6,10 @@ import shutil
 import numpy as np
 import pytest
 
-import tasks
-from tasks.batching import token_budget_batches, translation_batch
-from tasks.vocab import BOS, EOS, PAD
-from tasks.data import DataError
+from seqbench import tasks
+from seqbench.tasks.batching import token_budget_batches, translation_batch
+from seqbench.tasks.vocab import BOS, EOS, PAD
+from seqbench.tasks.data import DataError
 
 
 @pytest.fixture(scope="module")

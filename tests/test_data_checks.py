@@ -11,8 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tasks
-from tasks.data import DataError, read_lines
+from seqbench import tasks
+from seqbench.tasks.data import DataError, read_lines
 from tests.conftest import ROOT
 
 PARALLEL = ["model=transformer_tiny", "task=parallel_files", "task.tokenizer=whitespace", "trainer=smoke",

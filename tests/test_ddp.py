@@ -9,7 +9,7 @@ import socket
 import pytest
 import torch
 
-from harness import job
+from seqbench.harness import job
 
 # Summation order differs between one process (one batch) and two (two halves, then an all-reduce);
 # over 8 Adam steps that moves the per-token loss by < 1e-6 (measured: 4e-7 to 8e-7). A different batch, or a
@@ -82,7 +82,7 @@ def test_two_processes_match_one_with_the_same_global_batch(make_cfg, tmp_path, 
 
 
 def test_a_batch_too_small_to_split_is_a_clear_error():
-    from tasks.batching import Batch
+    from seqbench.tasks.batching import Batch
 
     b = Batch({"tokens": torch.zeros(1, 4, dtype=torch.long)}, torch.zeros(1, 4, dtype=torch.long), 4,
               ignore_index=-100)

@@ -238,7 +238,7 @@ def test_a_mistyped_setting_names_the_one_meant_and_runs_nothing(tmp_path):
     (["task=copy", "task.n_trian=5", "experiment=smoke"], ["task.n_train"]),
 ])
 def test_the_suggestion_for_each_unknown_setting_of_a_command(args, meant):
-    import run
+    from seqbench.harness import run
     message = run.unknown_settings(args)
     assert message is not None
     assert [m for m in re.findall(r"did you mean (\S+)\?", message)] == meant
@@ -252,7 +252,7 @@ def test_the_suggestion_for_each_unknown_setting_of_a_command(args, meant):
     ["--help"],
 ])
 def test_commands_without_an_unknown_setting_pass_the_check(args):
-    import run
+    from seqbench.harness import run
     assert run.unknown_settings(args) is None
 
 

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from harness import distributed, evaluate, io, schema
-from harness.decode import beam_search, greedy
-from models import common
-from tasks.batching import Batch, token_budget_batches
-from tasks.vocab import BOS, EOS
+from seqbench.harness import distributed, evaluate, io, schema
+from seqbench.harness.decode import beam_search, greedy
+from seqbench.models import common
+from seqbench.tasks.batching import Batch, token_budget_batches
+from seqbench.tasks.vocab import BOS, EOS
 from tests.test_catch import NEVER, A, B, TableDecoder, V, sources
 
 META = torch.device("meta")

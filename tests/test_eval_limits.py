@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-import models
-from harness import lm_protocol
-from harness.loss import sequence_nll
-from tasks.base import Shape
-from tasks.batching import Batch
-from tasks.lm import LMTask
+from seqbench import models
+from seqbench.harness import lm_protocol
+from seqbench.harness.loss import sequence_nll
+from seqbench.tasks.base import Shape
+from seqbench.tasks.batching import Batch
+from seqbench.tasks.lm import LMTask
 from tests.conftest import ROOT
 
 

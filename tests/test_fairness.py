@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-import reports
-from harness import job, utilization
-from harness.train import Progress, Trainer
-from reports import hardware, tables
-from reports.load import load
+from seqbench import reports
+from seqbench.harness import job, utilization
+from seqbench.harness.train import Progress, Trainer
+from seqbench.reports import hardware, tables
+from seqbench.reports.load import load
 from tests.test_reports import record, write_records
 
 COPY = ["model=transformer_tiny", "task=copy", "task.n_train=60", "task.n_valid=4", "task.n_test=4", "trainer=smoke",

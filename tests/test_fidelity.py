@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from harness import job, loss, settings, train
-from harness.decode import beam_search, greedy, max_lengths
-from models.common import BOS, EOS
-from tasks.base import Shape
+from seqbench import models
+from seqbench.harness import job, loss, settings, train
+from seqbench.harness.decode import beam_search, greedy, max_lengths
+from seqbench.models.common import BOS, EOS
+from seqbench.tasks.base import Shape
 from tests.test_catch import A, B, one_sentence
 from tests.test_catch import sources as table_sources
 from tests.test_eval import sources
@@ -39,7 +39,7 @@ def test_label_smoothing_is_the_tasks_default_unless_set():
 
 
 def small_task(name: str):
-    import tasks  # noqa: PLC0415
+    from seqbench import tasks  # noqa: PLC0415
 
     extra = {"distances": [4, 8]} if name == "delayed_copy" else {}
     return tasks.build({"name": name, "n_train": 40, "n_valid": 4, "n_test": 4, **extra})
@@ -200,7 +200,7 @@ def stop_after(n: int):
 def test_decoding_checks_the_stop_flag_before_every_step(search):
     """A model that never ends (EOS masked) decoding 4000 tokens: the check runs before each step, and the
     search ends at the step after the one that raised."""
-    from harness.bench.decoding import NoEOS  # noqa: PLC0415
+    from seqbench.harness.bench.decoding import NoEOS  # noqa: PLC0415
 
     model = NoEOS(build("transformer", "translation"))
     src, lengths = sources()
@@ -267,9 +267,9 @@ def test_sigterm_during_a_long_validation_decoding_stops_it_promptly(tmp_path):
 def test_the_stop_check_reaches_language_model_and_probe_evaluation(tmp_path):
     """Perplexity scoring (the validation loss and the test protocol) and probe accuracy run ``check_stop`` before
     each batch, as decoding does before each step."""
-    import tasks  # noqa: PLC0415
-    from harness.analysis.probes import evaluate_probe  # noqa: PLC0415
-    from harness.evaluate import lm_scores, mean_nll  # noqa: PLC0415
+    from seqbench import tasks  # noqa: PLC0415
+    from seqbench.harness.analysis.probes import evaluate_probe  # noqa: PLC0415
+    from seqbench.harness.evaluate import lm_scores, mean_nll  # noqa: PLC0415
 
     words = " ".join(f"w{i % 37}" for i in range(400))
     for split in ("train", "valid", "test"):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from harness import environment, metrics, schema
+from seqbench.harness import environment, metrics, schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def env(data_root) -> dict:
 
 def hydra_config(*overrides: str):
     """The composed config with its ``hydra`` node, as a run or a sweep sees it."""
-    import harness.job  # noqa: F401  registers the seqbench.job resolver, as run.py's import does
+    import seqbench.harness.job  # noqa: F401  registers the seqbench.job resolver, as run.py's import does
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
@@ -33,7 +33,7 @@ def hydra_config(*overrides: str):
 
 def plan(*overrides: str) -> str:
     """What a sweep with these overrides prints at its start."""
-    from harness.cluster import launcher
+    from seqbench.harness.cluster import launcher
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return launcher.describe_plan(compose("config", overrides=list(overrides), return_hydra_config=True))
@@ -71,7 +71,7 @@ def test_records_under_the_old_names_are_read_with_their_old_meaning(tmp_path):
     """Version 1 wrote 1 - exact match as ``wer`` and the token edit rate as ``ser``: the report reads them as the
     present ``ser`` and ``wer`` (never the numbers under the other name); a record written now keeps its names; a
     record whose metrics_version is not a number is refused, naming it."""
-    from reports.load import load
+    from seqbench.reports.load import load
 
     old = old_record({"wer": 0.75, "ser": 1.4, "exact_match": 0.25,
                       "by_length": [{"bucket": "1-10", "wer": 0.5, "ser": 0.2, "n": 2}]})
@@ -126,7 +126,7 @@ def test_peak_memory_is_the_jobs_own_not_the_processs(monkeypatch, reset):
 
 
 def test_the_report_flags_peak_memory_that_is_not_the_jobs_own():
-    from reports import hardware, sections
+    from seqbench.reports import hardware, sections
 
     done = pd.DataFrame({"job": ["a_s1", "b_s1", "c_s1"], "task": "copy", "device_name": "cpu", "arch": "gru-tiny",
                          "seed": 1,
@@ -195,7 +195,7 @@ def revwords(tmp_path) -> Path:
 def test_a_single_runs_folder_is_named_like_its_job(revwords):
     """A parallel_files task on folder revwords is ``revwords`` (or its task.label) in the folder, with the preset,
     as in the job's name (which the record, the summary line and the report use) and a sweep's folders."""
-    from harness.job import job_name
+    from seqbench.harness.job import job_name
 
     task = ["model=gru_tiny", "task=parallel_files", f"task.path={revwords}", "task.tokenizer=whitespace"]
     cfg = hydra_config(*task)

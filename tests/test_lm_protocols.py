@@ -10,19 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-import reports
-from harness import job, lm_protocol
-from harness.bench import word_lm
-from harness.bench.baselines import WordLanguageModel
-from harness.evaluate import evaluate_lm
-from harness.lm_protocol import CarriedState, Protocol
-from harness.settings import problems
-from harness.train import Trainer
-from reports import tables
-from tasks.batching import lm_batches
-from tasks.lm import LMTask
-from tasks.streams import carried_batches, sliding_batches, sliding_windows
+from seqbench import models
+from seqbench import reports
+from seqbench.harness import job, lm_protocol
+from seqbench.harness.bench import word_lm
+from seqbench.harness.bench.baselines import WordLanguageModel
+from seqbench.harness.evaluate import evaluate_lm
+from seqbench.harness.lm_protocol import CarriedState, Protocol
+from seqbench.harness.settings import problems
+from seqbench.harness.train import Trainer
+from seqbench.reports import tables
+from seqbench.tasks.batching import lm_batches
+from seqbench.tasks.lm import LMTask
+from seqbench.tasks.streams import carried_batches, sliding_batches, sliding_windows
 from tests.test_bench import transplant
 
 CPU = torch.device("cpu")

@@ -1,13 +1,16 @@
-"""Architecture tests: every registered model, both forms, on its tiny preset."""
+"""Architecture tests: the conformance kit (seqbench.harness.conformance) on every registered model, both forms,
+on its tiny preset; and the tests of particular architectures."""
 from __future__ import annotations
 
 
 import pytest
 import torch
 
-import models
-from models.common import BOS, EOS, PAD, SOURCE_PREFIX, conv_step, reorder_state
-from tasks.base import Shape
+from seqbench import models
+from seqbench.models.common import BOS, EOS, PAD, SOURCE_PREFIX, conv_step, reorder_state
+from seqbench.harness.conformance import *  # noqa: F403 (the architecture tests, every registered model)
+from seqbench.harness.conformance import train_to_copy  # noqa: F401 (tests/test_eval.py uses it)
+from seqbench.tasks.base import Shape
 
 ARCHS = sorted(models.MODELS)
 V = 23
@@ -35,43 +38,15 @@ def batch(B=3, S=7, T=6, seed=0):
 
 
 def test_unknown_model_lists_valid_names():
-    with pytest.raises(KeyError, match="valid models: bytenet, convs2s, gru, lstm, transformer"):
+    with pytest.raises(KeyError, match="unknown model 'lstmm'") as err:
         models.build({"name": "lstmm"}, Shape("lm", {"lm": 5}))
+    assert all(name in str(err.value) for name in models.MODELS)  # built-in and registered alike
+    assert "model.architecture" in str(err.value)  # and how to bring one's own
 
 
 def test_unknown_hyperparameter_fails_loudly():
     with pytest.raises(TypeError, match="d_modle"):
         build("transformer", "lm", d_modle=4)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("family", ["translation", "lm"])
-def test_forward_backward(arch, family):
-    model = build(arch, family).train()
-    src, lengths, tgt = batch()
-    logits = model(src, lengths, tgt) if family == "translation" else model(tgt)
-    assert logits.shape == (3, 6, V)
-    logits.float().logsumexp(-1).sum().backward()
-    grads = [p.grad for p in model.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert sum(g.abs().sum() for g in grads) > 0
-    assert not [n for n, p in model.named_parameters() if p.requires_grad and not p.grad.abs().sum() > 0], \
-        "parameters that take no part in the loss"
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("family", ["translation", "lm"])
-def test_causality(arch, family):
-    model = build(arch, family)
-    src, lengths, tgt = batch()
-    run = (lambda t: model(src, lengths, t)) if family == "translation" else model
-    base = run(tgt)
-    for t in range(1, tgt.size(1)):
-        changed = tgt.clone()
-        changed[:, t] = (changed[:, t] + 1 - 4) % (V - 4) + 4
-        out = run(changed)
-        torch.testing.assert_close(out[:, :t], base[:, :t], atol=1e-5, rtol=0)
-        assert not torch.allclose(out[:, t:], base[:, t:]), "changing token t changed nothing after it"
 
 
 RESTRICTED = "transformer_restricted_tiny"  # restricted self-attention: each position sees itself and r back
@@ -108,65 +83,11 @@ def test_restricted_attention_is_refused_by_the_encoder_decoder():
         build("transformer", "translation", attn_window=4)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_padding_invariance(arch):
-    model = build(arch, "translation")
-    src, lengths, tgt = batch()
-    padded = torch.cat([src, torch.full((3, 5), PAD)], dim=1)
-    torch.testing.assert_close(model(padded, lengths, tgt), model(src, lengths, tgt), atol=1e-5, rtol=0)
-    # each sentence alone, with no padding at all, gives the same output as in the batch
-    full = model(src, lengths, tgt)
-    for b in range(3):
-        n = int(lengths[b])
-        alone = model(src[b : b + 1, :n], lengths[b : b + 1], tgt[b : b + 1])
-        torch.testing.assert_close(alone[0], full[b], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_incremental_decoding_equals_forward(arch):
-    model = build(arch, "translation")
-    src, lengths, tgt = batch(T=9)
-    full = model(src, lengths, tgt)
-    state = model.encode(src, lengths)
-    # reorder through a permutation and back, as beam search does, to exercise reorder_state
-    perm = torch.tensor([2, 0, 1])
-    state = reorder_state(reorder_state(state, perm), torch.argsort(perm))
-    for t in range(tgt.size(1)):
-        logits, state = model.decode_step(tgt[:, t], state, t)
-        torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_incremental_decoding_equals_forward_under_bf16_autocast(arch):
-    """What beam search runs under precision=bf16 (trainer.precision=auto on CPUs with bf16 instructions).
-
-    bf16 keeps 8 significant bits: the cached steps must match the full forward pass in bf16 to within a few
-    units in the last place of the largest logit, and both the fp32 forward pass to within bf16's error
-    through the layers (measured on the tiny presets: under 1% of the largest logit).
-    """
-    model = build(arch, "translation")
-    src, lengths, tgt = batch(T=9)
-    with torch.no_grad():
-        reference = model(src, lengths, tgt)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            full = model(src, lengths, tgt)
-            state = model.encode(src, lengths)
-            steps = []
-            for t in range(tgt.size(1)):
-                logits, state = model.decode_step(tgt[:, t], state, t)
-                steps.append(logits)
-    cached = torch.stack(steps, dim=1)
-    assert full.dtype == cached.dtype == torch.bfloat16
-    scale = reference.abs().max().item()
-    torch.testing.assert_close(cached.float(), full.float(), atol=2 ** -6 * scale, rtol=0)
-    torch.testing.assert_close(cached.float(), reference, atol=0.03 * scale, rtol=0)
-
-
 @pytest.mark.parametrize("bf16_lstm_runs", [True, False])
 def test_an_lstm_layer_under_bf16_autocast_runs_in_fp32_where_onednn_has_no_bf16_lstm(monkeypatch, bf16_lstm_runs):
     """Without AVX-512, oneDNN cannot build a bf16 LSTM (the call raises): the layer then runs in fp32, its
     output equal to the fp32 layer's; where it can, the layer runs in bf16 as autocast asks."""
-    import models.rnn as rnn
+    from seqbench.models import rnn
 
     if bf16_lstm_runs and not rnn.cpu_bf16_lstm_runs():
         pytest.skip("this CPU's oneDNN has no bf16 LSTM")
@@ -261,19 +182,6 @@ def test_bytenet_incremental_decoding_equals_forward_across_the_unfolded_length(
         torch.testing.assert_close(logits, full[:, t], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_decode_step_passes_the_per_sentence_state_on(arch):
-    """Every architecture has ``src_*`` entries (beam search leaves them in place), and decoding never changes them."""
-    model = build(arch, "translation")
-    src, lengths, tgt = batch()
-    state = model.encode(src, lengths)
-    source = {k: v for k, v in state.items() if k.startswith(SOURCE_PREFIX)}
-    assert source and len(source) < len(state)
-    for t in range(3):
-        _, state = model.decode_step(tgt[:, t], state, t)
-        assert all(state[k] is v for k, v in source.items())
-
-
 def test_reorder_within_sentences_keeps_the_per_sentence_entries():
     state = {"src_memory": torch.arange(4.0), "h": torch.arange(4.0)}
     index = torch.tensor([1, 1, 2, 3])
@@ -291,48 +199,6 @@ def test_conv_step_equals_the_convolution_at_the_last_position(dilation, weight_
         conv = torch.nn.utils.parametrizations.weight_norm(conv)
     window = torch.randn(4, 2 * dilation + 1, 6).transpose(1, 2)  # (B,C_in,(k-1)d+1), not contiguous
     torch.testing.assert_close(conv_step(conv, window), conv(window)[:, :, 0], atol=1e-6, rtol=0)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_lm_forward_is_composition_of_mixing_blocks(arch):
-    model = build(arch, "lm")
-    _, _, tokens = batch()
-    x = model.embed(tokens)
-    blocks = model.mixing_blocks()
-    assert len(blocks) >= 1
-    for block in blocks:
-        y = block(x)
-        assert y.shape == x.shape
-        x = y
-    torch.testing.assert_close(model.head(x), model(tokens))
-
-
-def train_to_copy(model, high: int, steps: int):
-    """Train ``model`` (Adam 3e-3) on one batch of eight 6-token sources drawn from ``4..high-1``, to copy them.
-
-    Returns the model in eval mode, the batch (src, lengths, tgt_in, tgt_out) and the last step's loss.
-    """
-    model.train()
-    g = torch.Generator().manual_seed(1)
-    src = torch.randint(4, high, (8, 6), generator=g)
-    lengths = torch.full((8,), 6)
-    tgt_in = torch.cat([torch.full((8, 1), BOS), src], dim=1)
-    tgt_out = torch.cat([src, torch.full((8, 1), EOS)], dim=1)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(src, lengths, tgt_in).flatten(0, 1), tgt_out.flatten())
-        loss.backward()
-        opt.step()
-    return model.eval(), (src, lengths, tgt_in, tgt_out), loss
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-def test_tiny_model_overfits_copy_batch(arch):
-    torch.manual_seed(0)
-    model, (src, lengths, tgt_in, tgt_out), loss = train_to_copy(build(arch, "translation", dropout=0.0), V, 300)
-    assert loss.item() < 0.05
-    assert torch.equal(model(src, lengths, tgt_in).argmax(-1), tgt_out)
 
 
 @pytest.mark.parametrize("name, paper_millions", [("transformer_base", 65), ("transformer_big", 213)])

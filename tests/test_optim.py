@@ -8,9 +8,9 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from harness import job, optim, train
-from harness.settings import problems
-from harness.train import TrainConfig, lr_factor
+from seqbench.harness import job, optim, train
+from seqbench.harness.settings import problems
+from seqbench.harness.train import TrainConfig, lr_factor
 from tests.conftest import ROOT
 
 CPU = torch.device("cpu")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-import reports
-from harness import metrics
-from reports import reference
+from seqbench import reports
+from seqbench.harness import metrics
+from seqbench.reports import reference
 from tests.test_reports import record, write_records
 
 # one substituted compound part; the tokenizer splits the final period off ("lesen." -> "lesen .")
@@ -51,7 +51,7 @@ def test_bleu_tok_is_a_registered_text_metric_and_wmt14_en_de_records_it(make_cf
     scores = metrics.score(("bleu", "bleu_tok"), [HYP], [REF])
     assert scores["bleu_tok"] == pytest.approx(100 * (384 / 3024) ** 0.25) and scores["bleu"] < scores["bleu_tok"]
     assert list(make_cfg("task=wmt14_en_de").task.metrics) == ["bleu", "chrf", "bleu_tok"]
-    from harness.evaluate import score_translations, scores_by_length  # what a translation job's evaluation calls
+    from seqbench.harness.evaluate import score_translations, scores_by_length  # what a translation job's evaluation calls
     assert score_translations([HYP], [REF], ("bleu", "chrf", "bleu_tok"))["bleu_tok_signature"].startswith("moses")
     buckets = scores_by_length([HYP, "ein Test"], [REF, "ein Test"], [8, 30], ("bleu", "bleu_tok"))
     assert [(b["bucket"], round(b["bleu_tok"], 2)) for b in buckets] == [("1-10", 59.69), ("21-30", 0.0)]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from harness.analysis import path_length as pl
-from models.common import LanguageModel
-from reports.load import load
+from seqbench.harness.analysis import path_length as pl
+from seqbench.models.common import LanguageModel
+from seqbench.reports.load import load
 from tests.conftest import ROOT
 
 V = pl.VOCAB

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from harness import evaluate, job, optim, precision, train
-from harness.precision import (autocast_for, busy_cpus, cpu_times, choose_threads, cpu_has_bf16_matmul, physical_cores,
+from seqbench.harness import evaluate, job, optim, precision, train
+from seqbench.harness.precision import (autocast_for, busy_cpus, cpu_times, choose_threads, cpu_has_bf16_matmul, physical_cores,
                                resolve_precision)
-from harness.train import TrainConfig
+from seqbench.harness.train import TrainConfig
 
 CPU = torch.device("cpu")
 FLAGS = "fpu vme sse sse2 avx avx2 avx512f avx512bw"

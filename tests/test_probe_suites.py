@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-import tasks
-from harness import job
-from tasks.probes import IGNORE, NO_ANSWER
-from tasks.zoology import MAD_TASKS, memorization_map, power_law
+from seqbench import tasks
+from seqbench.harness import job
+from seqbench.tasks.probes import IGNORE, NO_ANSWER
+from seqbench.tasks.zoology import MAD_TASKS, memorization_map, power_law
 from tests.conftest import ROOT
 
 SMALL = {"n_train": 300, "n_valid": 40, "n_test": 60}
@@ -239,7 +239,7 @@ def _runs(rows: list[dict]) -> "pd.DataFrame":
 
 
 def test_mqar_report_keeps_the_best_lr_per_architecture_and_cell(tmp_path):
-    from reports import probe_suites  # noqa: PLC0415
+    from seqbench.reports import probe_suites  # noqa: PLC0415
 
     rows = []
     for arch, base in (("transformer", 0.9), ("lstm", 0.2)):
@@ -271,7 +271,7 @@ def test_mqar_report_keeps_the_best_lr_per_architecture_and_cell(tmp_path):
 
 
 def test_mad_table_scores_architectures_over_the_six_tasks(tmp_path):
-    from reports import probe_suites  # noqa: PLC0415
+    from seqbench.reports import probe_suites  # noqa: PLC0415
 
     rows = []
     for i, task in enumerate(MAD_TASKS):

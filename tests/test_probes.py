@@ -12,16 +12,16 @@ import yaml
 from omegaconf import OmegaConf
 from torch import nn
 
-import models
-import tasks
-from harness import job
-from harness.analysis import influence
-from harness.analysis.probes import accuracy_by_distance, evaluate_probe
-from models.common import LanguageModel
-from tasks.batching import Batch
-from tasks.probes import BLANK, GO, IGNORE, NO_ANSWER
+from seqbench import models
+from seqbench import tasks
+from seqbench.harness import job
+from seqbench.harness.analysis import influence
+from seqbench.harness.analysis.probes import accuracy_by_distance, evaluate_probe
+from seqbench.models.common import LanguageModel
+from seqbench.tasks.batching import Batch
+from seqbench.tasks.probes import BLANK, GO, IGNORE, NO_ANSWER
 from tests.conftest import ROOT
-from tasks.base import Shape
+from seqbench.tasks.base import Shape
 
 SMALL = {"n_train": 60, "n_valid": 30, "n_test": 40}
 ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")
@@ -180,7 +180,7 @@ def test_influence_counts_only_earlier_positions_and_is_switchable(make_cfg):
 def test_a_stop_signal_ends_the_influence_analysis_and_is_not_recorded_as_its_failure(make_cfg):
     """The stop check runs before every gradient round; a stop is raised (the job ends as interrupted), while any
     other error of the analysis is recorded and the job's metrics stay."""
-    from harness.train import Interrupted
+    from seqbench.harness.train import Interrupted
 
     calls = []
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from harness import checkpoint, job
-from harness.profile import count_flops, sample_batches, train_flops_per_token
-from harness.settings import problems
-from tasks.base import Shape
-from tasks.batching import Batch
+from seqbench import models
+from seqbench.harness import checkpoint, job
+from seqbench.harness.profile import count_flops, sample_batches, train_flops_per_token
+from seqbench.harness.settings import problems
+from seqbench.tasks.base import Shape
+from seqbench.tasks.batching import Batch
 
 TINY_COPY = ["model=transformer_tiny", "task=copy", "task.n_train=60", "task.n_valid=4", "task.n_test=4",
              "trainer=smoke", "trainer.threads=1", "eval.splits=[test]"]

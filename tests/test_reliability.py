@@ -26,14 +26,14 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-import models
-import tasks
-from harness import checkpoint, io, job, schema, secrets, train
-from harness.checkpoint import CheckpointError
-from harness.evaluate import evaluate_translation
-from harness.train import TrainConfig, Trainer
-from tasks import data as data_mod
-from tasks.data import DataError
+from seqbench import models
+from seqbench import tasks
+from seqbench.harness import checkpoint, io, job, schema, secrets, train
+from seqbench.harness.checkpoint import CheckpointError
+from seqbench.harness.evaluate import evaluate_translation
+from seqbench.harness.train import TrainConfig, Trainer
+from seqbench.tasks import data as data_mod
+from seqbench.tasks.data import DataError
 from tests.conftest import ROOT
 
 SMOKE = ["trainer=smoke", "trainer.max_steps=2"]

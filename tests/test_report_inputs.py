@@ -1,4 +1,4 @@
-"""The report against hostile or broken inputs, built as a user builds it (``python -m reports``): strings that
+"""The report against hostile or broken inputs, built as a user builds it (``python -m seqbench.reports``): strings that
 are Markdown or spreadsheet syntax, records of the wrong shape, copies of a job's folder, a FIFO, a huge name."""
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from reports.load import shorten
+from seqbench.reports.load import shorten
 from tests.conftest import ROOT
 from tests.test_reports import record, write_records
 
 
 def build(*dirs: Path, out: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``python -m reports <dirs> --out <out>``; a hang fails the test instead of the suite."""
-    return subprocess.run([sys.executable, "-m", "reports", *map(str, dirs), "--out", str(out)], cwd=ROOT,
+    """``python -m seqbench.reports <dirs> --out <out>``; a hang fails the test instead of the suite."""
+    return subprocess.run([sys.executable, "-m", "seqbench.reports", *map(str, dirs), "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -1,5 +1,5 @@
 """The report never merges what differs and never loses a result: systems, duplicates, records that must not be
-averaged, reruns in a finished folder, and a report of nothing. Built as a user builds it (``python -m reports``)."""
+averaged, reruns in a finished folder, and a report of nothing. Built as a user builds it (``python -m seqbench.reports``)."""
 from __future__ import annotations
 
 import io
@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from harness import job
-from reports import significance
-from reports.__main__ import main as cli
+from seqbench.harness import job
+from seqbench.reports import significance
+from seqbench.reports.__main__ import main as cli
 from tests.test_reports import record, write_records
 
 COPY = ["model=transformer_tiny", "task=copy", "task.n_train=60", "task.n_valid=4", "task.n_test=4", "trainer=smoke",
@@ -22,7 +22,7 @@ COPY = ["model=transformer_tiny", "task=copy", "task.n_train=60", "task.n_valid=
 
 
 def build(*dirs, out: Path) -> SimpleNamespace:
-    """``python -m reports <dirs> --out <out>`` in this process (no interpreter start): its exit status and what it
+    """``python -m seqbench.reports <dirs> --out <out>`` in this process (no interpreter start): its exit status and what it
     wrote to stderr, its warnings included."""
     err = io.StringIO()
     handler, logger = logging.StreamHandler(err), logging.getLogger("seqbench.reports")
@@ -180,7 +180,7 @@ def test_runs_that_differ_in_any_setting_are_separate_systems_and_say_how(report
 
 
 def test_the_system_key_ignores_seed_folder_and_logging_only():
-    from reports.load import system_key
+    from seqbench.reports.load import system_key
 
     base = full("transformer", "multi30k", 1)
     same = full("transformer", "multi30k", 2, folder="elsewhere", **{"trainer.progress": True, "hydra.x": 1,

@@ -11,8 +11,8 @@ import subprocess
 
 import pytest
 
-import reports
-from reports import plots, sections, tables
+from seqbench import reports
+from seqbench.reports import plots, sections, tables
 from tests.test_reports import CHROMIUM, H100, fixture_records, record, write_records
 
 XEON = ("cpu", "Intel(R) Xeon(R) CPU @ 2.20GHz (2 cores)")

@@ -8,8 +8,8 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 
-import reports
-from reports import plots, tables
+from seqbench import reports
+from seqbench.reports import plots, tables
 from tests.test_reports import L_COL, T_COL, fixture_records, record, write_records
 
 T_2 = 4.303  # Student's t, 97.5th percentile, 2 degrees of freedom (a printed t table)

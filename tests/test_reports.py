@@ -17,11 +17,11 @@ import pytest
 from matplotlib.colors import to_hex, to_rgb
 from omegaconf import OmegaConf
 
-import reports
-from reports import plots, reference, sections, tables
-from reports.__main__ import main as cli
-from reports.callback import BuildReport
-from reports.render import write_html, write_markdown
+from seqbench import reports
+from seqbench.reports import plots, reference, sections, tables
+from seqbench.reports.__main__ import main as cli
+from seqbench.reports.callback import BuildReport
+from seqbench.reports.render import write_html, write_markdown
 
 CPU, H100 = ("cpu", "x86_64"), ("cuda", "NVIDIA H100 80GB HBM3")
 XSS_NAME = "<script>alert(1)</script>"
@@ -526,7 +526,7 @@ def test_analysis_plots_draw_the_fixture_values(analysed):
 
 
 def test_job_kind_tells_training_from_analysis():
-    from reports.load import job_kind
+    from seqbench.reports.load import job_kind
     failed_training = record("gru", "multi30k", 1, status="failed", error="ValueError: x")
     assert job_kind(failed_training) == "train" and job_kind({**failed_training, "config": {"job": "train"}}) == "train"
     failed_path = {**path_record("lstm", "tiny", "recurrent", NS), "status": "failed", "path_length": None}

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
-from reports.load import load as load_records
-import tasks
-from harness import checkpoint, io, job, train
-from harness.evaluate import perplexity
-from harness.train import TrainConfig, Trainer
+from seqbench import models
+from seqbench.reports.load import load as load_records
+from seqbench import tasks
+from seqbench.harness import checkpoint, io, job, train
+from seqbench.harness.evaluate import perplexity
+from seqbench.harness.train import TrainConfig, Trainer
 from tests.test_reliability import KILL_RUN, TINY, digest, on_disk, run_py, saved_step, temp_files, write_text_files
 
 CPU = torch.device("cpu")
@@ -323,7 +323,7 @@ def test_tuned_names_where_settings_came_from_and_the_settings_themselves_are_co
 
 def test_records_name_the_commit_the_process_started_from(monkeypatch):
     """A sweep's jobs run the code loaded at its start: a commit made meanwhile must not appear in later records."""
-    from harness import environment
+    from seqbench.harness import environment
     heads = iter(["a" * 40, "", "b" * 40, ""])  # rev-parse, status; then what a second lookup would see
 
     def fake_git(args, **kwargs):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from harness import job, secrets
+from seqbench.harness import job, secrets
 from tests.conftest import ROOT
 from tests.test_reliability import KILL_RUN, kill_after_checkpoint, run_py
 from tests.test_tracking import JOB, wandb_env, wandb_flushed, wandb_records

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.cluster.signals import StopFlag
+from seqbench.harness.cluster.signals import StopFlag
 from tests.conftest import ROOT
 
 JOB = ["model=transformer_tiny", "task=copy", "task.n_train=200", "task.n_valid=8", "task.n_test=8",

@@ -118,8 +118,8 @@ def test_soak_sweep(tmp_path):
     assert "Failed and unfinished jobs" in report and "5 jobs did not finish with status ok" in report
 
     # SIGKILL: one job killed as its own process inside the sweep folder
-    from reports.load import load as load_records
-    from reports.tables import failures
+    from seqbench.reports.load import load as load_records
+    from seqbench.reports.tables import failures
     killed = out / "99_killed"
     args = ["model=transformer_tiny", *JOB, "trainer.max_steps=40", "trainer.eval_every=2", "trainer.valid_bleu=false",
             "seed=99", "sweep_name=soak"]

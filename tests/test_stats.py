@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 
-import models
-import reports
-import tasks
-from harness import job
-from harness.evaluate import chunk_nll, evaluate_lm
-from reports import significance, stats
+from seqbench import models
+from seqbench import reports
+from seqbench import tasks
+from seqbench.harness import job
+from seqbench.harness.evaluate import chunk_nll, evaluate_lm
+from seqbench.reports import significance, stats
 from tests.test_models import preset
 from tests.test_reports import record
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-import reports
-import tasks
-from harness import checkpoint, job
-from tasks.base import EvalContext, Task
-from tasks.batching import Batch
+from seqbench import reports
+from seqbench import tasks
+from seqbench.harness import checkpoint, job
+from seqbench.tasks.base import EvalContext, Task
+from seqbench.tasks.batching import Batch
 
 IGNORE = -100
 QUERY, FIRST = 1, 2  # id 0 unused; the query marker; then the symbols

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import wandb
 
-from harness import job
+from seqbench.harness import job
 from tests.conftest import ROOT
 
 JOB = ["model=transformer_tiny", "task=copy", "task.n_train=200", "task.n_valid=8", "task.n_test=8",

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import job
-from harness.loss import smoothed_cross_entropy
-from harness.train import TrainConfig, lr_factor
+from seqbench.harness import job
+from seqbench.harness.loss import smoothed_cross_entropy
+from seqbench.harness.train import TrainConfig, lr_factor
 from tests.conftest import ROOT
 from tests.test_models import ARCHS
 
@@ -128,7 +128,7 @@ def test_cosine_schedule_follows_the_time_budget_without_max_steps():
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_the_trainer_anneals_by_its_own_training_time(make_cfg, tmp_path):
     """The trainer's scheduler reads the run's training seconds (what the cosine over max_seconds needs)."""
-    from harness.train import Trainer
+    from seqbench.harness.train import Trainer
 
     cfg = make_cfg("model=transformer_tiny", "task=copy", "task.n_train=40", "task.n_valid=4", "task.n_test=4",
                    "trainer=smoke", "trainer.schedule=cosine", "trainer.max_steps=null", "trainer.max_seconds=100",

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from harness import train
-from harness.train import TrainConfig, lr_factor
+from seqbench.harness import train
+from seqbench.harness.train import TrainConfig, lr_factor
 from tests.test_trainer_loop import epoch_batches, fake_clock, trainer
 
 CPU = torch.device("cpu")

@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from harness import checkpoint, train
-from harness.distributed import SINGLE
-from harness.train import Interrupted, NonFiniteLoss, Trainer, TrainConfig, lr_factor
-from models.common import PAD
-from tasks import synthetic
+from seqbench import models
+from seqbench.harness import checkpoint, train
+from seqbench.harness.distributed import SINGLE
+from seqbench.harness.train import Interrupted, NonFiniteLoss, Trainer, TrainConfig, lr_factor
+from seqbench.models.common import PAD
+from seqbench.tasks import synthetic
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
@@ -43,7 +43,7 @@ def fake_clock(monkeypatch, wall=0.0, cpu=0.0, load=0.0) -> None:
     """The loop's clocks advance one second per reading (wall from ``wall``, CPU from ``cpu``); load is ``load``."""
     from types import SimpleNamespace
 
-    from harness import utilization
+    from seqbench.harness import utilization
 
     ticks = {"wall": wall, "cpu": cpu}
 
@@ -270,7 +270,7 @@ def test_carried_state_training_starts_each_batch_from_the_state_the_last_one_en
     step 2 from the state step 1 ended in, and the loss of each is the plain cross-entropy from that state."""
     import numpy as np
 
-    from tasks.lm import LMTask
+    from seqbench.tasks.lm import LMTask
 
     rng = np.random.default_rng(0)
     lines = {split: [" ".join(f"w{i}" for i in rng.integers(0, 30, 9)) for _ in range(n)]
@@ -349,7 +349,7 @@ def test_evaluate_and_save_logs_the_row_and_names_a_non_finite_loss(tmp_path, mo
 def test_chunk_nll_scores_every_sequence_in_batch_order_at_the_precision_asked(tmp_path):
     """Per sequence, over several batches; without an autocast it runs in fp32 even inside a caller's bf16
     autocast, and with one it enters that autocast for every batch."""
-    from harness.evaluate import chunk_nll, mean_nll
+    from seqbench.harness.evaluate import chunk_nll, mean_nll
 
     t = trainer(tmp_path)
     batches = t.task.batches("valid", 12)
@@ -442,7 +442,7 @@ def test_ctrl_c_saves_the_position_and_stops(tmp_path):
 
 
 def test_a_log_row_and_its_line(tmp_path, monkeypatch, caplog):
-    from harness import utilization
+    from seqbench.harness import utilization
 
     posted, tracked = [], []
 
@@ -496,7 +496,7 @@ def test_resuming_removes_temporaries_of_cut_checkpoint_writes_and_restores_the_
 
 
 def test_the_trainer_starts_at_step_zeros_rate_with_the_precision_it_resolves(tmp_path):
-    from harness.precision import resolve_precision
+    from seqbench.harness.precision import resolve_precision
 
     t = trainer(tmp_path, warmup_steps=4, lr=1e-3)
     assert t.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * lr_factor(t.cfg, 0))  # 1/4 of the peak

@@ -16,11 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from harness import checkpoint, distributed, train
-from harness.distributed import Dist
-from harness.train import Interrupted, Trainer, TrainConfig
-from models.common import PAD
+from seqbench import models
+from seqbench.harness import checkpoint, distributed, train
+from seqbench.harness.distributed import Dist
+from seqbench.harness.train import Interrupted, Trainer, TrainConfig
+from seqbench.models.common import PAD
 from tests.test_trainer_loop import epoch_batches
 from tests.test_trainer_loop import trainer as tiny_trainer
 
@@ -118,7 +118,7 @@ def test_carried_state_is_told_the_job_is_data_parallel(tmp_path, monkeypatch):
     """trainer.carry_state does not run on several processes: the carried state is built knowing it is one of two."""
     import numpy as np
 
-    from tasks.lm import LMTask
+    from seqbench.tasks.lm import LMTask
 
     rng = np.random.default_rng(0)
     lines = {split: [" ".join(f"w{i}" for i in rng.integers(0, 30, 9)) for _ in range(n)]

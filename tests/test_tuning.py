@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import yaml
 
-import reports
-from harness import job
-from harness import tuned as harness_tuned
-from harness.settings import SettingError
-from reports import tuning
-from reports.load import load
+from seqbench import reports
+from seqbench.harness import job
+from seqbench.harness import tuned as harness_tuned
+from seqbench.harness.settings import SettingError
+from seqbench.reports import tuning
+from seqbench.reports.load import load
 from tests.conftest import ROOT
 from tests.test_reports import record, write_records
 

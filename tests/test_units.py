@@ -19,9 +19,9 @@ import pytest
 import sacrebleu
 import torch
 
-from harness import evaluate, io, schema
-from harness.train import Progress, TrainConfig, Trainer, lr_factor
-from models import common
+from seqbench.harness import evaluate, io, schema
+from seqbench.harness.train import Progress, TrainConfig, Trainer, lr_factor
+from seqbench.models import common
 
 
 def strict_json(text: str):
@@ -684,7 +684,7 @@ def test_eta_takes_the_nearer_budget():
 
 
 def test_snapshots_are_due_every_k_steps_every_s_seconds_and_at_the_end(monkeypatch, tmp_path):
-    from harness import checkpoint
+    from seqbench.harness import checkpoint
 
     saved = []
     monkeypatch.setattr(checkpoint, "save_snapshot",
@@ -713,7 +713,7 @@ def test_snapshots_are_due_every_k_steps_every_s_seconds_and_at_the_end(monkeypa
 # -- tasks/batching.py: language-model chunks and data-parallel shards ----------------------------
 
 def test_lm_batches_cut_the_stream_into_next_token_chunks():
-    from tasks.batching import lm_batches
+    from seqbench.tasks.batching import lm_batches
 
     def rows(batches):
         return [(b.inputs["tokens"].tolist(), b.target.tolist(), b.n_tokens, b.ignore_index) for b in batches]
@@ -730,7 +730,7 @@ def test_lm_batches_cut_the_stream_into_next_token_chunks():
 
 
 def test_lm_batches_shuffle_by_seed_and_epoch_and_still_predict_every_token_once():
-    from tasks.batching import lm_batches
+    from seqbench.tasks.batching import lm_batches
 
     stream = np.arange(100)
 
@@ -745,7 +745,7 @@ def test_lm_batches_shuffle_by_seed_and_epoch_and_still_predict_every_token_once
 
 
 def test_a_batch_shards_into_contiguous_near_equal_parts():
-    from tasks.batching import Batch
+    from seqbench.tasks.batching import Batch
 
     target = torch.tensor([[1, 0], [2, 2], [3, 0], [4, 4], [5, 5]])  # 0: padding
     batch = Batch({"src": torch.arange(5)[:, None] * 10, "n": torch.arange(5)}, target, 8, [7, 8, 9, 10, 11], 0)
@@ -781,7 +781,7 @@ def test_force_eos_ends_the_capped_sentences_beams_charging_their_eos():
     Each live beam of sentence 1 is offered as finished (sentence, score, row), ended with its own row's EOS
     log-probability and scored by the GNMT penalty of 4 tokens (the EOS counts): ((5 + 4) / 6) ** 1 = 1.5, best
     first; a beam holding no hypothesis offers none."""
-    from harness.decode import force_eos
+    from seqbench.harness.decode import force_eos
 
     scores = torch.tensor([[-0.5, -0.7], [-1.0, -2.0]])
     eos = torch.tensor([-0.1, -0.3, -0.2, -0.4])  # one per row: sentence i, beam b is row 2 i + b

@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-import reports
-from reports import wandb_run
-from reports.__main__ import main as reports_main
-from reports.callback import BuildReport
+from seqbench import reports
+from seqbench.reports import wandb_run
+from seqbench.reports.__main__ import main as reports_main
+from seqbench.reports.callback import BuildReport
 from tests.conftest import ROOT
 from tests.test_reports import record, write_records
 from tests.test_security import CLI_KEY, ENV_KEY, SECRET_ARGS, holding_secrets, secret_env
@@ -89,7 +89,7 @@ def offline(tmp_path, monkeypatch):
     for k, v in secret_env(tmp_path, "offline").items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("SEQBENCH_SECRET_LOGGER_API_KEY", CLI_KEY)
-    monkeypatch.setattr(sys, "argv", ["python -m reports", f"+logger.api_key={CLI_KEY}"])
+    monkeypatch.setattr(sys, "argv", ["python -m seqbench.reports", f"+logger.api_key={CLI_KEY}"])
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -185,7 +185,7 @@ def test_a_failed_wandb_run_keeps_the_report_and_says_how_to_retry(offline, monk
     records, out = write_records(offline / "records", fixture_sweep()), offline / "report"
     assert reports_main([str(records), "--out", str(out), "--wandb", "--wandb-group", "g1"]) == 1
     assert (out / "report.html").is_file() and (out / "summary.csv").is_file()
-    assert f"log it again with: python -m reports {records} --out {out} --wandb --wandb-group g1 " \
+    assert f"log it again with: python -m seqbench.reports {records} --out {out} --wandb --wandb-group g1 " \
            "--wandb-project seqbench" in caplog.text
 
 

@@ -96,7 +96,7 @@ def influence_by_distance(model: nn.Module, task, split: str, device, *, max_tok
 def _influence(model: nn.Module, batches: list, device, n_positions: int, max_rows: int, seed: int,
                check_stop=None) -> list[dict]:
     """The body of :func:`influence_by_distance`, on an eval-mode model and the split's batches."""
-    from harness.evaluate import Progress  # noqa: PLC0415 (the evaluation's progress lines)
+    from seqbench.harness.evaluate import Progress  # noqa: PLC0415 (the evaluation's progress lines)
 
     picks = list(_sample(batches, n_positions, torch.Generator().manual_seed(seed)).items())
     progress = Progress("influence analysis", sum(len(positions) for _, positions in picks), "positions")

@@ -1,7 +1,7 @@
 """Path length: Table 1 of Vaswani et al. (2017, arXiv:1706.03762), measured from each language model's computation.
 
     python run.py -m experiment=path_length [model=lstm_tiny,gru_tiny] [path_length.n=[8,16]]
-    python -m harness.analysis.path_length --out results/path_length [--models transformer,lstm] [--n 8,16,32]
+    python -m seqbench.harness.analysis.path_length --out results/path_length [--models transformer,lstm] [--n 8,16,32]
 
 Both run the same job per model preset (:func:`run`) on the config Hydra composes from
 conf/experiment/path_length.yaml; the module's command line also prints Table 1 as Markdown.
@@ -58,8 +58,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
-import models
-from tasks.base import Shape
+from seqbench import models
+from seqbench.tasks.base import Shape
 
 from .. import environment, schema
 from ..device import pick, sync
@@ -478,7 +478,7 @@ def parse_settings(items: list[str]) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     defaults = yaml.safe_load(EXPERIMENT.read_text())["path_length"]
-    parser = argparse.ArgumentParser(prog="python -m harness.analysis.path_length",
+    parser = argparse.ArgumentParser(prog="python -m seqbench.harness.analysis.path_length",
                                      description=__doc__.split("\n\n")[0],
                                      epilog=f"defaults: {EXPERIMENT.relative_to(ROOT)}")
     parser.add_argument("--out", required=True, type=Path, help="writes <out>/<model>/record.json")

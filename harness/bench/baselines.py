@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import models
-from models.common import EOS, PAD, padding_mask, sinusoidal_table
+from seqbench import models
+from seqbench.models.common import EOS, PAD, padding_mask, sinusoidal_table
 
 SQRT_HALF = math.sqrt(0.5)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.common import EOS, PAD, padding_mask
+from seqbench.models.common import EOS, PAD, padding_mask
 
 from ..decode import beam_search, max_lengths
 

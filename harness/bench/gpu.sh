@@ -13,5 +13,5 @@ shift || true
 mkdir -p "$out"
 common=(--suite train --preset paper --device cuda --precision bf16 --repeats "${REPEATS:-5}"
         --models "${MODELS:-transformer,lstm,gru,convs2s,bytenet}" "$@")
-python -m harness.bench "${common[@]}" --json "$out/paper_eager.json"
-python -m harness.bench "${common[@]}" --compile --json "$out/paper_compiled.json"
+python -m seqbench.harness.bench "${common[@]}" --json "$out/paper_eager.json"
+python -m seqbench.harness.bench "${common[@]}" --compile --json "$out/paper_compiled.json"

@@ -1,8 +1,8 @@
 """Benchmarks in one process: seqbench against plain PyTorch (training), bf16 against fp32 (training), cached
 against recomputed decoding.
 
-    python -m harness.bench --suite all --preset small --device cpu --repeats 7 --json bench.json
-    python -m harness.bench --preset transformer_base --device cuda --precision bf16 --compile
+    python -m seqbench.harness.bench --suite all --preset small --device cpu --repeats 7 --json bench.json
+    python -m seqbench.harness.bench --preset transformer_base --device cuda --precision bf16 --compile
 
 Suites (``--suite``; ``all`` runs every one):
 
@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import models
-from models.common import PAD
-from tasks.base import Shape
+from seqbench import models
+from seqbench.models.common import PAD
+from seqbench.tasks.base import Shape
 
 from ..environment import cpu_name, git_info
 from ..loss import smoothed_cross_entropy

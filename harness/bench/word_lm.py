@@ -10,7 +10,7 @@ are seqbench's (``tasks.build``): the example's ``data.py`` makes the same ones 
 ``<eos>``; the vocabulary in order of first occurrence). Only the training time counts against the budget;
 a budget that ends mid-epoch evaluates the model where it stopped too.
 
-    python -m harness.bench.word_lm --seconds 720 --threads 2 --out results/word_lm.json
+    python -m seqbench.harness.bench.word_lm --seconds 720 --threads 2 --out results/word_lm.json
 
 seqbench at the same size, batch, context and evaluation protocol (its own optimizer and schedule):
 
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import tasks
+from seqbench import tasks
 
 from .baselines import WordLanguageModel
 

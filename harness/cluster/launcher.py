@@ -133,7 +133,7 @@ class SweepReport(Callback):
     memory and seconds of start-up) while it trains."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from reports.callback import BuildReport
+        from seqbench.reports.callback import BuildReport
 
         BuildReport().on_multirun_end(config, **kwargs)
 

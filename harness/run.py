@@ -1,4 +1,5 @@
-"""seqbench entry point: ``python run.py model=<m> task=<t>`` trains and evaluates one model.
+"""seqbench entry point: ``seqbench model=<m> task=<t>`` (or ``python run.py ...`` in a checkout) trains and
+evaluates one model.
 
 Sweeps: ``python run.py -m model=transformer,lstm task=multi30k seed=1,2,3``.
 With no arguments, ``python run.py`` runs the main job: the ``quick`` sweep and its report.
@@ -20,21 +21,22 @@ from hydra.errors import CompactHydraException, ConfigCompositionException, Hydr
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from harness import job, secrets, settings  # job registers the config's resolvers (${seqbench.job:}, ...)
-from harness.analysis import path_length
-from harness.checkpoint import CheckpointError
-from harness.cluster import launcher
-from harness.evaluate import Diverged
-from harness.io import FolderInUse
-from harness.train import Interrupted, NonFiniteLoss
-from tasks.data import DataError
+from seqbench.harness import job, plugins, secrets, settings  # job registers the config's resolvers (${seqbench.job:}, ...)
+from seqbench.harness.analysis import path_length
+from seqbench.harness.checkpoint import CheckpointError
+from seqbench.harness.cluster import launcher
+from seqbench.harness.evaluate import Diverged
+from seqbench.harness.io import FolderInUse
+from seqbench.harness.train import Interrupted, NonFiniteLoss
+from seqbench.tasks.data import DataError
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (or the installed seqbench package)
 CONF = ROOT / "conf"
 JOBS = {"train": job.run, "path_length": path_length.run}  # cfg.job: what one job does (settings.JOBS names them)
 # errors whose message names the problem and the fix: a single run prints the message alone
 STATED = (settings.SettingError, DataError, CheckpointError, FolderInUse, Diverged, NonFiniteLoss, Interrupted,
           path_length.PathLengthError)
+plugins.register_presets()  # plug-in presets join the model config group
 STOPPED: list[str] = []  # the job at which this sweep was stopped (SIGTERM, Ctrl-C): the jobs after it do not run
 
 
@@ -57,8 +59,8 @@ def stated(err: BaseException) -> bool:
     return where is not None and where.is_relative_to(ROOT) and not where.is_relative_to(ROOT / ".venv")
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> float | None:
+@hydra.main(config_path=str(CONF), config_name="config", version_base="1.3")
+def hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     if STOPPED:
@@ -172,7 +174,8 @@ def unknown_settings(argv: list[str]) -> str | None:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The command line: ``seqbench [overrides]`` / ``python run.py [overrides]``."""
     if len(sys.argv) == 1:
         sys.argv += ["--multirun", "experiment=quick"]
     sys.argv[1:] = secrets.hide_in_environment(sys.argv[1:])  # Hydra and wandb save the command line
@@ -180,4 +183,8 @@ if __name__ == "__main__":
     problem = unknown_settings(sys.argv[1:]) if not os.environ.get("HYDRA_FULL_ERROR") else None
     if problem:
         sys.exit(problem)
+    hydra_main()
+
+
+if __name__ == "__main__":
     main()
