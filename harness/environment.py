@@ -67,7 +67,10 @@ MEMORY_KINDS = {
     "cuda_allocated": "peak CUDA memory allocated by PyTorch during the job (torch.cuda.max_memory_allocated, the "
                       "peak statistics reset at the job's start)",
     "job_peak_rss": "the process's peak resident memory during the job (VmHWM of /proc/self/status, reset at the "
-                    "job's start through /proc/self/clear_refs)",
+                    "job's start through /proc/self/clear_refs); a job of a local sweep runs in a process forked from "
+                    "the sweep's, which maps the libraries' pages only as it touches them: the pages the sweep's "
+                    "process held and the job had not touched at its start are added, as a process of its own holds "
+                    "them",
     "job_sampled_rss": "the largest resident memory of the process sampled every "
                        "0.05 s during the job (where the kernel's high-water mark cannot be reset)",
     "process_max_rss": "the process's lifetime peak resident memory (getrusage ru_maxrss): in a sweep run in one "
@@ -75,6 +78,7 @@ MEMORY_KINDS = {
 }
 PER_JOB = ("cuda_allocated", "job_peak_rss", "job_sampled_rss")
 SAMPLE_SECONDS = 0.05
+PARENT_RSS_FILE: list[int] = []  # in a job forked from a sweep's process: that process's file-backed resident bytes
 STATUS = Path("/proc/self/status")
 
 
@@ -140,6 +144,8 @@ class PeakMemory:
             self.kind = "cuda_allocated"
             return
         _release_freed_memory()
+        # a forked sweep job: the file-backed pages (libraries) its parent held that it has not mapped yet
+        self.untouched = max(0, PARENT_RSS_FILE[0] - (_status_bytes("RssFile") or 0)) if PARENT_RSS_FILE else 0
         if _reset_high_water_mark():
             self.kind = "job_peak_rss"
         elif _status_bytes("VmRSS") is not None:
@@ -167,9 +173,10 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self.kind == "job_peak_rss":
             peak = _status_bytes("VmHWM")
+            peak = None if peak is None else peak + self.untouched
         elif self.kind == "job_sampled_rss":
             self.stop()
-            peak = self._peak
+            peak = self._peak + self.untouched
         else:
             import resource
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

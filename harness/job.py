@@ -52,6 +52,17 @@ def job_name(cfg: DictConfig) -> str:
 OmegaConf.register_new_resolver("seqbench.job", lambda *, _root_: job_name(_root_), replace=True)
 
 
+def preset_list(suffix: str = "") -> str:
+    """A sweep's model list: preset ``<architecture><suffix>`` of every registered architecture that has one
+    (seqbench's, then plug-ins'), comma-separated: ``${seqbench.models:_tiny}`` in an experiment's sweep, so an
+    architecture a package registers joins the experiments without a change to them."""
+    presets = models.preset_paths()
+    return ",".join(name for name in (f"{arch}{suffix}" for arch in models.MODELS) if name in presets)
+
+
+OmegaConf.register_new_resolver("seqbench.models", preset_list, replace=True)
+
+
 def evaluate(model, task, cfg: DictConfig, device, precision: str = "fp32",
              stop: StopFlag | None = None) -> tuple[dict, dict]:
     """Metrics per split (``task.evaluate``), and the files the task's evaluation leaves for the output folder

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import functools
 import io
 import os
 import sys
@@ -24,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from seqbench.harness import job, plugins, secrets, settings  # job registers the config's resolvers (${seqbench.job:}, ...)
 from seqbench.harness.analysis import path_length
 from seqbench.harness.checkpoint import CheckpointError
-from seqbench.harness.cluster import launcher
+from seqbench.harness.cluster import launcher, sweep_job
 from seqbench.harness.evaluate import Diverged
 from seqbench.harness.io import FolderInUse
 from seqbench.harness.train import Interrupted, NonFiniteLoss
@@ -69,6 +70,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     # in a sweep a failed job leaves a 'failed' record and the sweep carries on; job.run starts with the settings
     # check, so an invalid setting (an unknown job= too) fails there, with its record, whatever the job
     run_job = job.run if settings.problems(cfg) else JOBS[cfg.job]
+    if multirun and in_own_process(hc):
+        run_job = functools.partial(sweep_job.in_child, run_job)
     try:
         rec = run_job(cfg, hc.runtime.output_dir, sweep=cfg.sweep_name, raise_errors=not multirun)
     except Exception as err:
@@ -79,6 +82,15 @@ def hydra_main(cfg: DictConfig) -> float | None:
         STOPPED.append(Path(hc.runtime.output_dir).name)
     test = rec.get("metrics", {}).get("test", {})
     return test.get("bleu", test.get("perplexity"))
+
+
+def in_own_process(hc) -> bool:
+    """Whether each job of this sweep runs in a process of its own, forked from the sweep's: for Hydra's basic
+    (local, one job after another) launcher where fork exists, unless ``SEQBENCH_SWEEP_IN_PROCESS=1`` (a debugger)
+    asks otherwise. A cluster launcher gives every job its own process already."""
+    target = str(OmegaConf.select(hc, "launcher._target_", default="") or "")
+    return (target.endswith("BasicLauncher") and hasattr(os, "fork")
+            and os.environ.get("SEQBENCH_SWEEP_IN_PROCESS", "") in ("", "0"))
 
 
 def _overrides(argv: list[str]) -> list[str] | None:

@@ -33,9 +33,10 @@ from . import stats, tables
 from .load import Records
 
 # one colour per architecture in every plot (seaborn's colour-blind palette); recurrent in blues
+# (the 2017 set first; the modern mixers: Transformer++ near the Transformer, the state-space/linear ones apart)
 PALETTE = {"lstm": "#0173b2", "gru": "#56b4e9", "convs2s": "#029e73", "bytenet": "#de8f05",
-           "transformer": "#d55e00"}
-FALLBACK = ("#cc78bc", "#949494", "#ca9161", "#fbafe4", "#ece133")  # unknown names, picked by a stable hash
+           "transformer": "#d55e00", "transformer_pp": "#cc78bc", "mamba": "#ca9161", "gla": "#fbafe4"}
+FALLBACK = ("#949494", "#ece133", "#000000", "#8c564b", "#17becf")  # unknown names, picked by a stable hash
 SHADES = (-0.35, 0.4, -0.6, 0.65, -0.15, 0.2)  # variants: towards black (<0) or white (>0), in this order
 LOSS_CURVES = ("valid_nll", "valid_ppl")  # every run's; a task's own validation columns come first (Task.validate)
 AXIS = {"train_flops": "training FLOPs", "train_seconds": "train seconds", "parameters": "parameters"}

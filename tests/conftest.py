@@ -1,14 +1,23 @@
 """Shared fixtures: the real Hydra config, shrunk for CPU tests; the data root."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from hydra import compose, initialize_config_dir
-
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# the tests test the checkout they sit in, whichever seqbench is installed (run.py does the same)
+_checkout = importlib.util.spec_from_file_location("seqbench_checkout", ROOT / "run.py")
+_run = importlib.util.module_from_spec(_checkout)
+_checkout.loader.exec_module(_run)
+_run.use_this_checkout()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 
 # tiny models gain nothing from intra-op threads, and lose a lot when cores are shared

@@ -289,5 +289,5 @@ def test_same_base_name_in_two_folders_is_told_apart(whitespace_runs, tmp_path):
 
 
 def test_report_imports_without_torch():
-    code = "import reports, reports.plots, sys; assert 'torch' not in sys.modules"
+    code = "import seqbench.reports, seqbench.reports.plots, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -243,7 +243,7 @@ def test_a_finished_record_with_non_ascii_text_is_kept_under_an_ascii_locale(tmp
                     encoding="utf-8")
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
            "PYTHONIOENCODING": "utf-8"}
-    code = ("import locale, sys; from pathlib import Path; from harness import schema; "
+    code = ("import locale, sys; from pathlib import Path; from seqbench.harness import schema; "
             "print(locale.getpreferredencoding(False)); print(schema.keep_previous(Path(sys.argv[1])))")
     out = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env, capture_output=True,
                          text=True, check=True).stdout.split("\n")

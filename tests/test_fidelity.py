@@ -125,7 +125,8 @@ def test_bytenet_translates_a_reference_longer_than_its_unfolded_length():
 # family -> (std of the token embedding as a function of d_model, the embedding's multiplier into the network)
 INIT = {"transformer": (lambda d: d**-0.5, lambda d: d**0.5), "bytenet": (lambda d: d**-0.5, lambda d: d**0.5),
         "lstm": (lambda d: 1.0, lambda d: 1.0), "gru": (lambda d: 1.0, lambda d: 1.0),
-        "convs2s": (lambda d: 0.1, lambda d: 1.0)}
+        "convs2s": (lambda d: 0.1, lambda d: 1.0), "transformer_pp": (lambda d: d**-0.5, lambda d: d**0.5),
+        "mamba": (lambda d: d**-0.5, lambda d: d**0.5), "gla": (lambda d: d**-0.5, lambda d: d**0.5)}
 COMPARISON_PRESETS = [f"{arch}{kind}" for arch in ARCHS for kind in ("", "_tiny", "_probe")]
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from seqbench.harness.analysis import path_length as pl
+from seqbench import models
 from seqbench.models.common import LanguageModel
 from seqbench.reports.load import load
 from tests.conftest import ROOT
@@ -173,7 +174,7 @@ def test_experiment_defaults_name_real_presets():
     defaults = pl.yaml.safe_load(pl.EXPERIMENT.read_text())["path_length"]
     for name in defaults["models"]:
         cfg = pl.preset_config(name, defaults["preset"], defaults["settings"].get(name))
-        assert cfg["name"] in ("transformer", "lstm", "gru", "convs2s", "bytenet")
+        assert cfg["name"] in models.MODELS
     with pytest.raises(KeyError, match="valid presets: .*transformer_restricted_tiny"):
         pl.preset_config("nosuch", "tiny")
 

@@ -312,12 +312,13 @@ def test_appendix_traces_every_run(built):
 
 def test_palette_is_fixed_per_architecture():
     assert plots.colour("transformer") == plots.PALETTE["transformer"]
-    assert len(set(plots.PALETTE.values())) == 5
-    # an unknown name: a pick from FALLBACK by its CRC-32 (mamba 4, rwkv 2), the same in every process, whatever
+    assert len(set(plots.PALETTE.values())) == len(plots.PALETTE) == 8
+    assert plots.colour("transformer_pp") != plots.colour("transformer")  # a name of its own, not a variant
+    # an unknown name: a pick from FALLBACK by its CRC-32 (retnet 4, rwkv 2), the same in every process, whatever
     # Python's string-hash seed (a pick by hash() would change from run to run)
-    assert (plots.colour("mamba"), plots.colour("rwkv")) == (plots.FALLBACK[4], plots.FALLBACK[2])
+    assert (plots.colour("retnet"), plots.colour("rwkv")) == (plots.FALLBACK[4], plots.FALLBACK[2])
     for seed in ("1", "2"):
-        other = subprocess.run([sys.executable, "-c", "from reports import plots; print(plots.colour('mamba'), "
+        other = subprocess.run([sys.executable, "-c", "from seqbench.reports import plots; print(plots.colour('retnet'), "
                                 "plots.colour('rwkv'))"], env={**os.environ, "PYTHONHASHSEED": seed},
                                cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, check=True)
         assert other.stdout.split() == [plots.FALLBACK[4], plots.FALLBACK[2]]

@@ -125,9 +125,10 @@ def test_a_new_task_kind_runs_through_a_job_and_the_report(majority_cfg, tmp_pat
 
 
 @pytest.mark.parametrize("code", [
-    "import reports, reports.callback, sys; assert 'torch' not in sys.modules, 'reports imported torch'",
-    "import harness.schema, harness.secrets, harness.metrics, sys; assert 'torch' not in sys.modules",
-    "import tasks, sys; assert 'models' not in sys.modules, 'tasks imported models'",
+    "import seqbench.reports, seqbench.reports.callback, sys; assert 'torch' not in sys.modules, 'reports imported torch'",
+    "import seqbench.harness.schema, seqbench.harness.secrets, seqbench.harness.metrics, sys; "
+    "assert 'torch' not in sys.modules",
+    "import seqbench.tasks, sys; assert 'seqbench.models' not in sys.modules, 'tasks imported models'",
 ])
 def test_import_layering(code):
     """The report runs where pandas does (no torch), and the data never depends on the models."""
