@@ -225,7 +225,7 @@ def model_problems(cfg: DictConfig) -> list[str]:
     try:
         arch = models.architecture(model)
     except KeyError:
-        return [f"model.name={name!r}; {models.unknown_model(name)}"]
+        return [f"model.name={name!r}: {models.unknown_model(name)}"]
     except models.PluginError as err:
         return [str(err)]
     takes = dict.fromkeys(k for cls in arch.classes for k in models.accepted_kwargs(cls))

@@ -76,9 +76,10 @@ def load_preset(name: str) -> dict:
 
 def unknown_model(name) -> str:
     """The message for a ``model.name`` no architecture has: the built-in and plug-in names, and broken plug-ins."""
-    plugins = sorted(set(ARCHITECTURES) - set(BUILTIN))
-    msg = (f"unknown model {name!r}; valid models: {', '.join(BUILTIN)} (built in)"
-           + (f", {', '.join(plugins)} (registered)" if plugins else "")
+    own = [n for n, a in ARCHITECTURES.items() if a.origin.get("builtin")]
+    plugins = sorted(set(ARCHITECTURES) - set(own))
+    msg = (f"unknown model {name!r}; valid models: {', '.join(own)} (built in)"
+           + (f", {', '.join(plugins)} (plug-ins)" if plugins else "")
            + "; a model of your own: register it (entry-point group seqbench.models) or name it with "
              "model.architecture=package.module.NAME (docs/models.md, 'Adding a model')")
     return msg

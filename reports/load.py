@@ -349,6 +349,7 @@ def flatten(rec: dict, path: Path) -> dict:
         **{k: costs.get(k) for k in COST_KEYS},
         **{f"load_average_{k}": (costs.get("load_average") or {}).get(k) for k in ("start", "end")},
         "packages": json.dumps(env.get("packages") or {}, sort_keys=True),
+        "plugins": json.dumps([p for p in env.get("plugins") or [] if isinstance(p, dict)], sort_keys=True),
     }
 
 

@@ -228,10 +228,12 @@ def failures(runs: pd.DataFrame) -> Section:
 
 
 def appendix(runs: pd.DataFrame) -> Section:
-    """Every run and its record; the sacreBLEU signatures and package versions the records hold."""
+    """Every run and its record; the sacreBLEU signatures, package versions and plug-in models the records hold."""
     shown = [Table(tables.appendix(runs), "Every run and its record")]
     shown += [Table(frame, caption) for frame, caption in ((tables.signatures(runs), "sacrebleu signatures"),
-                                                           (tables.package_versions(runs), "Package versions"))
+                                                           (tables.package_versions(runs), "Package versions"),
+                                                           (tables.plugins(runs), "Plug-in models (not seqbench's "
+                                                            "own): where each came from and which code it was"))
               if len(frame)]
     return Section("Appendix: runs, signatures and versions", shown)
 

@@ -294,6 +294,25 @@ def package_versions(runs: pd.DataFrame) -> pd.DataFrame:
                          for p, vs in sorted(rows.items())], columns=["package", "versions (runs)"])
 
 
+PLUGIN_COLUMNS = ["architecture", "found by", "distribution", "version", "source sha256", "git commit", "runs that used it"]
+
+
+def plugins(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each plug-in architecture the records name (environment.plugins): where it came from and which code it was
+    (its source files' SHA-256, shortened; its repository's commit, ``+dirty`` when it differed), and how many runs
+    used it. One row per distinct source: a plug-in whose code changed between runs has two."""
+    found: dict[tuple, dict] = {}
+    for text in runs.get("plugins", pd.Series(dtype=object)).dropna():
+        for p in json.loads(text):
+            commit = p.get("git_commit")
+            key = (p.get("name"), p.get("found_by"), p.get("distribution"), p.get("version"),
+                   (p.get("source_sha256") or "")[:12], f"{commit[:10]}{'+dirty' if p.get('git_dirty') else ''}"
+                   if commit else "")
+            found.setdefault(key, {"used": 0})["used"] += bool(p.get("used"))
+    rows = [dict(zip(PLUGIN_COLUMNS, (*key, v["used"]))) for key, v in sorted(found.items(), key=lambda kv: str(kv[0]))]
+    return pd.DataFrame(rows, columns=PLUGIN_COLUMNS).map(lambda v: "–" if v in (None, "") else v)
+
+
 def spread(row, column: str, fmt: str = "{:.2f}") -> str:
     """A summary row's metric ``column`` over seeds: ``mean ± std (CI low, high; n=k)`` with the 95% t-interval of
     the mean (no brackets: Markdown would escape them), or ``mean (1 seed)``."""

@@ -147,10 +147,9 @@ def peak_mib(path: Path) -> float:
 
 @pytest.mark.slow
 def test_a_sweeps_jobs_record_their_own_peak_memory_as_run_alone(tmp_path, data_root):
-    """A Transformer with 8192-wide feed-forward layers, then one with 64: in one sweep (one process) each records
-    its own peak (the second far below the first's, which a lifetime peak would repeat), within 20% of the same
-    job run alone: memory an earlier job leaves resident in the process counts in the later job's figure (measured
-    +3% to +12% for the small job on 2-core machines)."""
+    """A Transformer with 8192-wide feed-forward layers, then one with 64: in one sweep each records its own peak
+    (the second far below the first's, which a lifetime peak would repeat), within 10% of the same job run alone
+    (each job of a local sweep runs in a process forked from the sweep's: measured +2% to +5%)."""
     if not environment.STATUS.is_file():
         pytest.skip("no /proc/self/status here")
     common = ["experiment=smoke", "model=transformer_tiny", "task=copy", "model.d_model=256", "eval.influence=false"]

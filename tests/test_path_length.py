@@ -242,3 +242,16 @@ def test_run_py_multirun_over_models_builds_the_report(tmp_path, data_root):
     paths = load([tmp_path]).path_length
     assert sorted(zip(paths["model"], paths["max_path_length"])) == [("lstm", 4), ("lstm", 8), ("transformer", 1),
                                                                       ("transformer", 1)]
+
+
+def test_table1_states_a_chunked_scan_s_recurrent_path_and_its_parallel_depth_apart():
+    """Mamba and GLA are recurrences trained by chunked scans: Table 1's paper columns say both, and the measured
+    path grows with n (the state carries every position), whatever the chunk."""
+    rows = {}
+    for arch in ("mamba", "gla"):
+        model = pl.build_lm(pl.preset_config(arch, "tiny"))
+        rows[f"{arch}-tiny"] = pl.measure(model, [8, 16], vocab_size=pl.VOCAB)
+    table = pl.table1_markdown(rows)
+    assert "| mamba-tiny | recurrent | O(n·d·N) (state N) | O(n) as a recurrence; O(log n) as a parallel scan |" in table
+    assert "| gla-tiny | recurrent | O(n·d²/h) (h heads) | O(n) as a recurrence; O(n/c) chunkwise (chunk c) |" in table
+    assert all(r["max_path_length"][1] > r["max_path_length"][0] for r in rows.values())

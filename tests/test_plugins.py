@@ -52,6 +52,17 @@ def test_a_project_with_its_own_models_and_tasks_packages_imports_seqbench_besid
     assert out.returncode == 0 and out.stdout.strip() == "both", out.stderr
 
 
+def test_the_seqbench_command_is_run_py(tmp_path):
+    """The console command installed beside the interpreter composes the same config as ``python run.py``."""
+    command = Path(sys.executable).with_name("seqbench")
+    if not command.is_file():
+        pytest.skip("seqbench is not installed as a command beside this interpreter")
+    out = subprocess.run([str(command), "model=gru_tiny", "task=copy", "--cfg", "job"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "name: gru" in out.stdout and "preset: tiny" in out.stdout
+
+
 def test_every_package_folder_is_installed_under_the_namespace():
     """pyproject's package list names every folder with an __init__.py under the four package folders."""
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
@@ -85,6 +96,12 @@ def test_an_installed_model_package_trains_passes_the_conformance_kit_and_is_nam
     assert plugin["found_by"] == "entry point" and plugin["used"] is True
     assert re.fullmatch(r"[0-9a-f]{64}", plugin["source_sha256"]) and plugin["source_files"] >= 3
     assert plugin["path"] == str(installed / "mingru")
+    report = run(["-m", "seqbench.reports", str(tmp_path / "run"), "--out", str(tmp_path / "report")],
+                 pythonpath=[installed])
+    assert report.returncode == 0, report.stderr[-3000:]
+    md = (tmp_path / "report" / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| mingru |"))
+    assert "| seqbench-mingru | 0.1.0 |" in row and plugin["source_sha256"][:12] in row and row.endswith("| 1 |")
     kit = run(["-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")], pythonpath=[installed])
     assert kit.returncode == 0 and re.search(r"\b1[0-9] passed", kit.stdout), kit.stdout[-3000:]
     assert seqbench_files() == before, "running a plug-in changed seqbench's own files"

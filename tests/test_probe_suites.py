@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from seqbench import tasks
+from seqbench import models, tasks
 from seqbench.harness import job
 from seqbench.tasks.probes import IGNORE, NO_ANSWER
 from seqbench.tasks.zoology import MAD_TASKS, memorization_map, power_law
@@ -208,8 +208,9 @@ def test_suite_experiments_sweep_the_tasks_and_list_architectures_once(make_cfg,
     sweep = yaml.safe_load((ROOT / "conf" / "experiment" / f"{experiment}.yaml").read_text())
     params = sweep["hydra"]["sweeper"]["params"]
     assert sorted(params["task"].split(",")) == sorted(task_names)
-    archs = params["model"].split(",")
-    assert sorted(a.split("_")[0] for a in archs) == sorted(["transformer", "lstm", "gru", "convs2s", "bytenet"])
+    assert params["model"].startswith("${seqbench.models:_tiny}")  # every registered architecture, plug-ins too
+    archs = job.preset_list("_tiny").split(",")
+    assert archs == [f"{a}_tiny" for a in models.MODELS]
     assert len(params["trainer.lr"].split(",")) >= 2  # a grid per cell, the best kept by the report
     for name in task_names:  # every task has its preset
         assert (ROOT / "conf" / "task" / f"{name}.yaml").is_file(), name

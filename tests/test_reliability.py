@@ -109,7 +109,8 @@ def _cache_under_a_file(tmp_path):
 # Each pattern holds the problem and the fix (the valid values, the setting to change).
 JOB_CASES = [
     ("unknown_model_name", ["model=transformer_tiny", "model.name=nope", *COPY],
-     r"model.name='nope'; valid: bytenet, convs2s, gru, lstm, transformer"),
+     r"model.name='nope': unknown model 'nope'; valid models: transformer, lstm, gru, convs2s, bytenet, .*gla.* "
+     r"\(built in\).*model.architecture"),
     ("unknown_task_name", ["model=transformer_tiny", *COPY, "task.name=nope"],
      r"unknown task 'nope'; valid tasks: assoc_recall, copy, delayed_copy, mad_compression, .*, mqar, multi30k, "
      r"parallel_files, ptb, reverse, text_files"),

@@ -79,6 +79,14 @@ THEORY = {
     "dilated convolutional": ("O(k·n·d²)", "O(1)", "O(log_k(n))"),
     "restricted self-attention": ("O(r·n·d)", "O(1)", "O(n/r)"),
 }
+# Architectures whose paper entries the measured layer type does not give: a linear recurrence trained by a parallel
+# (chunked) scan is recurrent in its sequential path (the state carries position j to i through i - j updates)
+# but not in its parallel depth; the measured graph depth shows the chunked form's (n / chunk + the chunk's own).
+THEORY_BY_ARCHITECTURE = {
+    "transformer_pp": THEORY["self-attention"],
+    "mamba": ("O(n·d·N) (state N)", "O(n) as a recurrence; O(log n) as a parallel scan", "O(n)"),
+    "gla": ("O(n·d²/h) (h heads)", "O(n) as a recurrence; O(n/c) chunkwise (chunk c)", "O(n)"),
+}
 ATTENTION_OPS = ("softmax", "scaled_dot_product_attention")
 INF = float("inf")
 
@@ -452,7 +460,8 @@ def table1_markdown(results: dict[str, dict]) -> str:
         if not pl:
             lines.append(f"| {arch} | failed |" + " |" * (len(head) - 2))
             continue
-        theory = THEORY.get(pl["layer_type"], ("?", "?", "?"))
+        theory = (THEORY_BY_ARCHITECTURE.get(arch.split("-")[0]) or THEORY.get(pl["layer_type"])
+                  or ("?", "?", "?"))
         latency = ", ".join(f"{t * 1e3:.2g}" for t in pl["latency_s"]) if pl.get("latency_s") else "–"
         if pl.get("latency_exponent") is not None:
             latency += f" (∝ n^{pl['latency_exponent']:.2f}, {pl['latency_device']})"

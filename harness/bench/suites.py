@@ -1,10 +1,12 @@
 """Benchmarks in one process: seqbench against plain PyTorch (training), bf16 against fp32 (training), cached
-against recomputed decoding.
+against recomputed decoding, decoder state and speed against output length.
 
     python -m seqbench.harness.bench --suite all --preset small --device cpu --repeats 7 --json bench.json
     python -m seqbench.harness.bench --preset transformer_base --device cuda --precision bf16 --compile
 
-Suites (``--suite``; ``all`` runs every one):
+Suites (``--suite``; ``all`` runs every one). Each runs every registered architecture (``models.MODELS``)
+unless ``--archs`` names some, except ``train``, which runs those with a plain-PyTorch twin (``ARCHS``) and
+says which it skipped:
 
 - ``train``: per architecture, one training step (forward, label-smoothed cross-entropy,
   backward, Adam step) of seqbench's model against its plain-PyTorch twin of the same size
@@ -26,6 +28,12 @@ Suites (``--suite``; ``all`` runs every one):
   at every step (``harness.bench.decoding``), on random sources of newstest2014-like lengths
   (27 +- 15 subwords), end-of-sentence masked so every hypothesis runs to its limit (a|s|+b);
   eval mode, under ``--precision``'s autocast, never compiled.
+- ``state``: per architecture and output length (``--lengths``, default 64 to 1024), greedy decoding of
+  ``--batch`` (default 16) random sources of ``--src-len`` tokens with end-of-sentence masked: the decoder
+  state's bytes after the last step (per hypothesis and per sentence, ``src_*``: the Transformer's KV cache
+  grows with the output, a recurrent mixer's state does not), the decode's peak memory, the time per generated
+  token (and over the last 64 steps alone), each beside the Transformer's at that length
+  (``harness.bench.state``); a length an architecture cannot reach gets a row saying why.
 
 ``--preset``: ``small`` (the CPU comparison presets, ``conf/model/<arch>.yaml``), ``tiny`` (the
 same structure at test size: the ``*_tiny.yaml`` presets differ in structure), ``paper`` (each
@@ -33,10 +41,12 @@ architecture at its published size, ``PAPER``; 256 sentences x (50 + 50) tokens,
 vocabulary) or any preset file name (``transformer_base``: that architecture only). Timing (``harness.bench.timing``):
 ``warmup`` calls each, then ``repeats`` interleaved rounds of ``steps`` calls each; the median
 over rounds, the spread as the interquartile range and the min-max of the per-round ratio.
-Tokens are target tokens: those scored by the loss (train, lm) or generated (decode). Ratios
+Tokens are target tokens: those scored by the loss (train, lm) or generated (decode, state). Ratios
 are seqbench / baseline in speed (>1: seqbench faster; decode: cached faster than recomputing)
-and in peak memory (<1: seqbench leaner). FLOPs per step come from torch's FLOP counter with
-``harness.profile``'s additions; on CUDA, MFU is FLOPs / time / the measured matmul ceiling.
+and in peak memory (<1: seqbench leaner); the state suite times each decode alone (``repeats``
+rounds, no pair) and divides by the Transformer's (<1: leaner or faster). FLOPs per step come
+from torch's FLOP counter with ``harness.profile``'s additions; on CUDA, MFU is FLOPs / time /
+the measured matmul ceiling.
 """
 from __future__ import annotations
 
@@ -61,18 +71,22 @@ from ..optim import adam
 from ..train import TrainConfig
 from .baselines import BASELINE_NAMES, WordLanguageModel, build_baseline
 from .decoding import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
+from .state import Settings, state_notes, state_rows, state_table
 from .timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary, sync,
                      time_interleaved)
 
-ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")
-SUITES = ("train", "lm", "precision", "decode")
+ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")  # those with a plain-PyTorch twin (baselines.py)
+SUITES = ("train", "lm", "precision", "decode", "state")
 TINY = {"d_model": 32, "n_layers": 2, "d_ff": 64, "n_heads": 4, "channels": 32}  # over the small presets
 # defaults per --preset: translation batch (sentences, src_len, tgt_len, vocab), LM (batch, bptt, vocab,
-# emsize = nhid), decoding (sentences, sentences per batch, mean and sd of source lengths)
+# emsize = nhid), decoding (sentences, sentences per batch, mean and sd of source lengths), state (sentences,
+# output lengths; its sources have --src-len tokens)
 SHAPES = {
-    "tiny": {"batch": (4, 10, 10, 64), "lm": (4, 8, 64, 16), "decode": (8, 4, 8.0, 4.0)},
-    "small": {"batch": (128, 32, 32, 8000), "lm": (20, 35, 33278, 200), "decode": (64, 32, 27.0, 15.0)},
-    "paper": {"batch": (256, 50, 50, 37000), "lm": (20, 35, 33278, 200), "decode": (64, 32, 27.0, 15.0)},
+    "tiny": {"batch": (4, 10, 10, 64), "lm": (4, 8, 64, 16), "decode": (8, 4, 8.0, 4.0), "state": (4, (8, 16))},
+    "small": {"batch": (128, 32, 32, 8000), "lm": (20, 35, 33278, 200), "decode": (64, 32, 27.0, 15.0),
+              "state": (16, (64, 128, 256, 512, 1024))},
+    "paper": {"batch": (256, 50, 50, 37000), "lm": (20, 35, 33278, 200), "decode": (64, 32, 27.0, 15.0),
+              "state": (16, (64, 128, 256, 512, 1024))},
 }
 
 
@@ -227,11 +241,20 @@ def translation_batch(args, device) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(device) for t in (src, torch.full((B,), S), tgt[:, :-1], tgt[:, 1:]))
 
 
+def without_twin(archs: list[str]) -> list[str]:
+    """The architectures of ``archs`` that the train suite skips: no plain-PyTorch twin in ``baselines``."""
+    return [a for a in archs if a not in BASELINE_NAMES]
+
+
 def train_suite(args, device, precision, ceiling) -> list[dict]:
     B, S, T, V = args.batch, args.src_len, args.tgt_len, args.vocab
     batch = translation_batch(args, device)
+    skipped = without_twin(args.models)
+    if skipped:
+        print(f"[bench] train: skipping {', '.join(skipped)}: no plain-PyTorch twin in harness.bench.baselines",
+              flush=True)
     rows = []
-    for arch, cfg in presets(args.preset, args.models):
+    for arch, cfg in presets(args.preset, [a for a in args.models if a not in skipped]):
         pair = [(lambda n: label(arch, cfg, n), lambda: models.build(cfg, translation_task(V)),
                  lambda m: seq2seq_loss(batch, fused=not args.plain_loss)),
                 (lambda n: f"{BASELINE_NAMES[arch]} ({n / 1e6:.2f}M)", lambda: build_baseline(cfg, V),
@@ -322,6 +345,15 @@ def decode_suite(args, device, precision, ceiling) -> list[dict]:
     return rows
 
 
+# -- decoder state against output length -----------------------------------------------------------------
+def state_suite(args, device, precision, ceiling) -> list[dict]:
+    _, autocast = autocast_for(device, precision)
+    settings = Settings(vocab=args.vocab, batch=args.state_batch, src_len=args.src_len, lengths=tuple(args.lengths),
+                        device=device, precision=precision, autocast=autocast, repeats=args.repeats,
+                        warmup=args.warmup, seed=args.seed)
+    return state_rows(presets(args.preset, args.models), settings, label)
+
+
 # -- output -----------------------------------------------------------------------------------
 def progress(row: dict) -> None:
     print(f"[bench] {row['suite']}: {row['model']} vs {row['baseline']}: ratio {row['ratio']:.2f}", flush=True)
@@ -365,6 +397,7 @@ TITLES = {
     "precision": "seqbench's training step, bf16 autocast vs fp32 (ratio > 1: bf16 faster)",
     "lm": "Language-model training step, seqbench LSTM LM vs PyTorch examples word_language_model",
     "decode": "Beam search, cached incremental decoding vs recomputing the prefix (ratio = speedup of caching)",
+    "state": "Decode memory and speed against the Transformer's KV cache, by output length",
 }
 
 
@@ -378,7 +411,7 @@ def report(rows: list[dict], meta: dict) -> str:
     for suite in SUITES:
         suite_rows = [r for r in rows if r["suite"] == suite]
         if suite_rows:
-            table = precision_table(suite_rows) if suite == "precision" else markdown_table(suite_rows)
+            table = {"precision": precision_table, "state": state_table}.get(suite, markdown_table)(suite_rows)
             out += ["", f"### {TITLES[suite]}", "", f"{suite_rows[0]['shape']}", "", table]
             if suite == "precision" and meta["device"] == "cpu":
                 out += ["", f"CPU bf16 matrix instructions (AMX-BF16 or AVX512-BF16): "
@@ -387,9 +420,15 @@ def report(rows: list[dict], meta: dict) -> str:
             if suite == "decode":
                 out += ["", "speedup of caching >= 3x: " + ", ".join(
                     f"{r['arch']} {'yes' if r['ratio'] >= 3 else 'NO'} ({r['ratio']:.1f}x)" for r in suite_rows)]
+            if suite == "state":
+                out += [""] + state_notes(suite_rows)
             if meta.get("ceiling_flops") and suite in ("train", "lm"):
                 out += [""] + [f"MFU {r['model']}: {r['stats']['seqbench']['mfu']:.1%}, {r['baseline']}: "
                                f"{r['stats']['baseline']['mfu']:.1%}" for r in suite_rows]
+        skipped = without_twin(meta["args"]["models"]) if suite == "train" else []
+        if skipped and meta["args"]["suite"] in ("train", "all"):
+            out += ["", f"train: not run for {', '.join(skipped)} (no plain-PyTorch twin in harness.bench.baselines, "
+                        f"which has twins of {', '.join(BASELINE_NAMES)})"]
     return "\n".join(out)
 
 
@@ -415,13 +454,27 @@ def git_commit() -> str | None:
 
 
 # -- command line -----------------------------------------------------------------------------
+def output_lengths(text: str) -> list[int]:
+    """``--lengths``: "64,128" -> [64, 128], each a positive integer, none repeated."""
+    try:
+        lengths = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated whole numbers of output tokens, "
+                                         "e.g. 64,128,256") from None
+    if not lengths or min(lengths) < 1 or len(set(lengths)) < len(lengths):
+        raise argparse.ArgumentTypeError(f"{text!r}: every output length must be a positive integer, given once")
+    return sorted(lengths)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--suite", default="train", choices=[*SUITES, "all"])
     ap.add_argument("--preset", default="small",
                     help="tiny, small, paper (every architecture at its published size) or a preset file name "
                          "(e.g. transformer_base: that architecture only)")
-    ap.add_argument("--models", default=",".join(ARCHS), help="comma-separated architectures (tiny/small presets)")
+    ap.add_argument("--archs", "--models", dest="models", default=None,
+                    help="comma-separated architectures (tiny/small/paper presets; default: every registered one, "
+                         "with --preset paper those with a published size; train: those with a plain-PyTorch twin)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="auto",
                     help="auto (bf16 where the GPU or CPU multiplies bf16 natively, else fp32), fp32, bf16, fp16; "
@@ -442,6 +495,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                        ("--decode-sentences", int), ("--decode-batch", int), ("--decode-mean-len", float),
                        ("--decode-sd-len", float)):
         g.add_argument(flag, type=kind, default=None)
+    g.add_argument("--lengths", type=output_lengths, default=None,
+                   help="state suite: comma-separated output lengths in tokens (default 64,128,256,512,1024; tiny: "
+                        "8,16); --batch sets its sentences (default 16; tiny: 4), --src-len their tokens")
     g.add_argument("--beam", type=int, default=4)
     g.add_argument("--len-a", type=float, default=1.0, help="decoding length limit a|s|+b")
     g.add_argument("--len-b", type=int, default=0)
@@ -456,16 +512,26 @@ def parse_args(argv=None) -> argparse.Namespace:
         if value is not None and not (value >= 0 and math.isfinite(value)):
             ap.error(f"{flag} {value}: must be a finite number >= 0")
     shapes = SHAPES[shape_key(args.preset)]
+    args.state_batch = args.batch if args.batch is not None else shapes["state"][0]  # before --batch's default
+    args.lengths = args.lengths or list(shapes["state"][1])
     for names, key in ((("batch", "src_len", "tgt_len", "vocab"), "batch"),
                        (("lm_batch", "bptt", "lm_vocab", "lm_size"), "lm"),
                        (("decode_sentences", "decode_batch", "decode_mean_len", "decode_sd_len"), "decode")):
         for name, default in zip(names, shapes[key]):
             if getattr(args, name) is None:
                 setattr(args, name, default)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = sorted(set(args.models) - set(ARCHS))
-    if unknown:
-        ap.error(f"--models: unknown {unknown}; valid: {', '.join(ARCHS)}")
+    published = args.preset == "paper"  # only architectures with a published-size preset (PAPER)
+    if args.models is None:
+        args.models = list(PAPER if published else models.MODELS)
+    else:
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(args.models) - set(models.MODELS))
+    if unknown or not args.models:
+        ap.error(f"--archs: {f'unknown {unknown}' if unknown else 'no architecture given'}; valid: "
+                 f"{', '.join(models.MODELS)}")
+    if published and set(args.models) - set(PAPER):
+        ap.error(f"--archs: no published-size preset for {sorted(set(args.models) - set(PAPER))} under --preset "
+                 f"paper; it has {', '.join(PAPER)}")
     if args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
     if args.beam > args.vocab:
@@ -487,7 +553,8 @@ def main(argv=None) -> list[dict]:
     rows = []
     for suite in suites:
         steps = args.steps or (10 if suite == "lm" else 3)
-        run = {"train": train_suite, "lm": lm_suite, "precision": precision_suite, "decode": decode_suite}[suite]
+        run = {"train": train_suite, "lm": lm_suite, "precision": precision_suite, "decode": decode_suite,
+               "state": state_suite}[suite]
         rows += run(argparse.Namespace(**{**vars(args), "steps": steps}), device, precision, ceiling)
     meta = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
             "precision": precision, "compile": args.compile, "plain_loss": args.plain_loss, "torch": torch.__version__,
