@@ -52,7 +52,8 @@ class MultiHeadAttention(nn.Module):
     def step(self, x, k_cache, v_cache):
         """One new position x (B,1,D) against cached keys/values (B,H,t,dh)."""
         q, k, v = (self.split(t) for t in self.qkv(x).chunk(3, dim=-1))
-        k, v = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
+        # the cache in the projection's dtype (bf16 under autocast): an fp32 start would double it at every step
+        k, v = torch.cat([k_cache.to(k.dtype), k], dim=2), torch.cat([v_cache.to(v.dtype), v], dim=2)
         return self.attend(q, k, v), k, v
 
 

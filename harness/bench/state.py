@@ -250,7 +250,8 @@ def add_ratios(rows: list[dict], reference: str = REFERENCE) -> None:
             "time": r["per_token_s"] / base["per_token_s"]}
 
 
-def state_rows(configs: Sequence[tuple[str, dict]], s: Settings, name_of: Callable[[str, dict, int], str]) -> list[dict]:
+def state_rows(configs: Sequence[tuple[str, dict]], s: Settings,
+               name_of: Callable[[str, dict, int], str]) -> list[dict]:
     """Rows of every (architecture, seqbench config) at every length of ``s.lengths``, ratios to the reference's."""
     rows = []
     for arch, cfg in configs:
@@ -310,8 +311,8 @@ def state_notes(rows: list[dict]) -> list[str]:
             first, last = done[0], done[-1]
             a, b = first["state_bytes"]["hypothesis"], last["state_bytes"]["hypothesis"]
             change = "constant" if a == b else f"x{b / a:.1f}" if a else "from nothing"
-            growth.append(f"{arch} {human_bytes(a)} -> {human_bytes(b)} ({change} for x{last['length'] / first['length']:g} "
-                          "tokens)")
+            growth.append(f"{arch} {human_bytes(a)} -> {human_bytes(b)} ({change} for "
+                          f"x{last['length'] / first['length']:g} tokens)")
     if growth:
         notes.append("per-hypothesis state from the shortest to the longest output: " + ", ".join(growth))
     return notes
