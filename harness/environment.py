@@ -69,8 +69,7 @@ MEMORY_KINDS = {
     "job_peak_rss": "the process's peak resident memory during the job (VmHWM of /proc/self/status, reset at the "
                     "job's start through /proc/self/clear_refs); a job of a local sweep runs in a process forked from "
                     "the sweep's, which maps the libraries' pages only as it touches them: the pages the sweep's "
-                    "process held and the job had not touched at its start are added, as a process of its own holds "
-                    "them",
+                    "process held and the job never touched are added, as a process of its own holds them",
     "job_sampled_rss": "the largest resident memory of the process sampled every "
                        "0.05 s during the job (where the kernel's high-water mark cannot be reset)",
     "process_max_rss": "the process's lifetime peak resident memory (getrusage ru_maxrss): in a sweep run in one "
@@ -126,6 +125,15 @@ def _release_freed_memory() -> None:
         pass
 
 
+def _untouched_library_pages() -> int:
+    """In a job forked from a sweep's process: the file-backed pages (the libraries' code and data) that process
+    held and this one has not touched by now, at the job's end: a process of its own would hold them from its
+    imports (0 outside a forked job). Pages the job touched are in its own high-water mark already."""
+    if not PARENT_RSS_FILE:
+        return 0
+    return max(0, PARENT_RSS_FILE[0] - (_status_bytes("RssFile") or 0))
+
+
 class PeakMemory:
     """A job's own peak memory, measured from its start (:meth:`result`: the record's cost entries).
 
@@ -144,8 +152,6 @@ class PeakMemory:
             self.kind = "cuda_allocated"
             return
         _release_freed_memory()
-        # a forked sweep job: the file-backed pages (libraries) its parent held that it has not mapped yet
-        self.untouched = max(0, PARENT_RSS_FILE[0] - (_status_bytes("RssFile") or 0)) if PARENT_RSS_FILE else 0
         if _reset_high_water_mark():
             self.kind = "job_peak_rss"
         elif _status_bytes("VmRSS") is not None:
@@ -173,10 +179,10 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated(self.device)
         elif self.kind == "job_peak_rss":
             peak = _status_bytes("VmHWM")
-            peak = None if peak is None else peak + self.untouched
+            peak = None if peak is None else peak + _untouched_library_pages()
         elif self.kind == "job_sampled_rss":
             self.stop()
-            peak = self._peak + self.untouched
+            peak = self._peak + _untouched_library_pages()
         else:
             import resource
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
