@@ -146,6 +146,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         rec["config"]["trainer"]["label_smoothing"] = train_cfg.label_smoothing  # resolved: null is the task's
         sample = sample_batches(trainer.epoch_batches(0))
         flops_per_token = train_flops_per_token(model, [batch.to(device) for batch in sample])
+        trainer.flops_per_token = flops_per_token  # trainer.max_flops: the budget in these FLOPs
         progress = trainer.fit()
         rec["eval_checkpoint"] = _load_for_eval(model, cfg, out_dir, identity)
         metrics, outputs = evaluate(model, task, cfg, device, trainer.precision, stop)
@@ -252,7 +253,7 @@ def _costs(progress, metrics, flops_per_token, memory: dict, device) -> dict:
             "tokens": progress.tokens, "train_tokens_per_second": progress.tokens / max(progress.train_seconds, 1e-9),
             "decode_sentences_per_second": decode[-1] if decode else None,
             "flops_per_token": flops_per_token, "train_flops": flops_per_token * progress.tokens,
-            "flops_convention": FLOPS_CONVENTION,
+            "flops_convention": FLOPS_CONVENTION, "ended_by": progress.ended_by,
             **memory, **utilization.costs(progress, device)}
 
 

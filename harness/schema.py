@@ -37,7 +37,7 @@ from .secrets import scrub
 SCHEMA_VERSION = 1
 RECORD_NAME = "record.json"
 STATUSES = ("running", "ok", "failed", "interrupted")
-BUDGET_KEYS = ("max_seconds", "max_steps", "max_tokens", "max_epochs")  # config.trainer: what bounds training
+BUDGET_KEYS = ("max_seconds", "max_steps", "max_tokens", "max_epochs", "max_flops")  # config.trainer: what bounds training
 COST_KEYS = ("train_seconds", "steps", "tokens", "train_tokens_per_second", "decode_sentences_per_second",
              "peak_memory_bytes", "peak_memory_kind", "train_flops", "flops_per_token", "cpu_utilization",
              "gpu_utilization")
@@ -163,6 +163,7 @@ class Costs(_Part):
     peak_memory_kind: Text = None
     train_flops: Number = None
     flops_per_token: Number = None
+    ended_by: Text = None
     cpu_utilization: Number = None
     gpu_utilization: Number = None
     load_average: Optional[dict[str, Number]] = None

@@ -109,6 +109,7 @@ SETTINGS: dict[str, Rule] = {
     "trainer.max_steps": budget("integer"),
     "trainer.max_epochs": budget("number"),
     "trainer.max_seconds": budget("number"),
+    "trainer.max_flops": budget("number"),
     "trainer.lr": number(lambda v: v > 0, "> 0"),
     "trainer.warmup_steps": integer(0),
     "trainer.min_lr_ratio": number(lambda v: 0 <= v <= 1, "in [0, 1]"),

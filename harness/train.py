@@ -46,6 +46,7 @@ class TrainConfig:
     max_steps: int | None = None
     max_epochs: float | None = None
     max_seconds: float | None = None
+    max_flops: float | None = None  # counted training FLOPs (costs.train_flops: FLOPs per token x tokens)
     lr: float = 7e-4
     schedule: str = "inverse_sqrt"  # inverse_sqrt | constant | cosine | plateau
     warmup_steps: int = 4000
@@ -82,9 +83,10 @@ class TrainConfig:
         return super().__new__(cls)
 
     def __post_init__(self):
-        if not (self.max_steps or self.max_epochs or self.max_seconds):
-            raise ValueError("no training budget: set trainer.max_steps, trainer.max_epochs or trainer.max_seconds")
-        for key in ("max_steps", "max_epochs", "max_seconds"):
+        if not (self.max_steps or self.max_epochs or self.max_seconds or self.max_flops):
+            raise ValueError("no training budget: set trainer.max_steps, trainer.max_epochs, trainer.max_seconds or "
+                             "trainer.max_flops")
+        for key in ("max_steps", "max_epochs", "max_seconds", "max_flops"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key}={getattr(self, key)} is negative; set a positive budget or null")
         for key in ("max_tokens", "eval_every", "log_every"):
@@ -95,8 +97,9 @@ class TrainConfig:
             raise ValueError(f"trainer.precision={self.precision!r}; valid: auto, fp32, bf16, fp16")
         if self.schedule not in ("inverse_sqrt", "constant", "cosine", "plateau"):
             raise ValueError(f"trainer.schedule={self.schedule!r}; valid: inverse_sqrt, constant, cosine, plateau")
-        if self.schedule == "cosine" and not (self.max_steps or self.max_seconds):
-            raise ValueError("trainer.schedule=cosine needs trainer.max_steps or trainer.max_seconds (its length)")
+        if self.schedule == "cosine" and not (self.max_steps or self.max_seconds or self.max_flops):
+            raise ValueError("trainer.schedule=cosine needs trainer.max_steps, trainer.max_flops or trainer.max_seconds "
+                             "(its length)")
         if not (self.threads in ("auto", None) or (type(self.threads) is int and self.threads >= 1)):
             raise ValueError(f"trainer.threads={self.threads!r}; valid: auto (the cores free at the start), null "
                              "(torch's default) or a positive integer")
@@ -106,7 +109,7 @@ class TrainConfig:
         self.betas = tuple(self.betas)
 
 
-def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 0) -> float:
+def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 0, flops: float = 0.0) -> float:
     """Multiplier of the learning rate at optimizer step ``step`` (0-based), after ``seconds`` of training and
     ``shrinks`` validations that did not improve on the best one.
 
@@ -126,7 +129,12 @@ def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 
         return warm
     if cfg.schedule == "plateau":
         return warm * cfg.lr_shrink ** shrinks
-    progress = (s - w) / max(1, cfg.max_steps - w) if cfg.max_steps else seconds / cfg.max_seconds
+    if cfg.max_steps:
+        progress = (s - w) / max(1, cfg.max_steps - w)
+    elif cfg.max_flops:  # a compute budget: the decay follows the FLOPs spent, whatever the step rate
+        progress = flops / cfg.max_flops
+    else:
+        progress = seconds / cfg.max_seconds
     progress = min(1.0, max(0.0, progress))
     return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -151,6 +159,7 @@ class Progress:
     # set when a resumed run found best.pt deleted: the best evaluation it lost, and which one best.pt holds now
     best_recreated: dict | None = None
     carried_state: tuple | None = None  # trainer.carry_state: the (detached) state the last batch ended in
+    ended_by: str | None = None  # the budget that ended training: max_steps, max_epochs, max_flops, max_seconds, stop_lr
 
 
 class Trainer:
@@ -171,6 +180,8 @@ class Trainer:
         self.tracker, self.decoding, self.should_stop = tracker, dict(decoding or {}), should_stop
         self.precision, self.autocast = autocast_for(device, cfg.precision)  # resolved: never "auto"
         self.p = Progress()
+        self.flops_per_token: float | None = None  # counted by the job before training; trainer.max_flops reads it
+        self.ended_by: str | None = None
         self.start_phase(0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         wrapped = model
@@ -188,7 +199,7 @@ class Trainer:
         kind, start = optim.phase(self.cfg, step)
         self.opt = optim.build(self.model.parameters(), self.cfg, self.device, kind)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(self.cfg, start + s, self.p.train_seconds, self.p.lr_shrinks))
+            self.opt, lambda s: lr_factor(self.cfg, start + s, self.p.train_seconds, self.p.lr_shrinks, self.flops()))
 
     def shrink_lr(self) -> None:
         """A validation did not improve on the best (schedule=plateau): shrink the learning rate from the next step."""
@@ -287,15 +298,23 @@ class Trainer:
                                      keep=self.keep_snapshots)
 
     # -- budget ------------------------------------------------------------------------------
+    def flops(self) -> float:
+        """Counted training FLOPs so far: FLOPs per token (counted once, by the job) x training tokens."""
+        return (self.flops_per_token or 0.0) * self.p.tokens
+
     def budget_left(self, n_batches: int) -> bool:
+        """Whether training goes on; when not, ``ended_by`` names the budget that ended it."""
         c, p = self.cfg, self.p
-        if c.max_steps is not None and p.step >= c.max_steps:
-            return False
-        if c.max_epochs is not None and p.epoch + p.batch_in_epoch / max(1, n_batches) >= c.max_epochs:
-            return False
-        if c.schedule == "plateau" and self.sched.base_lrs[0] * c.lr_shrink ** p.lr_shrinks < c.stop_lr:
-            return False
-        return c.max_seconds is None or p.train_seconds < c.max_seconds
+        ended = [key for key, spent in (("max_steps", c.max_steps is not None and p.step >= c.max_steps),
+                                        ("max_epochs", c.max_epochs is not None
+                                         and p.epoch + p.batch_in_epoch / max(1, n_batches) >= c.max_epochs),
+                                        ("max_flops", c.max_flops is not None and self.flops() >= c.max_flops),
+                                        ("stop_lr", c.schedule == "plateau"
+                                         and self.sched.base_lrs[0] * c.lr_shrink ** p.lr_shrinks < c.stop_lr),
+                                        ("max_seconds", c.max_seconds is not None and p.train_seconds >= c.max_seconds))
+                 if spent]
+        self.ended_by = ended[0] if ended else None
+        return not ended
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, batch, n_tokens: int | None = None) -> torch.Tensor | None:
@@ -402,26 +421,36 @@ class Trainer:
             left.append(c.max_seconds - p.train_seconds)
         if c.max_steps and p.step:
             left.append((c.max_steps - p.step) * p.train_seconds / p.step)
+        if c.max_flops and p.tokens:
+            left.append((c.max_flops - self.flops()) * p.train_seconds / self.flops())
         return f"{max(0, min(left)) / 60:.1f}min" if left else "?"
 
     def progress_bar(self, n_batches: int) -> tqdm:
-        """The job's progress line, to a total: steps out of ``max_steps`` (or the steps of ``max_epochs``), or whole
-        seconds of training out of ``max_seconds`` when time alone bounds training; tqdm shows the time left, and
-        :meth:`advance` adds step, loss, lr and the training time left under the budget that ends first (eta)."""
+        """The job's progress line, to a total: steps out of ``max_steps`` (or the steps of ``max_epochs``), per mille
+        of ``max_flops`` when a FLOP budget bounds training, or whole seconds of training out of ``max_seconds`` when
+        time alone does; tqdm shows the time left, and :meth:`advance` adds step, loss, lr and the training time left
+        under the budget that ends first (eta)."""
         c, p = self.cfg, self.p
-        self._by_time = bool(c.max_seconds) and not c.max_steps
-        self._bar_at = int(p.train_seconds) if self._by_time else p.step
+        self._by_flops = bool(c.max_flops) and not c.max_steps
+        self._by_time = bool(c.max_seconds) and not c.max_steps and not self._by_flops
+        self._bar_at = self._bar_position()
         self._bar_shown = -math.inf
-        kwargs = {"unit": "s"} if self._by_time else {}
-        total = math.ceil(c.max_seconds) if self._by_time else c.max_steps or math.ceil(c.max_epochs * n_batches)
+        kwargs = {"unit": "s"} if self._by_time else {"unit": "‰ FLOPs"} if self._by_flops else {}
+        total = (1000 if self._by_flops else math.ceil(c.max_seconds) if self._by_time
+                 else c.max_steps or math.ceil(c.max_epochs * n_batches))
         self._bar_total = total
         return tqdm(total=total, initial=self._bar_at, disable=not (c.progress and self.dist.main),
                     dynamic_ncols=True, desc="train", mininterval=BAR_SECONDS, **kwargs)
 
+    def _bar_position(self) -> int:
+        if self._by_flops:
+            return min(1000, int(1000 * self.flops() / self.cfg.max_flops))
+        return int(self.p.train_seconds) if self._by_time else self.p.step
+
     def advance(self, bar: tqdm, window: list) -> None:
         """One step on the progress line (whole seconds of training when it counts time); at most every
         ``BAR_SECONDS`` its text: step, mean token loss since the last log step, lr and eta."""
-        at = int(self.p.train_seconds) if self._by_time else self.p.step
+        at = self._bar_position()
         last = self._bar_at < self._bar_total <= at  # the budget's end: the line shows the final values
         if at > self._bar_at:
             bar.update(at - self._bar_at)
@@ -448,6 +477,9 @@ class Trainer:
     def fit(self) -> Progress:
         """Train until the budget is spent; returns the final progress (logs included)."""
         torch.manual_seed(self.seed + 7919 * self.dist.rank)  # rank 0 draws what a single process draws
+        if self.cfg.max_flops and not self.flops_per_token:
+            raise ValueError("trainer.max_flops needs the model's training FLOPs per token, which job.run counts before "
+                             "training (Trainer.flops_per_token); set it, or bound training by steps or seconds")
         self.maybe_resume()
         self.model.train()
         cfg, p = self.cfg, self.p
@@ -497,6 +529,7 @@ class Trainer:
                     if p.step % cfg.eval_every == 0:
                         self.evaluate_and_save()
                 if not self.budget_left(len(batches)):
+                    p.ended_by = self.ended_by
                     break
                 p.epoch, p.batch_in_epoch = p.epoch + 1, 0
         except Interrupted:

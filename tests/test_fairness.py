@@ -108,7 +108,7 @@ def test_the_shared_settings_note_does_not_call_flagged_runs_fair(tmp_path):
     reports.build([write_records(tmp_path / "records", quiet)], tmp_path / "report")
     fair = (tmp_path / "report" / "report.md").read_text().split("## Fair comparison")[1].split("## Results")[0]
     assert ("Within each task, all finished runs share these settings: trainer.max_seconds, trainer.max_steps, "
-            "trainer.max_tokens, trainer.max_epochs, model preset, precision, device, torch version, tokenization, "
+            "trainer.max_tokens, trainer.max_epochs, trainer.max_flops, model preset, precision, device, torch version, tokenization, "
             "eval.lm_protocol, task.\\* (task settings and tokenization). They did not share the hardware alike: the comparison is not "
             "fair for the runs flagged above (1).") in fair
     reports.build([write_records(tmp_path / "fair", [with_utilization(r, 1.0) for r in quiet])], tmp_path / "fair_r")

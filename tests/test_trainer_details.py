@@ -64,9 +64,9 @@ def test_the_trainers_cosine_follows_the_training_time_it_has_spent(tmp_path):
 
 # -- TrainConfig's messages --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("settings, message", [
-    ({}, "no training budget: set trainer.max_steps, trainer.max_epochs or trainer.max_seconds"),
+    ({}, "no training budget: set trainer.max_steps, trainer.max_epochs, trainer.max_seconds or trainer.max_flops"),
     ({"max_epochs": 1, "schedule": "cosine"},
-     "trainer.schedule=cosine needs trainer.max_steps or trainer.max_seconds (its length)"),
+     "trainer.schedule=cosine needs trainer.max_steps, trainer.max_flops or trainer.max_seconds (its length)"),
     ({"max_steps": 1, "threads": 0},
      "trainer.threads=0; valid: auto (the cores free at the start), null (torch's default) or a positive integer"),
 ])

@@ -619,7 +619,7 @@ def test_lm_scores_turn_summed_losses_into_metrics(monkeypatch, metrics):
     ({"max_steps": 5, "log_every": 0}, r"trainer.log_every=0 must be a positive integer"),
     ({"max_steps": 5, "precision": "fp8"}, r"trainer.precision='fp8'; valid: auto, fp32, bf16, fp16"),
     ({"max_steps": 5, "schedule": "linear"}, r"trainer.schedule='linear'; valid: inverse_sqrt"),
-    ({"max_epochs": 1, "schedule": "cosine"}, "cosine needs trainer.max_steps or trainer.max_seconds"),
+    ({"max_epochs": 1, "schedule": "cosine"}, "cosine needs trainer.max_steps, trainer.max_flops or trainer.max_seconds"),
     ({"max_steps": 5, "threads": 0}, r"trainer.threads=0; valid: auto"),
     ({"max_steps": 5, "threads": True}, r"trainer.threads=True; valid: auto"),
     ({"max_steps": 5, "threads": "all"}, r"trainer.threads='all'; valid: auto"),
