@@ -62,3 +62,28 @@ def test_a_stop_signal_between_jobs_reaches_the_next_job_as_a_stop_not_a_kill():
         assert sweep_job.in_child(flag_state) == {"stopped": False}  # handed on once
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_stop_sent_while_the_job_is_being_forked_reaches_the_job(monkeypatch):
+    """SIGTERM to the sweep between the fork and the sweep's knowing its job's pid: held back, then passed on."""
+    real_fork = os.fork
+
+    def fork_then_stop() -> int:
+        pid = real_fork()
+        if pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return pid
+
+    def stopped() -> dict:
+        import time  # noqa: PLC0415
+
+        from seqbench.harness.cluster.signals import StopFlag  # noqa: PLC0415
+        time.sleep(0.3)
+        return {"stopped": StopFlag()()}
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(os, "fork", fork_then_stop)
+    try:
+        assert sweep_job.in_child(stopped) == {"stopped": True}
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -23,6 +23,7 @@ from .. import environment
 from .signals import StopFlag
 
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)  # and SIGINT while a job runs
+HELD = (*FORWARDED, signal.SIGINT)  # held back while a job is forked: none is lost between fork and hand-over
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 _child: list[int] = []  # the running job's pid
 _pending: list[int] = []  # a stop signal that came between jobs: the next job starts stopped
@@ -30,11 +31,14 @@ _pending: list[int] = []  # a stop signal that came between jobs: the next job s
 
 def _forward(signum, frame) -> None:
     if _child:
-        os.kill(_child[0], signum)
-    elif signum == signal.SIGINT:
+        try:
+            os.kill(_child[0], signum)
+            return
+        except ProcessLookupError:  # the job has just ended: the next one takes the stop
+            pass
+    if signum == signal.SIGINT:
         raise KeyboardInterrupt
-    else:
-        _pending.append(signum)
+    _pending.append(signum)
 
 
 def _die_with_parent() -> None:
@@ -72,7 +76,12 @@ def in_child(run_job: Callable[..., dict], *args, **kwargs) -> dict:
     _flush()
     library_pages = environment._status_bytes("RssFile")
     read, write = os.pipe()
-    pid = os.fork()
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD)  # a stop now waits until the job can take it
+    try:
+        pid = os.fork()
+    except OSError:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+        raise
     if pid == 0:  # the job
         os.close(read)
         os.setpgid(0, 0)  # the terminal's Ctrl-C reaches the sweep, which passes it on once
@@ -87,6 +96,7 @@ def in_child(run_job: Callable[..., dict], *args, **kwargs) -> dict:
             flag = StopFlag()  # the job's own flag takes over from it, stop included
             if _pending:
                 flag.set(_pending[-1], None)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
             outcome = ("ok", run_job(*args, **kwargs))
         except BaseException as err:  # noqa: BLE001 (handed to the sweep's process, which raises it)
             outcome, code = ("error", err), 1
@@ -97,14 +107,15 @@ def in_child(run_job: Callable[..., dict], *args, **kwargs) -> dict:
             os._exit(code)
     os.close(write)
     _child.append(pid)
+    _pending.clear()  # the job has it
     previous_int = signal.signal(signal.SIGINT, _forward)  # Ctrl-C: passed to the job; the sweep waits for it
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # a stop that came meanwhile goes to the job now
     try:
         with os.fdopen(read, "rb") as pipe:
             payload = pipe.read()
         _, status = os.waitpid(pid, 0)
     finally:
         _child.clear()
-        _pending.clear()
         signal.signal(signal.SIGINT, previous_int)
     if not payload:
         code = os.waitstatus_to_exitcode(status)
