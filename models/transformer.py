@@ -49,6 +49,11 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (self.split(t) for t in self.qkv(x).chunk(3, dim=-1))
         return self.attend(q, k, v, mask, causal)
 
+    def attend_to(self, y, k, v, mask=None):
+        """Cross-attention: queries from y (B,T,D) to precomputed keys/values (B,H,S,dh) (:meth:`project_kv`),
+        where mask (B,1,1,S) is True."""
+        return self.attend(self.split(self.q(y)), k, v, mask)
+
     def step(self, x, k_cache, v_cache):
         """One new position x (B,1,D) against cached keys/values (B,H,t,dh)."""
         q, k, v = (self.split(t) for t in self.qkv(x).chunk(3, dim=-1))
@@ -117,7 +122,7 @@ class CausalLayer(nn.Module):
         self.r = nn.ModuleList(Residual(d_model, dropout, pre_norm) for _ in range(3 if cross else 2))
 
     def cross(self, y, k, v, mask):
-        return self.cross_attn.attend(self.cross_attn.split(self.cross_attn.q(y)), k, v, mask)
+        return self.cross_attn.attend_to(y, k, v, mask)
 
     def causal_self_attn(self, y):
         if self.window is None:

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqbench.models.common import Dropout, check_divisible
+from seqbench.models.common import Dropout
+from seqbench.models.transformer import MultiHeadAttention
 
 from . import kernels
 from .recurrence import chunkwise_gla, recurrent_step
@@ -192,36 +193,16 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-class CrossAttention(nn.Module):
-    """Multi-head attention from the decoder to the encoder's output (SDPA), as the Transformer's."""
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
-        super().__init__()
-        check_divisible(d_model, n_heads)
-        self.h, self.dropout = n_heads, dropout
-        self.q, self.out = nn.Linear(d_model, d_model), nn.Linear(d_model, d_model)
-        self.kv = nn.Linear(d_model, 2 * d_model)
-        xavier_blocks(self.kv.weight, [d_model, d_model])
-        for layer in (self.q, self.out):
-            nn.init.xavier_uniform_(layer.weight)
-        for layer in (self.q, self.kv, self.out):
-            nn.init.zeros_(layer.bias)
-
-    def split(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        return x.view(B, T, self.h, D // self.h).transpose(1, 2)  # (B,H,T,D/H)
-
-    def memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder output (B,S,D) -> keys, values (B,H,S,D/H)."""
-        k, v = self.kv(memory).chunk(2, dim=-1)
-        return self.split(k), self.split(v)
-
-    def forward(self, y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """y (B,T,D) attends to k, v (B,H,S,D/H) where mask (B,1,1,S) is True -> (B,T,D)."""
-        p = self.dropout if self.training else 0.0
-        o = F.scaled_dot_product_attention(self.split(self.q(y)), k, v, attn_mask=mask, dropout_p=p)
-        B, H, T, dh = o.shape
-        return self.out(o.transpose(1, 2).reshape(B, T, H * dh))
+def cross_attention(d_model: int, n_heads: int, dropout: float) -> MultiHeadAttention:
+    """The Transformer's cross-attention (SDPA): Xavier-uniform weights (the key and value blocks of the fused
+    projection each on its own), zero biases."""
+    attention = MultiHeadAttention(d_model, n_heads, dropout, cross=True)
+    xavier_blocks(attention.kv.weight, [d_model, d_model])
+    for layer in (attention.q, attention.out):
+        nn.init.xavier_uniform_(layer.weight)
+    for layer in (attention.q, attention.kv, attention.out):
+        nn.init.zeros_(layer.bias)
+    return attention
 
 
 class GLALayer(nn.Module):
@@ -236,19 +217,19 @@ class GLALayer(nn.Module):
         self.mix_norm = nn.RMSNorm(d_model, eps=NORM_EPS)
         self.mixer = GatedLinearAttention(d_model, n_heads, directions=2 if bidirectional else 1, **mixer)
         self.cross_norm = nn.RMSNorm(d_model, eps=NORM_EPS) if cross else None
-        self.cross = CrossAttention(d_model, n_heads, attn_dropout) if cross else None
+        self.cross = cross_attention(d_model, n_heads, attn_dropout) if cross else None
         self.ff_norm = nn.RMSNorm(d_model, eps=NORM_EPS)
         self.ff = SwiGLU(d_model, d_ff)
         self.drop = Dropout(dropout)
 
     def attend(self, x: torch.Tensor, memory: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        return x + self.drop(self.cross(self.cross_norm(x), *memory, mask))
+        return x + self.drop(self.cross.attend_to(self.cross_norm(x), *memory, mask))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None,
                 memory: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (B,T,D) -> (B,T,D); ``lengths`` for a bidirectional mixer, ``memory`` (cross-attention keys and
-        values, :meth:`CrossAttention.memory`) and ``mask`` (B,1,1,S) for the decoder's."""
+        values, the cross-attention's ``project_kv``) and ``mask`` (B,1,1,S) for the decoder's."""
         x = x + self.drop(self.mixer(self.mix_norm(x), lengths))
         if self.cross is not None:
             x = self.attend(x, memory, mask)

@@ -86,7 +86,7 @@ class GLASeq2Seq(Seq2Seq):
         memory, mask = self.run_encoder(src, src_lengths)
         y = self.tgt_embed(tgt_in)
         for layer in self.decoder:
-            y = layer(y, memory=layer.cross.memory(memory), mask=mask)
+            y = layer(y, memory=layer.cross.project_kv(memory), mask=mask)
         return self.proj(self.dec_norm(y))
 
     def encode(self, src: torch.Tensor, src_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -94,7 +94,7 @@ class GLASeq2Seq(Seq2Seq):
         state = {"src_mask": mask}
         dtype = torch.promote_types(memory.dtype, torch.float32)  # the recurrence's (layer.compute_dtype)
         for i, layer in enumerate(self.decoder):
-            state[f"src_k{i}"], state[f"src_v{i}"] = layer.cross.memory(memory)
+            state[f"src_k{i}"], state[f"src_v{i}"] = layer.cross.project_kv(memory)
             state[f"S{i}"] = memory.new_zeros(src.size(0), *layer.mixer.state_shape(), dtype=dtype)
         return state
 

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqbench.models.common import Dropout, check_divisible
+from seqbench.models.common import Dropout
+from seqbench.models.transformer import MultiHeadAttention, init_linear
 
 from . import kernels
 from .scan import selective_scan, ssm_step
@@ -157,37 +158,11 @@ class BidirectionalLayer(nn.Module):
         return x + self.drop(self.forward_mixer(y) + backward)
 
 
-class CrossAttention(nn.Module):
-    """Multi-head attention from the decoder to the encoder output, through
-    ``torch.nn.functional.scaled_dot_product_attention``; Xavier-uniform weights, zero biases (as the
-    Transformer's)."""
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
-        super().__init__()
-        check_divisible(d_model, n_heads)
-        self.h, self.dh, self.dropout = n_heads, d_model // n_heads, dropout
-        self.q, self.kv = nn.Linear(d_model, d_model), nn.Linear(d_model, 2 * d_model)
-        self.out = nn.Linear(d_model, d_model)
-        for m in (self.q, self.kv, self.out):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def split(self, x: torch.Tensor) -> torch.Tensor:
-        """(Bt, T, D) -> (Bt, H, T, D / H)."""
-        B, T, _ = x.shape
-        return x.view(B, T, self.h, self.dh).transpose(1, 2)
-
-    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder output (Bt, S, D) -> keys, values (Bt, H, S, D / H)."""
-        k, v = self.kv(memory).chunk(2, dim=-1)
-        return self.split(k), self.split(v)
-
-    def forward(self, y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """y (Bt, T, D) attends to k, v (Bt, H, S, D / H) where mask (Bt, 1, 1, S) is True -> (Bt, T, D)."""
-        p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(self.split(self.q(y)), k, v, attn_mask=mask, dropout_p=p)
-        B, H, T, dh = out.shape
-        return self.out(out.transpose(1, 2).reshape(B, T, H * dh))
+def cross_attention(d_model: int, n_heads: int, dropout: float) -> MultiHeadAttention:
+    """The Transformer's cross-attention (SDPA) with Xavier-uniform weights and zero biases, as the Transformer's."""
+    attention = MultiHeadAttention(d_model, n_heads, dropout, cross=True)
+    init_linear(attention)
+    return attention
 
 
 class DecoderLayer(nn.Module):
@@ -196,12 +171,12 @@ class DecoderLayer(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float, attn_dropout: float, **mixer):
         super().__init__()
         self.mixer_norm, self.mixer = nn.RMSNorm(d_model, eps=1e-5), MambaMixer(d_model, **mixer)
-        self.cross_norm, self.cross = nn.RMSNorm(d_model, eps=1e-5), CrossAttention(d_model, n_heads, attn_dropout)
+        self.cross_norm, self.cross = nn.RMSNorm(d_model, eps=1e-5), cross_attention(d_model, n_heads, attn_dropout)
         self.drop = Dropout(dropout)
 
     def attend(self, y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The cross-attention residual block, y (Bt, T, D) -> (Bt, T, D)."""
-        return y + self.drop(self.cross(self.cross_norm(y), k, v, mask))
+        return y + self.drop(self.cross.attend_to(self.cross_norm(y), k, v, mask))
 
     def forward(self, y: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """y (Bt, T, D); k, v of this layer's cross-attention; mask (Bt, 1, 1, S) True at the words."""
