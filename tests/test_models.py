@@ -7,13 +7,12 @@ import pytest
 import torch
 
 from seqbench import models
-from seqbench.models.common import BOS, EOS, PAD, SOURCE_PREFIX, conv_step, reorder_state
+from seqbench.models.common import EOS, PAD, conv_step, reorder_state
 from seqbench.harness.conformance import *  # noqa: F403 (the architecture tests, every registered model)
-from seqbench.harness.conformance import train_to_copy  # noqa: F401 (tests/test_eval.py uses it)
+from seqbench.harness.conformance import V, batch, train_to_copy  # noqa: F401 (the kit's batch; tests/test_eval.py uses train_to_copy)
 from seqbench.tasks.base import Shape
 
 ARCHS = sorted(models.MODELS)
-V = 23
 
 
 def preset(name: str) -> dict:
@@ -24,17 +23,6 @@ def build(arch: str, family: str, vocab: int = V, **over):
     task = Shape("seq2seq", {"src": vocab, "tgt": vocab}) if family == "translation" else Shape("lm", {"lm": vocab})
     torch.manual_seed(0)
     return models.build({**preset(f"{arch}_tiny"), **over}, task).eval()
-
-
-def batch(B=3, S=7, T=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(4, V, (B, S), generator=g)
-    lengths = torch.tensor([S, S - 2, S - 4][:B])
-    for b, n in enumerate(lengths):
-        src[b, n:] = PAD
-    tgt = torch.randint(4, V, (B, T), generator=g)
-    tgt[:, 0] = BOS
-    return src, lengths, tgt
 
 
 def test_unknown_model_lists_valid_names():
