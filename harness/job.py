@@ -16,6 +16,7 @@ from seqbench.tasks.base import EvalContext
 from seqbench.tasks.data import display_name
 
 from . import checkpoint, distributed, environment, lm_protocol, plugins, schema, secrets, settings, tuned, utilization
+from . import peak as peak_flops
 from . import metrics as scoring
 from .analysis import influence
 from .cluster.signals import StopFlag, slurm_job_id
@@ -144,9 +145,12 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
                           keep_snapshots=cfg.eval.average_last if cfg.eval.checkpoint == "average" else None)
         rec["environment"]["precision"] = trainer.precision  # resolved: what trainer.precision=auto chose
         rec["config"]["trainer"]["label_smoothing"] = train_cfg.label_smoothing  # resolved: null is the task's
+        rec["config"]["trainer"]["max_flops"] = train_cfg.max_flops  # resolved: a ladder's top rung
         sample = sample_batches(trainer.epoch_batches(0))
         flops_per_token = train_flops_per_token(model, [batch.to(device) for batch in sample])
         trainer.flops_per_token = flops_per_token  # trainer.max_flops: the budget in these FLOPs
+        peak = peak_flops.for_run(model, sample, device, trainer.precision)  # costs.mfu's denominator; never raises
+        trainer.on_rung = lambda k: _rung(rec, k, trainer, task, cfg, device, memory, stop, peak, d.world)  # ladder
         progress = trainer.fit()
         rec["eval_checkpoint"] = _load_for_eval(model, cfg, out_dir, identity)
         metrics, outputs = evaluate(model, task, cfg, device, trainer.precision, stop)
@@ -155,7 +159,9 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         rec.update(status="ok", metrics=metrics, resumed_from_step=trainer.resumed_from,
                    skipped_steps=progress.skipped_steps, best_recreated=progress.best_recreated,
                    curves={"train": progress.log, "valid": progress.evals},
-                   costs=_costs(progress, metrics, flops_per_token, memory.result(), device))
+                   costs=_costs(progress, metrics, flops_per_token, memory.result(), device, peak, d.world))
+        if train_cfg.ladder:  # the top rung is this run: its entry is the record's own result
+            rec["ladder"] = [*progress.ladder, {**trainer.rung_entry(), "metrics": metrics, "folder": "."}]
         check_converged(metrics)  # a diverged model fails the job; its metrics, curves and costs stay in the record
         tracker.summary({"record": secrets.scrub(rec)})
     except (Interrupted, KeyboardInterrupt) as err:
@@ -247,13 +253,45 @@ def _load_for_eval(model, cfg: DictConfig, out_dir: Path, identity: dict) -> dic
     return entry
 
 
-def _costs(progress, metrics, flops_per_token, memory: dict, device) -> dict:
+RUNG_DIR = "rung_{}"  # trainer.ladder: <out>/rung_<k>/ holds rung k's record.json and evaluation outputs
+
+
+def _rung(rec: dict, k: int, trainer: Trainer, task, cfg: DictConfig, device, memory, stop: StopFlag,
+          peak: peak_flops.Peak | None, processes: int) -> dict:
+    """trainer.ladder: evaluate rung ``k``'s cooled weights (the model as the cooldown left it) as the job evaluates
+    its final model, and write them as a run of their own, ``<out>/rung_<k>/record.json`` with its outputs: the
+    run a FLOP budget of the rung's size would have made (``config.trainer.max_flops`` is the rung's), so the
+    report's tables, plots and significance tests treat each rung as a system. Returns the rung's ladder entry."""
+    folder = Path(rec["job"]["output_dir"]) / RUNG_DIR.format(k)
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics, outputs = evaluate(trainer.model, task, cfg, device, trainer.precision, stop)
+    write_outputs(folder, outputs)
+    p, flops = trainer.p, trainer.cfg.ladder[k]
+    rung = {**rec, "job": {**rec["job"], "name": f"{rec['job']['name']}@{k}", "output_dir": str(folder)},
+            "config": {**rec["config"], "trainer": {**rec["config"]["trainer"], "max_flops": flops}},
+            "status": "ok", "metrics": metrics, "eval_checkpoint": {"kind": "ladder_rung", "steps": [p.step]},
+            "ladder_rung": {"rung": k, "of": len(trainer.cfg.ladder), "flops": flops, "run": rec["job"]["name"],
+                            "cooldown_from_step": p.branch["from_step"]},
+            "curves": {"train": list(p.log), "valid": list(p.evals)}, "skipped_steps": list(p.skipped_steps),
+            "costs": {**_costs(p, metrics, trainer.flops_per_token, memory.result(), device, peak, processes),
+                      "ended_by": "ladder_rung"}}
+    rung["job"]["finished"] = schema.now()
+    schema.write(folder / schema.RECORD_NAME, rung)
+    log.info("ladder: rung %d of %s evaluated: %s", k, rec["job"]["name"], folder)
+    return {"metrics": metrics, "folder": RUNG_DIR.format(k)}
+
+
+def _costs(progress, metrics, flops_per_token, memory: dict, device, peak: peak_flops.Peak | None = None,
+           processes: int = 1) -> dict:
+    """The record's ``costs``; ``peak`` (this device's, harness/peak.py) over ``processes`` devices gives ``mfu``
+    (None: not measured, ``mfu_note`` says so)."""
     decode = [m["sentences_per_second"] for m in metrics.values() if "sentences_per_second" in m]
     return {"train_seconds": progress.train_seconds, "steps": progress.step, "epochs": progress.epoch,
             "tokens": progress.tokens, "train_tokens_per_second": progress.tokens / max(progress.train_seconds, 1e-9),
             "decode_sentences_per_second": decode[-1] if decode else None,
             "flops_per_token": flops_per_token, "train_flops": flops_per_token * progress.tokens,
             "flops_convention": FLOPS_CONVENTION, "ended_by": progress.ended_by,
+            **peak_flops.costs(peak, flops_per_token * progress.tokens, progress.train_seconds, processes),
             **memory, **utilization.costs(progress, device)}
 
 

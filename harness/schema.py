@@ -14,8 +14,9 @@ Schema (version 1), top-level keys:
                threads_chosen, hostname, deterministic, precision, processes}  (harness/environment.py),
   model {name, preset, form, paper, parameters, warnings}, task (the task's ``describe()``: name, family, form,
   metrics, ...), metrics {<split>: the task's ``evaluate`` entries}, eval_checkpoint,
-  costs {COST_KEYS, flops_convention, cpu_seconds, cpu_threads, load_average {start, end},
-         gpu_utilization_samples} (harness/utilization.py: how much of the machine the run had),
+  costs {COST_KEYS (mfu, peak_flops, peak_method, mfu_note: harness/peak.py), flops_convention, cpu_seconds,
+         cpu_threads, load_average {start, end}, gpu_utilization_samples} (harness/utilization.py: how much of the
+         machine the run had),
   curves {train: [...], valid: [...]},
   resumed_from_step, skipped_steps, best_recreated; analysis jobs carry path_length or analysis instead.
 """
@@ -40,7 +41,7 @@ STATUSES = ("running", "ok", "failed", "interrupted")
 BUDGET_KEYS = ("max_seconds", "max_steps", "max_tokens", "max_epochs", "max_flops")  # config.trainer: what bounds training
 COST_KEYS = ("train_seconds", "steps", "tokens", "train_tokens_per_second", "decode_sentences_per_second",
              "peak_memory_bytes", "peak_memory_kind", "train_flops", "flops_per_token", "cpu_utilization",
-             "gpu_utilization")
+             "gpu_utilization", "mfu", "peak_flops", "peak_method", "mfu_note")
 CURVE_KEYS = ("step", "train_seconds", "valid_bleu_greedy", "valid_ppl", "valid_accuracy")  # curves.valid rows
 # Each metric's range (low, high; None: unbounded) where the record holds it (metrics.<split>.<key>, in the present
 # metric names: harness/metrics.py): a value outside it, or not a finite number, makes the record unreadable rather
@@ -163,6 +164,10 @@ class Costs(_Part):
     peak_memory_kind: Text = None
     train_flops: Number = None
     flops_per_token: Number = None
+    mfu: Number = None  # (train_flops / train_seconds) / peak_flops (harness/peak.py); null: mfu_note says why
+    peak_flops: Number = None
+    peak_method: Text = None
+    mfu_note: Text = None
     ended_by: Text = None
     cpu_utilization: Number = None
     gpu_utilization: Number = None

@@ -139,6 +139,16 @@ SETTINGS: dict[str, Rule] = {
     "trainer.resume": BOOLEAN,
     "trainer.progress": BOOLEAN,
     "trainer.carry_state": BOOLEAN,
+    "trainer.ladder": Rule(lambda v: v is None or (isinstance(v, list) and len(v) > 0 and all(
+        _is_number(f) and f > 0 for f in v) and all(b > a for a, b in zip(v, v[1:]))),
+        "null or increasing positive FLOP budgets, e.g. [3e13,1e14,3e14] (with trainer.schedule=wsd)"),
+    "trainer.cooldown": number(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.2"),
+    "tune.extend.enabled": BOOLEAN,
+    "tune.extend.max_points": integer(0),
+    "tune.extend.lr_min": Rule(lambda v: v is None or (_is_number(v) and v > 0),
+                               "a positive learning rate (the extension's lower limit) or null"),
+    "tune.extend.lr_max": Rule(lambda v: v is None or (_is_number(v) and v > 0),
+                               "a positive learning rate (the extension's upper limit) or null"),
     "eval.splits": Rule(lambda v: isinstance(v, list) and len(v) > 0 and all(s in SPLITS for s in v),
                         "a non-empty list of " + ", ".join(SPLITS)),
     "eval.checkpoint": choice("best", "last", "average"),
@@ -295,6 +305,14 @@ def problems(cfg: DictConfig) -> list[str]:
             OmegaConf.select(cfg, "trainer.save_every") or OmegaConf.select(cfg, "trainer.save_every_seconds")):
         found.append("eval.checkpoint=average averages the checkpoints saved every trainer.save_every steps or "
                      "trainer.save_every_seconds seconds, and neither is set; set one (e.g. trainer.save_every=1000)")
+    low, high = OmegaConf.select(cfg, "tune.extend.lr_min"), OmegaConf.select(cfg, "tune.extend.lr_max")
+    if _is_number(low) and _is_number(high) and not low < high:
+        found.append(f"tune.extend.lr_min={low} is not below tune.extend.lr_max={high}; the grid extends between "
+                     "them: set lr_min < lr_max (e.g. 1e-4 and 2e-2)")
+    if OmegaConf.select(cfg, "trainer.ladder") and OmegaConf.select(cfg, "eval.checkpoint") != "last":
+        found.append(f"trainer.ladder evaluates each rung's cooled weights, the last ones of its cooldown, and "
+                     f"eval.checkpoint={OmegaConf.select(cfg, 'eval.checkpoint')} would evaluate other weights at the "
+                     "top rung; set eval.checkpoint=last")
     from . import lm_protocol  # noqa: PLC0415 (it reads the model registry, which imports torch)
     return found + model_problems(cfg) + lm_protocol.problems(cfg)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from time import monotonic  # the progress line's clock (not the timed ``time`` of the steps)
@@ -48,7 +49,7 @@ class TrainConfig:
     max_seconds: float | None = None
     max_flops: float | None = None  # counted training FLOPs (costs.train_flops: FLOPs per token x tokens)
     lr: float = 7e-4
-    schedule: str = "inverse_sqrt"  # inverse_sqrt | constant | cosine | plateau
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | constant | cosine | plateau | wsd
     warmup_steps: int = 4000
     min_lr_ratio: float = 0.0  # cosine floor
     betas: tuple[float, float] = (0.9, 0.98)
@@ -75,6 +76,8 @@ class TrainConfig:
     progress: bool = True
     threads: int | str | None = "auto"  # auto (the free cores) | null (torch's default) | a number
     carry_state: bool = False  # recurrent LMs: truncated BPTT with the state carried across batches (lm_protocol)
+    ladder: list[float] | None = None  # schedule=wsd: FLOP budgets (rungs), each evaluated after a cooldown branch
+    cooldown: float = 0.2  # schedule=wsd: the share of a run (or of a rung) over which the lr decays to its floor
 
     def __new__(cls, *args, **kwargs):
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
@@ -83,6 +86,7 @@ class TrainConfig:
         return super().__new__(cls)
 
     def __post_init__(self):
+        self._check_ladder()  # first: the top rung is the budget (max_flops)
         if not (self.max_steps or self.max_epochs or self.max_seconds or self.max_flops):
             raise ValueError("no training budget: set trainer.max_steps, trainer.max_epochs, trainer.max_seconds or "
                              "trainer.max_flops")
@@ -95,11 +99,12 @@ class TrainConfig:
                                  f"(max_tokens: the batch budget in tokens; eval_every/log_every: steps)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"trainer.precision={self.precision!r}; valid: auto, fp32, bf16, fp16")
-        if self.schedule not in ("inverse_sqrt", "constant", "cosine", "plateau"):
-            raise ValueError(f"trainer.schedule={self.schedule!r}; valid: inverse_sqrt, constant, cosine, plateau")
-        if self.schedule == "cosine" and not (self.max_steps or self.max_seconds or self.max_flops):
-            raise ValueError("trainer.schedule=cosine needs trainer.max_steps, trainer.max_flops or trainer.max_seconds "
-                             "(its length)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"trainer.schedule={self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        if self.schedule in ("cosine", "wsd") and not (self.max_steps or self.max_seconds or self.max_flops
+                                                       or self.ladder):
+            raise ValueError(f"trainer.schedule={self.schedule} needs trainer.max_steps, trainer.max_flops or "
+                             "trainer.max_seconds (its length)")
         if not (self.threads in ("auto", None) or (type(self.threads) is int and self.threads >= 1)):
             raise ValueError(f"trainer.threads={self.threads!r}; valid: auto (the cores free at the start), null "
                              "(torch's default) or a positive integer")
@@ -108,8 +113,41 @@ class TrainConfig:
         optim.check(self)
         self.betas = tuple(self.betas)
 
+    def _check_ladder(self) -> None:
+        """trainer.ladder: increasing FLOP budgets under schedule=wsd, the last one the run's budget (max_flops)."""
+        if not 0 < self.cooldown < 1:
+            raise ValueError(f"trainer.cooldown={self.cooldown!r} must lie in (0, 1): the share of a run (or rung) "
+                             "over which schedule=wsd decays the lr (e.g. 0.2)")
+        if self.ladder is None:
+            return
+        rungs = list(self.ladder)
+        if self.schedule != "wsd":
+            raise ValueError(f"trainer.ladder needs trainer.schedule=wsd (it is {self.schedule}): each rung branches a "
+                             "cooldown from the constant-lr phase; set trainer.schedule=wsd or trainer.ladder=null")
+        if not rungs or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in rungs) \
+                or any(b <= a for a, b in zip(rungs, rungs[1:])):
+            raise ValueError(f"trainer.ladder={rungs!r} must be increasing positive FLOP budgets, e.g. [3e13,1e14,3e14]")
+        if any(b * (1 - self.cooldown) < a for a, b in zip(rungs, rungs[1:])):
+            raise ValueError(f"trainer.ladder={rungs!r} with trainer.cooldown={self.cooldown}: a rung's cooldown would "
+                             "start before the previous rung ends; space the rungs further apart or shorten the "
+                             "cooldown")
+        others = [k for k in ("max_steps", "max_epochs", "max_seconds") if getattr(self, k) is not None]
+        if others:
+            raise ValueError(f"trainer.ladder bounds training by FLOPs alone (its top rung), and {', '.join(others)} "
+                             f"is set too; set trainer.{others[0]}=null")
+        if self.max_flops is None:
+            self.max_flops = float(rungs[-1])
+        elif self.max_flops != rungs[-1]:
+            raise ValueError(f"trainer.max_flops={self.max_flops:g} differs from the ladder's top rung {rungs[-1]:g}; "
+                             "set trainer.max_flops=null (the top rung is the budget)")
+        self.ladder = [float(f) for f in rungs]
 
-def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 0, flops: float = 0.0) -> float:
+
+SCHEDULES = ("inverse_sqrt", "constant", "cosine", "plateau", "wsd")
+
+
+def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 0, flops: float = 0.0,
+              rung: float | None = None) -> float:
     """Multiplier of the learning rate at optimizer step ``step`` (0-based), after ``seconds`` of training and
     ``shrinks`` validations that did not improve on the best one.
 
@@ -120,6 +158,10 @@ def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 
     so that every architecture anneals over the same wall-clock budget whatever its step rate.
     ``plateau`` (Gehring et al.; fairseq's reduce-on-plateau with patience 0) keeps ``lr`` after the warm-up and
     multiplies it by ``lr_shrink`` after every validation whose loss is not below the best so far.
+    ``wsd`` (warm-up, stable, decay; Hägele et al. 2024) keeps ``lr`` after the warm-up and decays it linearly to
+    ``min_lr_ratio * lr`` over the last ``cooldown`` share of the run (measured as ``cosine`` measures it); with a
+    ``ladder`` the lr stays constant except inside a rung's cooldown branch (``rung``: that rung's FLOPs), which
+    decays over the last ``cooldown`` share of the rung's FLOPs.
     """
     s, w = step + 1, max(1, cfg.warmup_steps)
     if cfg.schedule == "inverse_sqrt":
@@ -129,6 +171,14 @@ def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 
         return warm
     if cfg.schedule == "plateau":
         return warm * cfg.lr_shrink ** shrinks
+    if cfg.schedule == "wsd":
+        if cfg.ladder:
+            at, length = (flops, rung) if rung else (0.0, 1.0)
+        else:
+            at, length = ((s, cfg.max_steps) if cfg.max_steps else (flops, cfg.max_flops) if cfg.max_flops
+                          else (seconds, cfg.max_seconds))
+        decay = min(1.0, max(0.0, (at / length - (1 - cfg.cooldown)) / cfg.cooldown))
+        return warm * (1 - (1 - cfg.min_lr_ratio) * decay)
     if cfg.max_steps:
         progress = (s - w) / max(1, cfg.max_steps - w)
     elif cfg.max_flops:  # a compute budget: the decay follows the FLOPs spent, whatever the step rate
@@ -160,6 +210,13 @@ class Progress:
     best_recreated: dict | None = None
     carried_state: tuple | None = None  # trainer.carry_state: the (detached) state the last batch ended in
     ended_by: str | None = None  # the budget that ended training: max_steps, max_epochs, max_flops, max_seconds, stop_lr
+    ladder: list[dict] = field(default_factory=list)  # trainer.ladder: the rungs evaluated so far (Trainer.on_rung)
+    # trainer.ladder, inside a rung's cooldown branch: {rung (index), flops (the rung's), from_step, from_flops,
+    # evaluating (the cooldown is over and the cooled weights are being evaluated)}
+    branch: dict | None = None
+
+
+STABLE = "stable.pt"  # trainer.ladder: the stable phase's state, saved where a rung's cooldown branches off
 
 
 class Trainer:
@@ -181,6 +238,9 @@ class Trainer:
         self.precision, self.autocast = autocast_for(device, cfg.precision)  # resolved: never "auto"
         self.p = Progress()
         self.flops_per_token: float | None = None  # counted by the job before training; trainer.max_flops reads it
+        # trainer.ladder: called with the rung's index when a rung's cooldown ends, the model holding the cooled
+        # weights (in train mode); returns what the rung's entry in Progress.ladder holds besides its costs
+        self.on_rung: Callable[[int], dict] | None = None
         self.ended_by: str | None = None
         self.start_phase(0)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
@@ -199,7 +259,8 @@ class Trainer:
         kind, start = optim.phase(self.cfg, step)
         self.opt = optim.build(self.model.parameters(), self.cfg, self.device, kind)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(self.cfg, start + s, self.p.train_seconds, self.p.lr_shrinks, self.flops()))
+            self.opt, lambda s: lr_factor(self.cfg, start + s, self.p.train_seconds, self.p.lr_shrinks, self.flops(),
+                                          self.p.branch["flops"] if self.p.branch else None))
 
     def shrink_lr(self) -> None:
         """A validation did not improve on the best (schedule=plateau): shrink the learning rate from the next step."""
@@ -229,6 +290,13 @@ class Trainer:
         if not (self.cfg.resume and path.is_file()):
             return
         ckpt = checkpoint.load(path, self.identity)
+        self._load_state(ckpt)
+        self.p = Progress(**ckpt["progress"])
+        self.resumed_from = self.p.step
+        self._forget_deleted_best()
+
+    def _load_state(self, ckpt: dict) -> None:
+        """Weights, optimizer, schedule and random streams from a checkpoint (the progress is the caller's)."""
         self.model.load_state_dict(ckpt["model"])
         self.start_phase(ckpt["progress"]["step"])  # adam_then_sgd past its switch: the SGD phase's state
         self.opt.load_state_dict(ckpt["optimizer"])
@@ -240,9 +308,6 @@ class Trainer:
             checkpoint.set_rng_state(ckpt["rng"])
         else:  # resumed on another number of processes: fresh, distinct dropout streams
             torch.manual_seed(self.seed + 7919 * self.dist.rank + ckpt["progress"]["step"])
-        self.p = Progress(**ckpt["progress"])
-        self.resumed_from = self.p.step
-        self._forget_deleted_best()
 
     def _forget_deleted_best(self) -> None:
         """best.pt was written before but is gone (deleted, e.g. as its load error advises for a corrupt one).
@@ -463,6 +528,52 @@ class Trainer:
         bar.set_postfix(ordered_dict={"step": self.p.step, "loss": "-" if loss is None else f"{loss:.3f}",
                                       "lr": f"{self.sched.get_last_lr()[0]:.3g}", "eta": self.eta()})
 
+    # -- the budget ladder (trainer.ladder, schedule=wsd) --------------------------------------
+    def _ladder_step(self) -> bool:
+        """Before a step: branch the next rung's cooldown from the stable phase once its FLOPs reach
+        ``(1 - cooldown) x rung`` (the stable state saved as ``stable.pt``), or, at the rung's FLOPs, evaluate the
+        cooled weights (:attr:`on_rung`) and go back to the stable state. Returns True when it went back.
+
+        The top rung is the run's own budget: its cooldown ends training, and the job evaluates it as any run.
+        A stop during a cooldown resumes the cooldown (``last.pt`` holds the branch); a stop during a rung's
+        evaluation evaluates it again; the stable branch continues exactly as if no cooldown had been taken
+        (weights, optimizer, RNG and progress come back from ``stable.pt``).
+        """
+        c, p = self.cfg, self.p
+        k = len(p.ladder)
+        if k >= len(c.ladder):
+            return False
+        rung, top = c.ladder[k], k == len(c.ladder) - 1
+        if p.branch is None:
+            if self.flops() < rung * (1 - c.cooldown):
+                return False
+            if not top:
+                self.save(STABLE)
+            p.branch = {"rung": k, "flops": rung, "from_step": p.step, "from_flops": self.flops(), "evaluating": False}
+            log.info("ladder: rung %d (%.3g FLOPs) cooldown from step %d", k, rung, p.step)
+            return False
+        if top or self.flops() < rung:
+            return False
+        p.branch["evaluating"] = True
+        self.save("last.pt")  # a stop during the evaluation evaluates this rung again on resume
+        entry = {**self.rung_entry(), **(self.on_rung(k) if self.on_rung is not None else {})}
+        self.model.train()
+        ckpt = checkpoint.load(self.out_dir / STABLE, self.identity)
+        self._load_state(ckpt)
+        self.p = Progress(**{**ckpt["progress"], "ladder": [*p.ladder, entry]})
+        log.info("ladder: rung %d evaluated at step %d; back to the stable phase at step %d", k, p.step, self.p.step)
+        self.save("last.pt")
+        return True
+
+    def rung_entry(self) -> dict:
+        """The present rung's line in Progress.ladder (and the record's ``ladder``): its budget and what reaching
+        it cost, counted as a run of that budget (the stable phase up to the branch, then the cooldown)."""
+        p, k = self.p, len(self.p.ladder)
+        branch = p.branch or {}  # none: one step crossed both the rung's cooldown start and its end
+        return {"rung": k, "flops": self.cfg.ladder[k], "train_flops": self.flops(), "steps": p.step,
+                "tokens": p.tokens, "train_seconds": round(p.train_seconds, 3),
+                "cooldown_from_step": branch.get("from_step"), "cooldown_from_flops": branch.get("from_flops")}
+
     # -- the loop ----------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> list:
         """The training batches of ``epoch`` in its shuffled order, built once per epoch (the job also samples
@@ -488,10 +599,13 @@ class Trainer:
         p.load_average.setdefault("start", utilization.load_average())
         try:
             while True:
-                batches = self.epoch_batches(p.epoch)
+                batches, restored = self.epoch_batches(p.epoch), False
                 while p.batch_in_epoch < len(batches) and self.budget_left(len(batches)):
                     if self._stop_agreed if self.dist.enabled else self.should_stop():
                         raise Interrupted(f"stop requested at step {p.step}")
+                    if cfg.ladder and self._ladder_step():  # back on the stable branch: its epoch and position
+                        cfg, p, restored = self.cfg, self.p, True
+                        break
                     batch = batches[p.batch_in_epoch]
                     n_tokens = batch.n_tokens  # the global batch's (data-parallel: all ranks together)
                     if self.dist.enabled:
@@ -528,6 +642,8 @@ class Trainer:
                     self.snapshot()
                     if p.step % cfg.eval_every == 0:
                         self.evaluate_and_save()
+                if restored:
+                    continue
                 if not self.budget_left(len(batches)):
                     p.ended_by = self.ended_by
                     break

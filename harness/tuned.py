@@ -11,6 +11,11 @@ The task is named as in its record (a folder task by ``task.label`` or its folde
 ``<model>-<preset>``, the names the tuning report and ``tuned.yaml`` use. A setting given on the command line as
 well as by the file is refused (one of them would be silently ignored); the settings applied are the job's config,
 in its record.
+
+A tuned.yaml records the seeds its tuning runs used (``tuning_seeds``). A job whose seed is one of them is refused:
+the choice was made on that seed's own validation score, so its result would carry the selection's luck (the
+winner's curse); comparisons run on seeds of their own. An architecture the tuning could not choose for (every grid
+point failed: ``overrides: null``) is refused with the reason the file gives.
 """
 from __future__ import annotations
 
@@ -43,12 +48,19 @@ def architecture(model: DictConfig) -> str:
     return f"{name}-{preset}" if preset else name
 
 
-def settings_for(path: str | Path, task: str, arch: str) -> dict:
-    """``{trainer key: value}`` that ``path`` (a tuned.yaml) holds for ``task`` and ``arch``; a clear error
-    naming what is missing otherwise."""
+def locate(path: str | Path) -> Path:
+    """The file ``tuned=<path>`` names: as given, or, relative and not found from the working directory, in the
+    project (e.g. conf/tuned_settings/*.yaml, the choices an experiment preset ships with)."""
     path = Path(path).expanduser()
     if not path.is_absolute() and not path.exists() and (ROOT / path).is_file():
-        path = ROOT / path  # e.g. conf/tuned_settings/*.yaml, the choices an experiment preset ships with
+        return ROOT / path
+    return path
+
+
+def entry_for(path: str | Path, task: str, arch: str) -> dict:
+    """What ``path`` (a tuned.yaml) holds for ``task`` and ``arch`` (overrides, tuning seeds, ...); a clear error
+    naming what is missing otherwise."""
+    path = locate(path)
     fix = "run the tuning sweep (python run.py -m experiment=tune ...) or python -m seqbench.reports.tuning <its folder>"
     if not path.is_file():
         raise SettingError(f"tuned={path}: no such file; give the tuned.yaml a tuning sweep wrote ({fix})")
@@ -64,8 +76,16 @@ def settings_for(path: str | Path, task: str, arch: str) -> dict:
     if arch not in chosen[task] or not isinstance(chosen[task][arch], dict):
         raise SettingError(f"tuned={path} has no settings for {arch} on {task} (it has: {_names(chosen[task])}); "
                            "tune this architecture too, or drop tuned= for it")
+    return chosen[task][arch]
+
+
+def _settings(entry: dict, path: str | Path, task: str, arch: str) -> dict:
+    """``{trainer key: value}`` of one tuned.yaml entry."""
+    if entry.get("overrides") is None and entry.get("no_choice"):
+        raise SettingError(f"tuned={path}: the tuning chose no settings for {arch} on {task}: {entry['no_choice']}; "
+                           "or drop tuned= for it")
     values = {}
-    for override in chosen[task][arch].get("overrides") or []:
+    for override in entry.get("overrides") or []:
         key, sep, value = str(override).partition("=")
         if not sep:
             raise SettingError(f"tuned={path}: {task} {arch}: {override!r} is not key=value; rewrite it with "
@@ -95,7 +115,10 @@ def apply(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
         return cfg
     if not isinstance(path, str) or not path:
         raise SettingError(f"tuned={path!r}: give the path of a tuning sweep's tuned.yaml, or tuned=null")
-    values = settings_for(path, task_name(cfg.task), architecture(cfg.model))
+    task, arch = task_name(cfg.task), architecture(cfg.model)
+    entry = entry_for(path, task, arch)
+    values = _settings(entry, path, task, arch)
+    check_seed(cfg.seed, entry, path, task, arch)
     both = sorted(k for k in values if k in (command_line_keys() if given is None else given))
     if both:
         raise SettingError(f"{', '.join(both)} given on the command line and by tuned={path} "
@@ -105,6 +128,18 @@ def apply(cfg: DictConfig, given: set[str] | None = None) -> DictConfig:
         for key, value in values.items():
             OmegaConf.update(cfg, key, value, merge=False)
     return cfg
+
+
+def check_seed(seed, entry: dict, path: str | Path, task: str, arch: str) -> None:
+    """Refuse ``seed`` when the tuning runs of ``arch`` on ``task`` used it (tuned.yaml's ``tuning_seeds``): the
+    choice was made on that seed's validation score. A file that predates recording them is not checked."""
+    seeds = entry.get("tuning_seeds") or []
+    if seed in seeds:
+        raise SettingError(
+            f"seed={seed} is one of the seeds tuned={path} was tuned on for {arch} on {task} (tuning seeds: "
+            f"{', '.join(map(str, seeds))}): its settings were chosen on this seed's own validation score, so the "
+            f"result would favour them (the winner's curse). Run the comparison on other seeds (e.g. seed=1,2,3), "
+            f"or tune with other seeds (python run.py -m experiment=tune seed=...)")
 
 
 def _names(mapping: dict) -> str:

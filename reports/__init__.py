@@ -18,7 +18,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from . import significance, tables
+from . import hierarchical, significance, tables
 from .load import Records, for_display, load
 from .plots import Plot
 from .render import Section, write_html, write_markdown
@@ -57,10 +57,12 @@ def build_report(record_dirs: Iterable[str | Path], out_dir: str | Path) -> Repo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = load(record_dirs)
-    pairs = significance.pairwise(records.runs)  # reads each run's test outputs: once, for the table and the report
+    cache: dict = {}  # each run's resampled test scores, drawn once for both tests
+    pairs = significance.pairwise(records.runs, cache)  # reads each run's test outputs: once, for tables and report
+    archs = hierarchical.architectures(records.runs, cache)
     if len(records.runs):
         write_tables(records, out, pairs)
-    sections = all_sections(for_display(records), record_dirs, out / "plots", pairs)  # long names cut; tables keep them
+    sections = all_sections(for_display(records), record_dirs, out / "plots", pairs, archs)  # long names cut; tables keep them
     write_markdown(out / "report.md", TITLE, sections)
     write_html(out / "report.html", TITLE, sections)
     return Report(out, record_dirs, records, sections)

@@ -30,6 +30,13 @@ class BuildReport(Callback):
 
         sweep = Path(config.hydra.sweep.dir)
         scrub_files(sweep)  # multirun.yaml holds the command-line overrides
+        if "tune" in config:  # experiment=tune: first extend the grid past an edge a choice sits on (tune.extend)
+            from .tune_extend import extend_sweep
+
+            try:
+                extend_sweep(config, sweep)
+            except Exception:
+                log.exception("extending the tuning grid failed; the choice is made on the grid as it stands")
         try:
             report = build_report([sweep], sweep / "report")
             print(f"[seqbench] report: {report.html}")

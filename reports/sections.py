@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import hardware, plots, reference, significance, tables
+from . import hardware, hierarchical, plots, reference, significance, tables
 from .load import Records
 from .render import Note, Section, Table
 
@@ -15,9 +15,9 @@ log = logging.getLogger("seqbench.reports")
 
 
 def all_sections(records: Records, dirs: list[Path], plot_dir: Path,
-                 pairs: pd.DataFrame | None = None) -> list[Section]:
-    """The report's sections, those with something to show; ``pairs`` is :func:`significance.pairwise` of the runs
-    (computed here if not given).
+                 pairs: pd.DataFrame | None = None, archs: pd.DataFrame | None = None) -> list[Section]:
+    """The report's sections, those with something to show; ``pairs`` is :func:`significance.pairwise` of the runs,
+    ``archs`` :func:`hierarchical.architectures` (each computed here if not given).
 
     The overview leads: the architecture x task matrix of each task's primary metric and the headline figure
     (quality against training cost). Then fairness, tuning, the quality tables per task, the costs, Table 2 (BLEU
@@ -34,9 +34,11 @@ def all_sections(records: Records, dirs: list[Path], plot_dir: Path,
     headline = next((p for p in figures if p.name == plots.HEADLINE and not p.skipped), None)
     analysis = [p for p in figures if p.name in plots.TABLE1]
     rest = [p for p in figures if p.name not in plots.TABLE1 and p is not headline]
-    pairs = significance.pairwise(runs) if pairs is None else pairs
+    cache: dict = {}  # each run's resampled test scores, drawn once for both tables
+    pairs = significance.pairwise(runs, cache) if pairs is None else pairs
+    archs = hierarchical.architectures(runs, cache) if archs is None else archs
     shown = [overview(records, dirs, summ, devices, headline), fairness(runs), *tuning.sections(runs),
-             *results(runs, pairs, devices, summ), *probe_suites.sections(runs, plot_dir), costs(summ, devices),
+             *results(runs, pairs, devices, summ, archs), *probe_suites.sections(runs, plot_dir), costs(summ, devices),
              table2(runs, devices, summ),
              table1(records, analysis),
              plot_section(rest), failures(runs), appendix(runs)]
@@ -134,10 +136,11 @@ def hardware_blocks(done: pd.DataFrame) -> tuple[list, int]:
 
 
 def results(runs: pd.DataFrame, pairs: pd.DataFrame, devices: dict[str, str] | None = None,
-            summ: pd.DataFrame | None = None) -> list[Section]:
-    """A heading, then one section per task: its fairness warnings above its quality table, then its pairwise
-    significance table (``pairs``: :func:`significance.pairwise`). Costs are in :func:`costs`. ``summ``:
-    :func:`tables.summary` of the runs (computed here if not given)."""
+            summ: pd.DataFrame | None = None, archs: pd.DataFrame | None = None) -> list[Section]:
+    """A heading, then one section per task: its fairness warnings above its quality table, then its architectures
+    compared (``archs``: :func:`hierarchical.architectures`, when given) and its pairwise significance table of seed
+    pairs (``pairs``: :func:`significance.pairwise`). Costs are in :func:`costs`. ``summ``: :func:`tables.summary`
+    of the runs (computed here if not given)."""
     summ = tables.summary(runs) if summ is None else summ
     warnings = tables.warnings_by_task(runs)
     sections = [Section("Results per task and architecture", [] if len(summ) else [Note("no finished runs")])]
@@ -145,6 +148,7 @@ def results(runs: pd.DataFrame, pairs: pd.DataFrame, devices: dict[str, str] | N
         sections.append(Section(f"Task {task}", [*(Note(m, "warning") for m in warnings.get(task, [])),
                                                  Table(tables.quality_display(summ, task, devices),
                                                        tables.summary_caption(summ, task)),
+                                                 *architecture_blocks(archs, task),
                                                  *significance_blocks(pairs, task)], level=3))
     return sections
 
@@ -160,6 +164,14 @@ def costs(summ: pd.DataFrame, devices: dict[str, str]) -> Section | None:
               "training tokens per second, decoding sentences per second (translation), peak memory of the job, "
               "CPU utilisation (CPU seconds / (training seconds x threads))", name="costs"),
         *([Note(legend, "note")] if legend else [])])
+
+
+def architecture_blocks(archs: pd.DataFrame | None, task: str) -> list:
+    """The task's systems compared as architectures (seeds and test items resampled); nothing for a lone system or
+    where no pair could be tested (the seed-pair notes say why)."""
+    if archs is None or not ((archs["task"] == task) & archs["p"].notna()).any():
+        return []
+    return [Table(hierarchical.display(archs, task), hierarchical.caption(archs, task))]
 
 
 def significance_blocks(pairs: pd.DataFrame, task: str) -> list:

@@ -12,7 +12,11 @@ model's score; the spread over seeds is the t-interval of the summary table. The
 (every pair of systems, every seed pair) are one family, adjusted by Holm's step-down method (statsmodels), which
 holds the chance of any false "significant" in the family at 5%. A difference counts as significant only when
 every seed pair is significant (adjusted p < 0.05) in the same direction, and never when the difference rounds
-to zero at the precision the report shows (``negligible``: 0.0024 BLEU reads +0.00).
+to zero at the precision the report shows (``negligible``: 0.0024 BLEU reads +0.00). Every run of a task is
+resampled ``resamples_for`` times, a count chosen from the size of the task's largest family (``stats.resamples``:
+1,000 resamples could never give Holm's method a p-value small enough over 51 tests or more); a seed pair whose p
+is the smallest its resamples can give and still not significant is marked: resolution limits that conclusion.
+This table is the detail; ``hierarchical`` compares the systems as architectures, seeds resampled too.
 """
 from __future__ import annotations
 
@@ -38,31 +42,42 @@ NAME_LIMIT = 200  # characters of a system's name (its architecture and the sett
 NOTES = 5  # reasons for untested pairs shown per task
 ABSENT = "(jobs of this version write it beside record.json)"  # ends the note of an output file not there
 NOTE_SEPARATOR = "; "  # between the two runs' reasons in one note
+RESAMPLE_RULE = (f"the count grows with the number of tests Holm's method adjusts together, so that the smallest "
+                 f"p-value leaves room to reject: at least {stats.N_SAMPLES:,}, at most {stats.N_MAX:,}")
 
 
 class Missing(Exception):
     """A run's outputs cannot be paired (absent, unreadable, or not on the same test items); the message says why."""
 
 
-def pairwise(runs: pd.DataFrame) -> pd.DataFrame:
+def pairwise(runs: pd.DataFrame, cache: dict | None = None) -> pd.DataFrame:
     """One row per task, metric, pair of systems (better mean first) and seed pair, as in ``COLUMNS``.
 
     ``delta`` is a - b on the test set (NLL per token in nats for language models); a pair that cannot be tested
-    has no numbers and a ``note`` saying why.
+    has no numbers and a ``note`` saying why. ``cache`` (any dict, shared with ``hierarchical.architectures`` of
+    the same runs) keeps each run's resampled scores, so the test outputs are read and resampled once.
     """
     if runs.empty or tables.ok(runs).empty:
         return pd.DataFrame(columns=COLUMNS)
     done = tables.with_groups(tables.ok(runs))
-    rows, cache = [], {}
+    rows, cache = [], {} if cache is None else cache
     for task, group in done.groupby("task", sort=True):
         names = testable(group)
-        systems = _systems(group, names)
+        found = systems(group, names)
+        n = resamples_for(found)
         for name in names:
-            for a, b in combinations(systems, 2):
-                for run_a, run_b in zip(systems[a], systems[b]):
+            for a, b in combinations(found, 2):
+                for run_a, run_b in zip(found[a], found[b]):
                     rows.append({"task": task, "metric": name, "a": a, "b": b, "seed_a": run_a["seed"],
-                                 "seed_b": run_b["seed"], **_compare(name, run_a, run_b, cache)})
+                                 "seed_b": run_b["seed"], **_compare(name, run_a, run_b, n, cache)})
     return holm(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def resamples_for(found: dict[str, list[dict]]) -> int:
+    """The resamples of every run of one task (``systems``), from its largest family: the seed pairs of every pair
+    of systems (``stats.resamples``). The two-level test of the same systems has one test per pair of systems, a
+    family no larger, and reuses these resamples: both tests draw the same test items."""
+    return stats.resamples(max(1, sum(min(len(a), len(b)) for a, b in combinations(found.values(), 2))))
 
 
 def holm(pairs: pd.DataFrame) -> pd.DataFrame:
@@ -85,7 +100,7 @@ def testable(rows: pd.DataFrame) -> list[str]:
     return [n for n in names if n in stats.SACREBLEU]
 
 
-def _systems(group: pd.DataFrame, names: list[str]) -> dict[str, list[dict]]:
+def systems(group: pd.DataFrame, names: list[str]) -> dict[str, list[dict]]:
     """System name -> its runs sorted by seed, systems best first by their mean on the task's first metric.
 
     A system is ``load.system_key`` (the ``system`` column), named by ``system_name``; runs of two systems are
@@ -104,12 +119,12 @@ def _systems(group: pd.DataFrame, names: list[str]) -> dict[str, list[dict]]:
             for s in order}
 
 
-def _compare(name: str, run_a: dict, run_b: dict, cache: dict) -> dict:
-    """One seed pair's paired test as the row's numbers, or a note saying why there is none."""
+def _compare(name: str, run_a: dict, run_b: dict, n: int, cache: dict) -> dict:
+    """One seed pair's paired test on ``n`` resamples as the row's numbers, or a note saying why there is none."""
     found, missing = [], []
     for run in (run_a, run_b):
         try:
-            found.append(_scores(name, run, cache))
+            found.append(run_scores(name, run, n, cache))
         except Missing as err:
             missing.append(str(err))
     if missing:
@@ -121,15 +136,16 @@ def _compare(name: str, run_a: dict, run_b: dict, cache: dict) -> dict:
     result = stats.paired(a, b)
     return {"a_score": result.a, "b_score": result.b, "delta": result.delta, "ci_low": result.low,
             "ci_high": result.high, "p": result.p, "significant": result.significant, "units": units_a,
-            "n_samples": stats.N_SAMPLES}
+            "n_samples": n}
 
 
-def _scores(name: str, run: dict, cache: dict) -> tuple[stats.Scores, int, tuple]:
-    """A run's bootstrap scores on ``name``, its number of sentences or chunks, and what identifies its test items."""
-    key = (run["record"], name)
+def run_scores(name: str, run: dict, n: int, cache: dict) -> tuple[stats.Scores, int, tuple]:
+    """A run's scores on ``name`` and on ``n`` bootstrap resamples, its number of sentences or chunks, and what
+    identifies its test items; a ``Missing`` error says why there are none."""
+    key = (run["record"], name, n)
     if key not in cache:
         try:
-            cache[key] = _nll_scores(run) if name == NLL else _translation_scores(name, run)
+            cache[key] = _nll_scores(run, n) if name == NLL else _translation_scores(name, run, n)
         except Missing as err:
             cache[key] = err
     if isinstance(cache[key], Missing):
@@ -137,14 +153,14 @@ def _scores(name: str, run: dict, cache: dict) -> tuple[stats.Scores, int, tuple
     return cache[key]
 
 
-def _translation_scores(name: str, run: dict) -> tuple[stats.Scores, int, tuple]:
+def _translation_scores(name: str, run: dict, n: int) -> tuple[stats.Scores, int, tuple]:
     hyps, refs = (_lines(_folder(run) / f"{SPLIT}.{kind}") for kind in ("hyp", "ref"))
     if len(hyps) != len(refs):
         raise Missing(f"{_folder(run)}: {SPLIT}.hyp has {len(hyps)} lines, {SPLIT}.ref {len(refs)}")
-    return stats.bootstrap_scores(name, hyps, refs), len(refs), tuple(refs)
+    return stats.bootstrap_scores(name, hyps, refs, n), len(refs), tuple(refs)
 
 
-def _nll_scores(run: dict) -> tuple[stats.Scores, int, tuple]:
+def _nll_scores(run: dict, n: int) -> tuple[stats.Scores, int, tuple]:
     path = _folder(run) / f"{SPLIT}.nll.json"
     try:
         data = json.loads(_read(path))
@@ -155,7 +171,7 @@ def _nll_scores(run: dict) -> tuple[stats.Scores, int, tuple]:
             raise ValueError("an NLL is not a finite number (a diverged model)")
     except (ValueError, TypeError, KeyError) as err:
         raise Missing(f"{path}: {err}") from None
-    return stats.bootstrap_nll(nll, tokens), len(tokens), tuple(tokens)
+    return stats.bootstrap_nll(nll, tokens, n), len(tokens), tuple(tokens)
 
 
 def _folder(run: dict) -> Path:
@@ -184,9 +200,9 @@ def display(pairs: pd.DataFrame, task: str) -> pd.DataFrame:
     rows = []
     for (name, a, b), group in pairs[pairs["task"] == task].groupby(["metric", "a", "b"], sort=False):
         tested = group[group["note"].isna()]
-        rows.append({"metric": _label(name), "A": shorten(a, NAME_LIMIT), "B": shorten(b, NAME_LIMIT),
+        rows.append({"metric": label(name), "A": shorten(a, NAME_LIMIT), "B": shorten(b, NAME_LIMIT),
                      "seed pairs": len(tested),
-                     "mean Δ (A − B)": _number(name, tested["delta"].mean(), sign=True) if len(tested) else "–",
+                     "mean Δ (A − B)": number(name, tested["delta"].mean(), sign=True) if len(tested) else "–",
                      "Δ (95% CI), p per seed pair": "; ".join(_pair(name, r) for r in tested.itertuples()),
                      "significant": verdict(name, tested, a, b)})
     return pd.DataFrame(rows, columns=["metric", "A", "B", "seed pairs", "mean Δ (A − B)",
@@ -216,12 +232,14 @@ def caption(pairs: pd.DataFrame, task: str) -> str:
     names = pairs.loc[pairs["task"] == task, "metric"].unique()
     lm = (" NLL is per token in nats: a negative Δ means A has the lower (better) perplexity, by a factor exp(Δ)."
           if NLL in names else "")
-    return (f"Paired bootstrap on the {SPLIT} set, {stats.N_SAMPLES:,} resamples (sacreBLEU's for BLEU, chrF and TER; "
-            f"test chunks for NLL), seed {stats.SEED}: Δ = A − B for each seed pair (the i-th seed of A with the i-th "
+    return (f"Paired bootstrap on the {SPLIT} set, {resamples_shown(pairs, task):,} resamples (sacreBLEU's for BLEU, "
+            f"chrF and TER; test chunks for NLL; {RESAMPLE_RULE}), seed {stats.SEED}: "
+            f"Δ = A − B for each seed pair (the i-th seed of A with the i-th "
             f"of B) with its 95% interval and p-value, and the p-value adjusted by Holm's method over every seed pair "
             f"of every pair of systems in this table for that metric. 'yes' only when every seed pair has an adjusted "
             f"p < {stats.ALPHA:g} in the same direction, and never for a mean difference that rounds to zero at the "
-            f"precision shown; 'no' marks a difference that is not significant. A system is every setting that can "
+            f"precision shown; 'no' marks a difference that is not significant, and says when a seed pair's p is the "
+            f"smallest its resamples can give (resolution limits that conclusion). A system is every setting that can "
             f"change a result (the rows of the table above): seeds of one system are never paired with another's.{lm}")
 
 
@@ -232,27 +250,50 @@ def verdict(name: str, tested: pd.DataFrame, a: str, b: str) -> str:
     significant = tested["significant"].astype(bool)
     signs = set((tested["delta"] > 0).tolist())
     if significant.all() and len(signs) == 1 and negligible(name, tested["delta"].mean()):
-        return f"no (the mean difference rounds to {_number(name, 0.0)})"
+        return f"no (the mean difference rounds to {number(name, 0.0)})"
     if significant.all() and len(signs) == 1:
-        higher = METRICS[name].higher_is_better if name in METRICS else False  # lower NLL is better
-        return f"yes: {shorten(a if signs == {higher} else b, NAME_LIMIT)} better"
-    return f"no ({int(significant.sum())} of {len(tested)} seed pairs Holm-adjusted p < {stats.ALPHA:g})"
+        return f"yes: {better(name, tested['delta'].iloc[0], a, b)} better"
+    said = f"no ({int(significant.sum())} of {len(tested)} seed pairs Holm-adjusted p < {stats.ALPHA:g}"
+    floored = sum(not s and stats.at_floor(p, int(n))
+                  for s, p, n in zip(significant, tested["p"], tested["n_samples"]))
+    if floored:
+        return (f"{said}; {floored} with p at the floor of {int(tested['n_samples'].iloc[0]):,} resamples: "
+                f"resolution limits this conclusion)")
+    return said + ")"
+
+
+def better(name: str, delta: float, a: str, b: str) -> str:
+    """The better of systems ``a`` and ``b`` (shortened) given ``delta`` = a - b on metric ``name`` (or NLL)."""
+    higher = METRICS[name].higher_is_better if name in METRICS else False  # lower NLL is better
+    return shorten(a if (delta > 0) == higher else b, NAME_LIMIT)
+
+
+def resamples_shown(pairs: pd.DataFrame, task: str) -> int:
+    """The resamples the task's tested rows were drawn with (one count per task: ``resamples_for``)."""
+    counts = pd.to_numeric(pairs.loc[pairs["task"] == task, "n_samples"], errors="coerce").dropna()
+    return int(counts.max()) if len(counts) else stats.N_SAMPLES
 
 
 def negligible(name: str, delta: float) -> bool:
-    """Whether ``delta`` rounds to zero at the precision the report shows it (``_number``)."""
-    return not math.isnan(delta) and float(_number(name, delta)) == 0
+    """Whether ``delta`` rounds to zero at the precision the report shows it (``number``)."""
+    return not math.isnan(delta) and float(number(name, delta)) == 0
 
 
 def _pair(name: str, r) -> str:
-    return (f"s{tables._plain(r.seed_a)}/s{tables._plain(r.seed_b)}: {_number(name, r.delta, sign=True)} "
-            f"(CI {_number(name, r.ci_low)}, {_number(name, r.ci_high)}) p={r.p:.3f} (Holm {r.p_holm:.3f})")
+    return (f"s{tables._plain(r.seed_a)}/s{tables._plain(r.seed_b)}: {number(name, r.delta, sign=True)} "
+            f"(CI {number(name, r.ci_low)}, {number(name, r.ci_high)}) p={pvalue(r.p)} (Holm {pvalue(r.p_holm)})")
 
 
-def _label(name: str) -> str:
+def pvalue(p: float) -> str:
+    """A p-value as the report shows it: three decimals, or two significant digits where those read 0.000 (the
+    floor of 12,000 resamples would, as if no resample could contradict the difference)."""
+    return f"{p:.3f}" if round(p, 3) > 0 else f"{p:.1e}"
+
+
+def label(name: str) -> str:
     return "NLL per token" if name == NLL else METRICS[name].label
 
 
-def _number(name: str, value: float, sign: bool = False) -> str:
+def number(name: str, value: float, sign: bool = False) -> str:
     fmt = "{:+.4f}" if name == NLL else "{:+.2f}"
     return (fmt if sign else fmt.replace("+", "")).format(value)

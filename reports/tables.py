@@ -26,6 +26,7 @@ SHOWN = ("device", "trainer.lr", "trainer.warmup_steps", "trainer.clip_norm",
          *(f"trainer.{k}" for k in BUDGET_KEYS))  # settings with columns of their own in the summary display
 COSTS = [("parameters", "parameters", "{:,.0f}"), ("train_flops", "train FLOPs", "{:.2e}"),
          ("train_seconds", "train s", "{:.1f}"), ("train_tokens_per_second", "train tokens/s", "{:,.0f}"),
+         ("mfu", "MFU", "{:.1%}"),  # costs.mfu: counted FLOP/s over the measured matmul peak (harness/peak.py)
          ("decode_sentences_per_second", "decode sentences/s", "{:,.1f}"),
          ("peak_memory_mib", "peak memory MiB", "{:,.0f}"), ("cpu_utilization", "CPU utilisation", "{:.2f}")]
 # settings that must match for a fair comparison: (runs column, label)

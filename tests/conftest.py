@@ -34,6 +34,12 @@ def data_root() -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def peak_cache(tmp_path_factory) -> None:
+    """Measured matmul peaks (harness/peak.py) are cached in a session folder, never in the user's cache."""
+    os.environ["SEQBENCH_CACHE_DIR"] = str(tmp_path_factory.mktemp("peak"))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")

@@ -105,7 +105,7 @@ def test_costs_leave_the_quality_tables_for_a_table_of_their_own(wide):
     assert rows and all(f"| {XEON_SHORT} |" in r and XEON[1] not in r for r in rows)  # the short name
     costs = md.split("## Costs")[1].split("\n## ")[0]
     header = next(line for line in costs.splitlines() if line.startswith("| task"))
-    assert header == ("| task | architecture | device | n | parameters | train FLOPs | train s | train tokens/s | "
+    assert header == ("| task | architecture | device | n | parameters | train FLOPs | train s | train tokens/s | MFU | "
                       "decode sentences/s | peak memory MiB | CPU utilisation |")
     assert f"| multi30k | transformer-tiny | {XEON_SHORT} | 3 | 2,000 | 1.20e+12 | 62.0 | 1,100 |" in costs
     assert "| multi30k | transformer-tiny | H100 | 1 | 2,000 | 1.00e+12 | 10.0 | 9,000 |" in costs

@@ -96,6 +96,23 @@ def test_equally_good_systems_with_different_errors_are_not_significant(data_roo
     assert abs(result.delta) < 1 and result.low < 0 < result.high and result.p > 0.05 and not result.significant
 
 
+@pytest.mark.parametrize("metric", ["bleu", "chrf", "ter"])
+def test_resamples_drawn_in_blocks_are_sacrebleus_own(metric, monkeypatch, data_root):
+    """250 resamples, two full blocks and a part of one: the same draws and scores as sacreBLEU drawing them all at
+    once (a different number of resamples than PairedTest's default, which the test above checks)."""
+    from sacrebleu import metrics, significance as sacrebleu_significance
+
+    monkeypatch.setenv("SACREBLEU_SEED", str(stats.SEED))
+    refs = (data_root / "multi30k" / "test_2016_flickr.de").read_text(encoding="utf-8").splitlines()[:100]
+    hyps = drop_words(refs, 3)
+    scorer = getattr(metrics, stats.SACREBLEU[metric])()
+    _, theirs = sacrebleu_significance._bootstrap_resample(scorer._extract_corpus_statistics(hyps, [refs]), scorer,
+                                                           250)
+    ours = stats.bootstrap_scores(metric, hyps, refs, n_samples=250)
+    assert 250 % stats.BLOCK and len(ours.samples) == 250
+    assert ours.samples.tolist() == [score.score for score in theirs] and ours.samples.std() > 0
+
+
 def test_the_seed_is_fixed_whatever_sacrebleu_seed_says(monkeypatch):
     monkeypatch.setenv("SACREBLEU_SEED", "None")  # sacreBLEU would draw other resamples for each system
     refs = [f"{r} {k}" for k, r in enumerate(REFS)]
@@ -193,21 +210,26 @@ def test_significance_table_holds_the_hand_computed_differences(paired_report):
     key = lambda r: (r["task"], r["metric"], r["a"], r["b"], r["seed_a"], r["seed_b"])
     got = {key(r): (r["delta"], r["ci_low"], r["ci_high"], r["p"], r["p_holm"], r["significant"])
            for _, r in tested.iterrows()}
+    # multi30k's family: 3 pairs of two-seed systems x 2 seed pairs + 3 pairs with one-seed bytenet = 9 tests, which
+    # get 2,000 resamples (stats.resamples); wikitext2's single test keeps 1,000
+    assert stats.resamples(9) == 2000
+    one_in = 1 / 2001
     expected = {}
     for metric in ("bleu", "chrf"):
         for seed in (1, 2):
             # systems best first by mean BLEU (gru and transformer tie, in name order), so A is never the worse.
-            # Holm over the metric's 6 tests: the four p = 1/1001 get 6/1001 (6, 5, 4, 3 times it, made monotone),
+            # Holm over the metric's 6 tests: the four p = 1/2001 get 6/2001 (6, 5, 4, 3 times it, made monotone),
             # the two p = 1 stay 1 (capped)
             expected[("multi30k", metric, "gru-tiny", "transformer-tiny", seed, seed)] = (0, 0, 0, 1.0, 1.0, False)
             for a in ("gru-tiny", "transformer-tiny"):
                 expected[("multi30k", metric, a, "lstm-tiny", seed, seed)] = (*[pytest.approx(100)] * 3,
-                                                                            pytest.approx(ONE_IN),
-                                                                            pytest.approx(6 * ONE_IN), True)
+                                                                            pytest.approx(one_in),
+                                                                            pytest.approx(6 * one_in), True)
     expected[("wikitext2", "nll", "transformer-tiny", "lstm-tiny", 1, 1)] = (-1, -1, -1, pytest.approx(ONE_IN),
                                                                              pytest.approx(ONE_IN), True)
     assert got == expected
-    assert set(tested["units"]) == {len(REFS), 31} and set(tested["n_samples"]) == {1000}
+    assert set(tested["units"]) == {len(REFS), 31}
+    assert dict(zip(tested["task"], tested["n_samples"])) == {"multi30k": 2000, "wikitext2": 1000}
     # bytenet (BLEU 50, second best) has no outputs: its pairs are listed with why, not tested
     untested = pairs[pairs["note"].notna()]
     assert len(untested) == 2 * 3 and ((untested["a"] == "bytenet-tiny") | (untested["b"] == "bytenet-tiny")).all()
@@ -222,8 +244,9 @@ def test_the_report_marks_differences_that_are_not_significant(paired_report):
     assert ("| BLEU | gru-tiny | transformer-tiny | 2 | +0.00 | s1/s1: +0.00 (CI 0.00, 0.00) p=1.000 (Holm 1.000); "
             "s2/s2: +0.00 (CI 0.00, 0.00) p=1.000 (Holm 1.000) | "
             "no (0 of 2 seed pairs Holm-adjusted p &lt; 0.05) |") in section
-    assert ("| chrF | gru-tiny | lstm-tiny | 2 | +100.00 | s1/s1: +100.00 (CI 100.00, 100.00) p=0.001 (Holm 0.006); "
-            "s2/s2: +100.00 (CI 100.00, 100.00) p=0.001 (Holm 0.006) | yes: gru-tiny better |") in section
+    assert ("| chrF | gru-tiny | lstm-tiny | 2 | +100.00 | s1/s1: +100.00 (CI 100.00, 100.00) p=5.0e-04 (Holm 0.003); "
+            "s2/s2: +100.00 (CI 100.00, 100.00) p=5.0e-04 (Holm 0.003) | yes: gru-tiny better |") in section
+    assert "Paired bootstrap on the test set, 2,000 resamples" in section
     assert ("seed pairs not tested: no test outputs (test.hyp and test.ref, or test.nll.json) beside the "
             "record.json of 1 run(s); jobs of this version write them: ") in section
     assert "bytenet-tiny_multi30k_s1" in section
@@ -231,6 +254,27 @@ def test_the_report_marks_differences_that_are_not_significant(paired_report):
     assert ("| NLL per token | transformer-tiny | lstm-tiny | 1 | -1.0000 | s1/s1: -1.0000 (CI -1.0000, -1.0000) "
             "p=0.001 (Holm 0.001) | yes: transformer-tiny better |") in lm
     assert "a negative Δ means A has the lower (better) perplexity" in lm
+
+
+def test_the_report_compares_architectures_before_the_seed_pairs(paired_report):
+    """Above each task's seed-pair table: the two-level test, one row per pair of systems. gru and lstm have two
+    seeds each and differ by 100 in every resample: p = 2/2001, Holm over the 3 tested pairs of multi30k's 6. The
+    language models ran one seed each: tested, but no conclusion about architectures."""
+    _, out = paired_report
+    md = (out / "report.md").read_text()
+    section = md.split("### Task multi30k")[1].split("### Task")[0]
+    assert section.index("*Architectures compared (seeds and test items resampled): a two-level bootstrap, 2,000 "
+                         "resamples") < section.index("*Paired bootstrap on the test set")
+    assert ("| chrF | gru-tiny | lstm-tiny | 2 / 2 | +100.00 | 100.00, 100.00 | 0.001 | 0.003 | yes: gru-tiny better "
+            "|  |") in section
+    assert ("| BLEU | gru-tiny | transformer-tiny | 2 / 2 | +0.00 | 0.00, 0.00 | 1.000 | 1.000 | "
+            "no (Holm-adjusted p ≥ 0.05) |  |") in section
+    assert ("| BLEU | gru-tiny | bytenet-tiny | 2 / 0 | – | – | – | – | – (not tested) | not tested: no run of B has "
+            "usable test outputs") in section
+    lm = md.split("### Task wikitext2")[1].split("\n## ")[0]
+    assert ("| NLL per token | transformer-tiny | lstm-tiny | 1 / 1 | -1.0000 | -1.0000, -1.0000 | 0.002 | 0.002 | "
+            "– (no conclusion about architectures: a system has one seed) | seed variance could not be estimated (A "
+            "and B have one seed with test outputs): this compares trained models, not architectures |") in lm
 
 
 def test_holm_adjusts_each_task_and_metric_as_one_family():

@@ -19,6 +19,9 @@ Per (architecture, output length):
 - time per generated token: the whole decode (encode and every step) over batch x length tokens, median over
   the timed rounds; and the same for the last ``min(64, length)`` steps alone, which, set beside it, shows
   whether a step becomes slower as the output grows (the Transformer's attention reads a longer cache);
+- FLOP/s and MFU: the FLOPs of the decode up to that length (torch's counter with ``harness.profile``'s
+  additions, over one untimed decode read at each length) over its median time, and that over the machine's
+  peak at the architecture's widths (``harness.peak``, for ``peak_tokens`` positions per product);
 - the ratios of state bytes, peak memory and time per token to the reference architecture's (the
   Transformer's) at the same length.
 
@@ -48,8 +51,10 @@ from seqbench import models
 from seqbench.models.common import BOS, SOURCE_PREFIX
 from seqbench.tasks.base import Shape
 
+from .. import peak as peak_flops
 from ..decode import max_lengths
 from ..device import sync
+from ..profile import flop_counter
 from ..settings import MAX_OUTPUT_TOKENS
 from .decoding import NoEOS
 from .timing import Contender, resident_bytes, state_tensors, summary
@@ -63,7 +68,9 @@ MARKER = "seqbench.bench.state.step"  # profiler range named after a step count:
 class Settings:
     """What the suite decodes: ``batch`` random sources of ``src_len`` tokens from a ``vocab``-word vocabulary, to
     each of ``lengths`` output tokens, under ``autocast`` (``precision`` names it); ``warmup`` untimed decodes per
-    architecture to the shortest length, then one profiled and ``repeats`` timed decodes to the longest."""
+    architecture to the shortest length, then one profiled and ``repeats`` timed decodes to the longest, and one
+    counted (FLOPs). ``peak_tokens``: positions per product of the peak that MFU divides by (``harness.peak``;
+    None: ``batch`` x ``src_len``)."""
 
     vocab: int
     batch: int
@@ -75,6 +82,7 @@ class Settings:
     repeats: int
     warmup: int
     seed: int
+    peak_tokens: int | None = None
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -210,6 +218,12 @@ def measure(arch: str, cfg: dict, name: str, model: nn.Module, s: Settings) -> l
         for n, c in zip(reached, timed):
             c.seconds.append(clock[n] - clock[-1])
             tail_s[n].append(clock[n] - clock[n - tails[n]])
+    flops_at: dict[int, int] = {}
+    if reached:
+        with flop_counter() as counter:
+            decode(max(reached), lambda k, state: flops_at.__setitem__(k, counter.get_total_flops()))
+    peak = peak_flops.measure(s.device, s.precision,
+                              peak_flops.model_shapes(model, s.peak_tokens or s.batch * s.src_len) or None)
     rows = []
     base = {"suite": "state", "arch": arch, "preset": cfg.get("preset"), "model": name, "batch": s.batch,
             "src_len": s.src_len, "precision": s.precision, "params": models.count_parameters(model),
@@ -227,7 +241,10 @@ def measure(arch: str, cfg: dict, name: str, model: nn.Module, s: Settings) -> l
         row.update(state_bytes={"hypothesis": hyp, "source": source, "total": hyp + source},
                    peak_bytes=resident + peaks[length], resident_bytes=resident, tail_steps=tails[length],
                    stats=stats, per_token_s=stats["median_s"] / (s.batch * length),
-                   tail_per_token_s=statistics.median(tail_s[length]) / (s.batch * tails[length]))
+                   tail_per_token_s=statistics.median(tail_s[length]) / (s.batch * tails[length]),
+                   flops=flops_at[length], flops_per_s=flops_at[length] / stats["median_s"],
+                   peak_flops=peak.peak_flops_per_s,
+                   mfu=peak_flops.mfu(flops_at[length], stats["median_s"], peak.peak_flops_per_s))
         print(f"[bench] state: {name} at {length} output tokens: state {human_bytes(hyp)} + {human_bytes(source)} "
               f"src_*, peak {human_bytes(row['peak_bytes'])}, {row['per_token_s'] * 1e6:,.1f} us/token", flush=True)
     return rows
@@ -276,11 +293,11 @@ def state_table(rows: list[dict]) -> str:
     """The Markdown table: one row per (architecture, output length), ratios to the reference's at that length."""
     ref = next((r.get("reference") for r in rows if r.get("reference")), REFERENCE)
     lines = [f"| model | output tokens | state per hypothesis | src_* state | state / {ref} | peak memory | "
-             f"peak / {ref} | us per token | us per token, last {TAIL_STEPS} steps | time / {ref} |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"peak / {ref} | us per token | us per token, last {TAIL_STEPS} steps | time / {ref} | FLOP/s (MFU) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r["reached"]:
-            lines.append(f"| {r['model']} | {r['length']} | not run: {r['reason']} | | | | | | | |")
+            lines.append(f"| {r['model']} | {r['length']} | not run: {r['reason']} | | | | | | | | |")
             continue
         ratio = r["ratios"] or {}
 
@@ -292,8 +309,15 @@ def state_table(rows: list[dict]) -> str:
                                                          else "")
         lines.append(f"| {r['model']} | {r['length']} | {human_bytes(state['hypothesis'])} | "
                      f"{human_bytes(state['source'])} | {x('state')} | {human_bytes(r['peak_bytes'])} | {x('peak')} | "
-                     f"{r['per_token_s'] * 1e6:,.1f} | {tail} | {x('time')} |")
+                     f"{r['per_token_s'] * 1e6:,.1f} | {tail} | {x('time')} | {flop_rate(r)} |")
     return "\n".join(lines)
+
+
+def flop_rate(r: dict) -> str:
+    """FLOP/s and MFU of a row (or a contender's stats), as ``12.34 GFLOP/s (28.1%)``."""
+    per_s = r["flops_per_s"]
+    scaled = f"{per_s / 1e12:,.2f} TFLOP/s" if per_s >= 1e12 else f"{per_s / 1e9:,.2f} GFLOP/s"
+    return f"{scaled} ({r['mfu']:.1%})"
 
 
 def state_notes(rows: list[dict]) -> list[str]:
@@ -302,8 +326,9 @@ def state_notes(rows: list[dict]) -> list[str]:
              "beam multiplies) and per sentence (src_*: from the source alone); peak memory: parameters + the "
              "whole decode's peak allocation; us per token: the whole decode (encode + every step) / (batch x "
              f"output tokens), median over rounds, and the last {TAIL_STEPS} steps alone (a step that slows as the "
-             "output grows shows there); ratios: this architecture / the reference's at the same length "
-             "(< 1: leaner or faster)"]
+             "output grows shows there); FLOP/s: the decode's counted FLOPs up to that length over its median time, "
+             "MFU: that over the measured matmul peak (harness.peak); ratios: this architecture / the reference's "
+             "at the same length (< 1: leaner or faster)"]
     growth = []
     for arch in dict.fromkeys(r["arch"] for r in rows):
         done = [r for r in rows if r["arch"] == arch and r["reached"]]

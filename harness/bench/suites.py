@@ -45,15 +45,17 @@ Tokens are target tokens: those scored by the loss (train, lm) or generated (dec
 are seqbench / baseline in speed (>1: seqbench faster; decode: cached faster than recomputing)
 and in peak memory (<1: seqbench leaner); the state suite times each decode alone (``repeats``
 rounds, no pair) and divides by the Transformer's (<1: leaner or faster). FLOPs per step come
-from torch's FLOP counter with ``harness.profile``'s additions; on CUDA, MFU is FLOPs / time /
-the measured matmul ceiling.
+from torch's FLOP counter with ``harness.profile``'s additions (a decode's: the whole search, counted once
+after timing; the state suite's: one decode, read at each length). Every suite gives each contender's FLOP/s
+(counted FLOPs over the median time) and MFU: that over the machine's peak (``harness.peak``, the measurement
+a training run's ``costs.mfu`` uses: matrix products at the architecture's widths for a training batch of
+``batch`` x ``tgt_len`` positions, in the contender's precision, measured once per machine and cached).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -63,6 +65,7 @@ from seqbench import models
 from seqbench.models.common import PAD
 from seqbench.tasks.base import Shape
 
+from .. import peak as peak_flops
 from ..environment import cpu_name, git_info
 from ..loss import smoothed_cross_entropy
 from ..precision import autocast_for, cpu_has_bf16_matmul, resolve_precision
@@ -71,8 +74,8 @@ from ..optim import adam
 from ..train import TrainConfig
 from .baselines import BASELINE_NAMES, WordLanguageModel, build_baseline
 from .decoding import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
-from .state import Settings, state_notes, state_rows, state_table
-from .timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary, sync,
+from .state import Settings, flop_rate, state_notes, state_rows, state_table
+from .timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, state_tensors, summary,
                      time_interleaved)
 
 ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")  # those with a plain-PyTorch twin (baselines.py)
@@ -201,11 +204,26 @@ def word_lm_loss(model: WordLanguageModel, tokens, targets):
     return loss_of
 
 
-def compare_training(suite: str, pair, tokens: int, args, device, precision, ceiling) -> dict:
+def peak_for(model, tokens: int, device: torch.device, precision: str) -> peak_flops.Peak:
+    """The machine's peak FLOP/s at ``model``'s widths for ``tokens`` positions per product, at ``precision``
+    (``harness.peak``: cached per machine): the MFU denominator of every suite for this architecture."""
+    return peak_flops.measure(device, precision, peak_flops.model_shapes(model, tokens) or None)
+
+
+def add_mfu(stats: dict, flops: float, peak: peak_flops.Peak) -> None:
+    """A contender's ``stats`` get its counted FLOPs per call, FLOP/s at the median time, the peak, and the MFU."""
+    per_s = flops / stats["median_s"]
+    stats.update(flops=flops, flops_per_s=per_s, peak_flops=peak.peak_flops_per_s,
+                 mfu=peak_flops.mfu(flops, stats["median_s"], peak.peak_flops_per_s))
+
+
+def compare_training(suite: str, pair, tokens: int, args, device, precision) -> dict:
     """Time, count and measure a (seqbench, baseline) pair, each (name given the parameter count, model
-    factory, loss factory given the model); ``precision``: both contenders', or a pair of them."""
+    factory, loss factory given the model); ``precision``: both contenders', or a pair of them. Both contenders'
+    MFU divide by the peak at seqbench's model's widths (``peak_for``), each in its own precision."""
     contenders, extra = [], []
-    for (name, make, make_loss), each in zip(pair, (precision,) * 2 if isinstance(precision, str) else precision):
+    precisions = (precision,) * 2 if isinstance(precision, str) else precision
+    for (name, make, make_loss), each in zip(pair, precisions):
         torch.manual_seed(args.seed)
         model = make().to(device)
         loss_of = make_loss(model)
@@ -216,14 +234,13 @@ def compare_training(suite: str, pair, tokens: int, args, device, precision, cei
     sb, base = contenders
     time_interleaved(sb, base, device=device, rounds=args.repeats, calls=args.steps, warmup=args.warmup)
     row = {"suite": suite, "model": sb.name, "baseline": base.name, "stats": {}}
-    for key, c, (model, opt, autocast, loss_of) in (("seqbench", sb, extra[0]), ("baseline", base, extra[1])):
+    peaks = {each: peak_for(extra[0][0], tokens, device, each) for each in dict.fromkeys(precisions)}
+    for key, c, (model, opt, autocast, loss_of), each in zip(("seqbench", "baseline"), (sb, base), extra, precisions):
         stats = summary(c)
         stats["params"] = models.count_parameters(model)
         stats["peak_bytes"] = resident_bytes(state_tensors(model, opt)) + peak_call_bytes(c.call, device)
-        stats["flops"] = count_flops(lambda: loss_of(model, autocast).backward())
+        add_mfu(stats, count_flops(lambda: loss_of(model, autocast).backward()), peaks[each])
         opt.zero_grad(set_to_none=True)
-        if ceiling:
-            stats["mfu"] = stats["flops"] / stats["median_s"] / ceiling
         row["stats"][key] = stats
     row.update(paired_ratio(sb, base))
     stats = row["stats"]
@@ -246,7 +263,7 @@ def without_twin(archs: list[str]) -> list[str]:
     return [a for a in archs if a not in BASELINE_NAMES]
 
 
-def train_suite(args, device, precision, ceiling) -> list[dict]:
+def train_suite(args, device, precision) -> list[dict]:
     B, S, T, V = args.batch, args.src_len, args.tgt_len, args.vocab
     batch = translation_batch(args, device)
     skipped = without_twin(args.models)
@@ -259,14 +276,14 @@ def train_suite(args, device, precision, ceiling) -> list[dict]:
                  lambda m: seq2seq_loss(batch, fused=not args.plain_loss)),
                 (lambda n: f"{BASELINE_NAMES[arch]} ({n / 1e6:.2f}M)", lambda: build_baseline(cfg, V),
                  lambda m: seq2seq_loss(batch))]
-        row = compare_training("train", pair, B * T, args, device, precision, ceiling)
+        row = compare_training("train", pair, B * T, args, device, precision)
         row.update(arch=arch, preset=cfg.get("preset"), shape=f"{B} x ({S} + {T}), vocab {V}")
         rows.append(row)
         progress(row)
     return rows
 
 
-def lm_suite(args, device, precision, ceiling) -> list[dict]:
+def lm_suite(args, device, precision) -> list[dict]:
     B, T, V, D = args.lm_batch, args.bptt, args.lm_vocab, args.lm_size
     g = torch.Generator().manual_seed(args.seed)
     text = torch.randint(0, V, (B, T + 1), generator=g).to(device)
@@ -277,22 +294,22 @@ def lm_suite(args, device, precision, ceiling) -> list[dict]:
              lambda m: lm_loss(tokens, targets, fused=not args.plain_loss)),
             (lambda n: f"examples word_language_model ({n / 1e6:.2f}M)", lambda: WordLanguageModel(V, D, D, 2, 0.2),
              lambda m: word_lm_loss(m, tokens, targets))]
-    row = compare_training("lm", pair, B * T, args, device, precision, ceiling)
+    row = compare_training("lm", pair, B * T, args, device, precision)
     row.update(arch="lstm", preset="wlm", shape=f"{B} x {T} (bptt), vocab {V}, emsize = nhid = {D}")
     progress(row)
     return [row]
 
 
-def precision_suite(args, device, precision, ceiling) -> list[dict]:
-    """seqbench's training step in bf16 (autocast) against fp32, per architecture; no MFU (two dtypes, two
-    ceilings)."""
+def precision_suite(args, device, precision) -> list[dict]:
+    """seqbench's training step in bf16 (autocast) against fp32, per architecture; each MFU against the peak in
+    its own dtype."""
     B, S, T, V = args.batch, args.src_len, args.tgt_len, args.vocab
     batch = translation_batch(args, device)
     rows = []
     for arch, cfg in presets(args.preset, args.models):
         pair = [(lambda n, p=p: f"{label(arch, cfg, n)} {p}", lambda: models.build(cfg, translation_task(V)),
                  lambda m: seq2seq_loss(batch, fused=not args.plain_loss)) for p in ("bf16", "fp32")]
-        row = compare_training("precision", pair, B * T, args, device, ("bf16", "fp32"), None)
+        row = compare_training("precision", pair, B * T, args, device, ("bf16", "fp32"))
         n_params = row["stats"]["seqbench"]["params"]
         row.update(model=label(arch, cfg, n_params), baseline="the same step in fp32", precision="bf16", arch=arch,
                    preset=cfg.get("preset"), shape=f"{B} x ({S} + {T}), vocab {V}")
@@ -302,7 +319,7 @@ def precision_suite(args, device, precision, ceiling) -> list[dict]:
 
 
 # -- decoding ---------------------------------------------------------------------------------
-def decode_suite(args, device, precision, ceiling) -> list[dict]:
+def decode_suite(args, device, precision) -> list[dict]:
     n, per_batch, mean, sd = args.decode_sentences, args.decode_batch, args.decode_mean_len, args.decode_sd_len
     lengths = newstest_like_lengths(n, mean=mean, sd=sd, seed=args.seed)
     batches = source_batches(lengths, args.vocab, per_batch, seed=args.seed)
@@ -322,7 +339,7 @@ def decode_suite(args, device, precision, ceiling) -> list[dict]:
         modes = {"seqbench": NoEOS(model), "baseline": NoEOS(RecomputePrefix(model))}
         # warm-up and peak memory: one batch of sentences of the mean length (the profiler's record of a
         # whole recomputing run, or of its longest batch, would take gigabytes on CPU)
-        peak = {k: resident + peak_call_bytes(lambda d=d: decode(d, typical), device) for k, d in modes.items()}
+        peak_bytes = {k: resident + peak_call_bytes(lambda d=d: decode(d, typical), device) for k, d in modes.items()}
         hyps = {}
 
         def decode_all(key):
@@ -332,25 +349,29 @@ def decode_suite(args, device, precision, ceiling) -> list[dict]:
         b = Contender("recompute prefix (full forward)", lambda: decode_all("baseline"), 0)
         time_interleaved(a, b, device=device, rounds=args.repeats, calls=1, warmup=0)
         a.tokens = b.tokens = sum(len(h) for h in hyps["seqbench"])  # generated target tokens
+        peak = peak_for(model, args.batch * args.tgt_len, device, precision)
+        stats = {k: {**summary(c), "peak_bytes": peak_bytes[k]} for k, c in (("seqbench", a), ("baseline", b))}
+        for k in modes:
+            add_mfu(stats[k], count_flops(lambda k=k: decode(modes[k], batches)), peak)  # untimed: the counter is slow
         row = {"suite": "decode", "arch": arch, "preset": cfg.get("preset"), "model": a.name, "baseline": b.name,
                "same_hypotheses": hyps["seqbench"] == hyps["baseline"], "sentences": n,
-               "stats": {k: {**summary(c), "peak_bytes": peak[k]} for k, c in (("seqbench", a), ("baseline", b))},
+               "stats": stats,
                "shape": f"{n} sentences in batches of {per_batch}, mean source length {sum(lengths) / n:.1f}, "
                         f"beam {args.beam}, vocab {args.vocab}, target length {args.len_a:g}|s|+{args.len_b} "
                         f"(EOS masked); peak memory: one batch of {per_batch} sentences of {round(mean)} tokens"}
         row.update(paired_ratio(a, b))
-        row["memory_ratio"] = peak["seqbench"] / peak["baseline"]
+        row["memory_ratio"] = peak_bytes["seqbench"] / peak_bytes["baseline"]
         rows.append(row)
         progress(row)
     return rows
 
 
 # -- decoder state against output length -----------------------------------------------------------------
-def state_suite(args, device, precision, ceiling) -> list[dict]:
+def state_suite(args, device, precision) -> list[dict]:
     _, autocast = autocast_for(device, precision)
     settings = Settings(vocab=args.vocab, batch=args.state_batch, src_len=args.src_len, lengths=tuple(args.lengths),
                         device=device, precision=precision, autocast=autocast, repeats=args.repeats,
-                        warmup=args.warmup, seed=args.seed)
+                        warmup=args.warmup, seed=args.seed, peak_tokens=args.batch * args.tgt_len)
     return state_rows(presets(args.preset, args.models), settings, label)
 
 
@@ -364,8 +385,8 @@ def mb(n: int) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| model | baseline | seqbench tok/s | baseline tok/s | ratio | spread | peak memory ratio | FLOP ratio |\n"
-            "|---|---|---|---|---|---|---|---|")
+    head = ("| model | baseline | seqbench tok/s | baseline tok/s | ratio | spread | peak memory ratio | FLOP ratio | "
+            "seqbench FLOP/s (MFU) | baseline FLOP/s (MFU) |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         sb, base = r["stats"]["seqbench"], r["stats"]["baseline"]
@@ -376,19 +397,20 @@ def markdown_table(rows: list[dict]) -> str:
         if r.get("same_hypotheses") is False:
             flops += " (hypotheses differ!)"
         lines.append(f"| {r['model']} | {r['baseline']} | {sb['tokens_per_s']:,.0f} | {base['tokens_per_s']:,.0f} | "
-                     f"{r['ratio']:.2f} | {spread} | {memory} | {flops} |")
+                     f"{r['ratio']:.2f} | {spread} | {memory} | {flops} | {flop_rate(sb)} | {flop_rate(base)} |")
     return "\n".join(lines)
 
 
 def precision_table(rows: list[dict]) -> str:
-    lines = ["| model | fp32 tok/s | bf16 tok/s | speed ratio bf16 / fp32 | spread | peak memory ratio bf16 / fp32 |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| model | fp32 tok/s | bf16 tok/s | speed ratio bf16 / fp32 | spread | peak memory ratio bf16 / fp32 | "
+             "fp32 FLOP/s (MFU) | bf16 FLOP/s (MFU) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         low, fp32 = r["stats"]["seqbench"], r["stats"]["baseline"]
         spread = (f"IQR {low['iqr_pct']:.1f}% / {fp32['iqr_pct']:.1f}%; ratio {r['ratio_min']:.2f}-"
                   f"{r['ratio_max']:.2f} over {len(r['ratio_rounds'])} rounds")
         lines.append(f"| {r['model']} | {fp32['tokens_per_s']:,.0f} | {low['tokens_per_s']:,.0f} | {r['ratio']:.2f} | "
-                     f"{spread} | {r['memory_ratio']:.2f} ({mb(low['peak_bytes'])} / {mb(fp32['peak_bytes'])} MiB) |")
+                     f"{spread} | {r['memory_ratio']:.2f} ({mb(low['peak_bytes'])} / {mb(fp32['peak_bytes'])} MiB) | "
+                     f"{flop_rate(fp32)} | {flop_rate(low)} |")
     return "\n".join(lines)
 
 
@@ -407,7 +429,9 @@ def report(rows: list[dict], meta: dict) -> str:
            f"{'F.cross_entropy' if meta['plain_loss'] else 'harness.loss (fused)'}",
            "tok/s = target tokens per second (median over rounds); ratio = seqbench / baseline speed (>1: seqbench "
            "faster); peak memory ratio = seqbench / baseline peak bytes of one call (resident state + the call's "
-           f"peak allocation; {meta['memory_method']}); FLOP ratio = counted FLOPs per step, seqbench / baseline"]
+           f"peak allocation; {meta['memory_method']}); FLOP ratio = counted FLOPs per step, seqbench / baseline; "
+           "FLOP/s = counted FLOPs / median time; MFU = FLOP/s / the machine's measured matmul peak at the "
+           f"architecture's widths in the contender's precision (harness.peak, cached in {meta['peak_cache']})"]
     for suite in SUITES:
         suite_rows = [r for r in rows if r["suite"] == suite]
         if suite_rows:
@@ -422,27 +446,11 @@ def report(rows: list[dict], meta: dict) -> str:
                     f"{r['arch']} {'yes' if r['ratio'] >= 3 else 'NO'} ({r['ratio']:.1f}x)" for r in suite_rows)]
             if suite == "state":
                 out += [""] + state_notes(suite_rows)
-            if meta.get("ceiling_flops") and suite in ("train", "lm"):
-                out += [""] + [f"MFU {r['model']}: {r['stats']['seqbench']['mfu']:.1%}, {r['baseline']}: "
-                               f"{r['stats']['baseline']['mfu']:.1%}" for r in suite_rows]
         skipped = without_twin(meta["args"]["models"]) if suite == "train" else []
         if skipped and meta["args"]["suite"] in ("train", "all"):
             out += ["", f"train: not run for {', '.join(skipped)} (no plain-PyTorch twin in harness.bench.baselines, "
                         f"which has twins of {', '.join(BASELINE_NAMES)})"]
     return "\n".join(out)
-
-
-def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
-    """Measured FLOP/s of an n x n x n matrix product."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def device_name(device: torch.device) -> str:
@@ -545,22 +553,18 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     precision, _ = autocast_for(device, args.precision)
-    ceiling = None
-    if device.type == "cuda":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-        ceiling = matmul_ceiling(device, dtype)
     suites = SUITES if args.suite == "all" else (args.suite,)
     rows = []
     for suite in suites:
         steps = args.steps or (10 if suite == "lm" else 3)
         run = {"train": train_suite, "lm": lm_suite, "precision": precision_suite, "decode": decode_suite,
                "state": state_suite}[suite]
-        rows += run(argparse.Namespace(**{**vars(args), "steps": steps}), device, precision, ceiling)
+        rows += run(argparse.Namespace(**{**vars(args), "steps": steps}), device, precision)
     meta = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
             "precision": precision, "compile": args.compile, "plain_loss": args.plain_loss, "torch": torch.__version__,
             "cpu_bf16_matmul": cpu_has_bf16_matmul(), "auto_precision": resolve_precision("auto", device),
             "preset": args.preset,
-            "git_commit": git_commit(), "ceiling_flops": ceiling,
+            "git_commit": git_commit(), "peak_cache": str(peak_flops.cache_dir() / peak_flops.CACHE_NAME),
             "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda"
             else "CPU allocator events from torch.profiler(profile_memory=True)",
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
