@@ -161,7 +161,10 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
                    curves={"train": progress.log, "valid": progress.evals},
                    costs=_costs(progress, metrics, flops_per_token, memory.result(), device, peak, d.world))
         if train_cfg.ladder:  # the top rung is this run: its entry is the record's own result
-            rec["ladder"] = [*progress.ladder, {**trainer.rung_entry(), "metrics": metrics, "folder": "."}]
+            top = trainer.rung_entry()
+            rec["ladder"] = [*progress.ladder, {**top, "metrics": metrics, "folder": "."}]
+            rec["ladder_rung"] = {"rung": top["rung"], "of": len(train_cfg.ladder), "flops": top["flops"],
+                                  "run": name, "cooldown_from_step": top["cooldown_from_step"]}
         check_converged(metrics)  # a diverged model fails the job; its metrics, curves and costs stay in the record
         tracker.summary({"record": secrets.scrub(rec)})
     except (Interrupted, KeyboardInterrupt) as err:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from seqbench.models.common import LanguageModel
+
 
 class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -92,3 +94,28 @@ def sequence_nll(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) 
     nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=ignore_index,
                                             reduction="none").view_as(target)  # (B,T)
     return nll.sum(1).tolist(), (target != ignore_index).sum(1).tolist()
+
+
+SCORED_SHARE = 0.5  # a language model's batch that scores less than this share of its positions projects those alone
+
+
+def training_logits(model: torch.nn.Module, batch, forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits a training step's loss needs, and their targets: ``(forward or model)(**batch.inputs)`` and
+    ``batch.target``, except for a language model's batch that scores few of its positions (the probes: MQAR
+    scores the queried values alone, 4 of 64 positions), where the output head runs on the scored positions only.
+
+    A language model is ``head(mixing_blocks(embed(tokens)))`` with a position-wise head (the conformance kit
+    holds every architecture to it), so the loss and every gradient are those of the full forward; the
+    (positions x vocabulary) product, the largest of a probe's step with Zoology's 8,192-token vocabulary,
+    shrinks with the share of scored positions. ``forward`` (a compiled or data-parallel wrapper of ``model``)
+    keeps the full forward: the wrapper must see the call.
+    """
+    scored = batch.target != batch.ignore_index
+    if ((forward is None or forward is model) and isinstance(model, LanguageModel) and set(batch.inputs) == {"tokens"}
+            and batch.n_tokens < SCORED_SHARE * batch.target.numel()):
+        x = model.embed(batch.inputs["tokens"])
+        for block in model.mixing_blocks():
+            x = block(x)
+        return model.head(x[scored]), batch.target[scored]
+    return (forward or model)(**batch.inputs), batch.target
+

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from .loss import training_logits
+
 aten = torch.ops.aten
 
 
@@ -103,8 +105,8 @@ def train_flops_per_token(model, batches: list) -> float:
     model.train()
 
     def step(batch):
-        logits = model(**batch.inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch.target.flatten(), ignore_index=batch.ignore_index)
+        logits, target = training_logits(model, batch)  # what the trainer's step computes
+        loss = F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), ignore_index=batch.ignore_index)
         loss.backward()
 
     flops = sum(count_flops(lambda: step(batch)) for batch in batches)

@@ -26,7 +26,7 @@ from .distributed import SINGLE, Dist
 from .evaluate import mean_nll, perplexity
 from .io import remove_stale_temps
 from .decode import beam_problem
-from .loss import label_smoothing, smoothed_cross_entropy
+from .loss import label_smoothing, smoothed_cross_entropy, training_logits
 from .precision import autocast_for
 
 log = logging.getLogger("seqbench.train")
@@ -390,8 +390,9 @@ class Trainer:
         DistributedDataParallel averages gradients over the ranks, hence the factor ``world``).
         """
         with self.autocast():
-            logits = self.forward(**batch.inputs) if self.carry is None else self._carried(batch)
-        loss = smoothed_cross_entropy(logits, batch.target, self.cfg.label_smoothing, batch.ignore_index)
+            logits, target = (training_logits(self.model, batch, self.forward) if self.carry is None
+                              else (self._carried(batch), batch.target))
+        loss = smoothed_cross_entropy(logits, target, self.cfg.label_smoothing, batch.ignore_index)
         self.scaler.scale(loss * (self.dist.world / (n_tokens or batch.n_tokens))).backward()
         if self.cfg.clip_norm > 0:
             self.scaler.unscale_(self.opt)

@@ -146,5 +146,7 @@ def test_a_job_writes_each_rung_as_a_run_of_its_own(make_cfg, tmp_path):
     assert rung["costs"]["ended_by"] == "ladder_rung" and "valid" in rung["metrics"]
     assert [e["folder"] for e in rec["ladder"]] == ["rung_0", "."]
     assert rec["ladder"][1]["metrics"] == rec["metrics"] and rec["config"]["trainer"]["max_flops"] == 6e8
+    assert rung["ladder_rung"]["rung"] == 0 and rec["ladder_rung"]["rung"] == 1
+    assert rung["ladder_rung"]["run"] == rec["ladder_rung"]["run"] == rec["job"]["name"]
     runs = load_records([tmp_path]).runs
     assert len(runs) == 2 and runs["system"].nunique() == 2  # two budgets: two systems of one architecture
