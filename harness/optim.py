@@ -1,8 +1,11 @@
-"""The trainer's optimizers: Adam, SGD (momentum, Nesterov's accelerated gradient), and Adam then SGD.
+"""The trainer's optimizers: Adam, AdamW, SGD (momentum, Nesterov's accelerated gradient), and Adam then SGD.
 
 ``trainer.optimizer``:
 
-- ``adam``: Adam at ``lr`` with ``betas``, ``eps``, ``weight_decay`` (Vaswani et al.; Kalchbrenner et al.);
+- ``adam``: Adam at ``lr`` with ``betas``, ``eps``, ``weight_decay`` (Vaswani et al.; Kalchbrenner et al.); the
+  decay is an L2 term added to the gradient, so Adam's normalisation scales it with the gradient's history;
+- ``adamw``: Adam with decoupled weight decay (Loshchilov & Hutter 2019): each step also shrinks the weights by
+  ``lr x weight_decay``, whatever the gradient (MAD's and Zoology's protocols, today's language models);
 - ``sgd``: SGD at ``lr`` with ``momentum``, ``nesterov`` and ``weight_decay`` (Gehring et al.: Nesterov's
   accelerated gradient with momentum 0.99);
 - ``adam_then_sgd``: Adam at ``lr`` for the first ``switch_step`` steps, then SGD at ``sgd_lr`` (Wu et al.
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-OPTIMIZERS = ("adam", "sgd", "adam_then_sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd", "adam_then_sgd")
 
 
 def phase(cfg, step: int) -> tuple[str, int]:
@@ -28,8 +31,8 @@ def phase(cfg, step: int) -> tuple[str, int]:
 
 def build(params, cfg, device: torch.device, kind: str) -> torch.optim.Optimizer:
     """The optimizer ``kind`` (a :func:`phase`) over ``params`` with the trainer's settings ``cfg``."""
-    if kind == "adam":
-        return adam(params, cfg, device)
+    if kind in ("adam", "adamw"):
+        return adam(params, cfg, device, decoupled=kind == "adamw")
     if kind != "sgd":
         raise ValueError(f"trainer.optimizer={cfg.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
     lr = cfg.sgd_lr if cfg.optimizer == "adam_then_sgd" else cfg.lr
@@ -37,12 +40,13 @@ def build(params, cfg, device: torch.device, kind: str) -> torch.optim.Optimizer
                            weight_decay=cfg.weight_decay)
 
 
-def adam(params, cfg, device: torch.device) -> torch.optim.Adam:
-    """Adam with the trainer's settings, fused on CPU and CUDA: one pass per tensor over weight, gradient and
-    both moments, where the unfused CPU update makes about seven (and allocates), cheap in flops but a larger
-    share of the step the faster the model's own work gets (bf16)."""
-    return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                            fused=device.type in ("cpu", "cuda"))
+def adam(params, cfg, device: torch.device, decoupled: bool = False) -> torch.optim.Adam:
+    """Adam (``decoupled``: AdamW) with the trainer's settings, fused on CPU and CUDA: one pass per tensor over
+    weight, gradient and both moments, where the unfused CPU update makes about seven (and allocates), cheap in
+    flops but a larger share of the step the faster the model's own work gets (bf16)."""
+    kind = torch.optim.AdamW if decoupled else torch.optim.Adam
+    return kind(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                fused=device.type in ("cpu", "cuda"))
 
 
 def check(cfg) -> None:
@@ -57,7 +61,7 @@ def check(cfg) -> None:
     if not switching and (cfg.switch_step is not None or cfg.sgd_lr is not None):
         raise ValueError(f"trainer.switch_step and trainer.sgd_lr apply to trainer.optimizer=adam_then_sgd only, "
                          f"not {cfg.optimizer}; set them to null, or set trainer.optimizer=adam_then_sgd")
-    if cfg.optimizer == "adam" and (cfg.momentum or cfg.nesterov):
+    if cfg.optimizer in ("adam", "adamw") and (cfg.momentum or cfg.nesterov):
         raise ValueError("trainer.momentum and trainer.nesterov apply to SGD only (trainer.optimizer=sgd or "
                          "adam_then_sgd); Adam's moments are trainer.betas")
     if cfg.nesterov and not cfg.momentum:

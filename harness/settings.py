@@ -117,7 +117,7 @@ SETTINGS: dict[str, Rule] = {
                           "two numbers in [0, 1), e.g. [0.9, 0.98]"),
     "trainer.eps": number(lambda v: v >= 0, ">= 0"),
     "trainer.weight_decay": number(lambda v: v >= 0, ">= 0"),
-    "trainer.optimizer": choice("adam", "sgd", "adam_then_sgd"),
+    "trainer.optimizer": choice("adam", "adamw", "sgd", "adam_then_sgd"),
     "trainer.momentum": number(lambda v: 0 <= v < 1, "in [0, 1)"),
     "trainer.nesterov": BOOLEAN,
     "trainer.sgd_lr": Rule(lambda v: v is None or (_is_number(v) and v > 0),

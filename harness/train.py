@@ -55,7 +55,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-9
     weight_decay: float = 0.0
-    optimizer: str = "adam"  # adam | sgd | adam_then_sgd (harness/optim.py)
+    optimizer: str = "adam"  # adam | adamw | sgd | adam_then_sgd (harness/optim.py)
     momentum: float = 0.0  # sgd
     nesterov: bool = False  # sgd: Nesterov's accelerated gradient
     sgd_lr: float | None = None  # adam_then_sgd: SGD's learning rate (lr is Adam's)

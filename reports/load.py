@@ -320,6 +320,7 @@ def flatten(rec: dict, path: Path) -> dict:
     test, valid = _get(rec, "metrics", "test") or {}, _get(rec, "metrics", "valid") or {}
     family = task.get("family") or _family(test)
     status, error, kind = rec.get("status"), rec.get("error"), job_kind(rec)
+    rung = rec["ladder_rung"] if isinstance(rec.get("ladder_rung"), dict) else {}  # trainer.ladder: reports/ladder.py
     if status == "ok" and kind == "train" and not _has_metrics(rec):
         status, error = NO_METRICS, ("status ok, but the record holds no metric (metrics is empty or null): not "
                                      "counted; rerun the job in its folder to evaluate it")
@@ -338,6 +339,7 @@ def flatten(rec: dict, path: Path) -> dict:
         "torch": (env.get("packages") or {}).get("torch"), "python": env.get("python"),
         "git_commit": env.get("git_commit"), "git_dirty": env.get("git_dirty"),
         **{k: trainer.get(k) for k in BUDGET_KEYS}, **{k: trainer.get(k) for k in TUNED_KEYS},
+        "ladder_rung": rung.get("rung"), "ladder_flops": rung.get("flops"),  # None: the run is no ladder rung
         "precision": env.get("precision") or trainer.get("precision"),  # resolved (bf16/fp32), not "auto"
         "vocab_size": task_cfg.get("vocab_size"), "task_vocab": task.get("vocab", task.get("tgt_vocab")),
         "tokenization": task.get("segmentation") or task_cfg.get("tokenizer") or task_cfg.get("model_type"),

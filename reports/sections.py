@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import hardware, hierarchical, plots, reference, significance, tables
+from . import hardware, hierarchical, ladder, plots, reference, significance, tables
 from .load import Records
 from .render import Note, Section, Table
 
@@ -20,8 +20,10 @@ def all_sections(records: Records, dirs: list[Path], plot_dir: Path,
     ``archs`` :func:`hierarchical.architectures` (each computed here if not given).
 
     The overview leads: the architecture x task matrix of each task's primary metric and the headline figure
-    (quality against training cost). Then fairness, tuning, the quality tables per task, the costs, Table 2 (BLEU
-    runs; the paper's rows when its task ran), Table 1 (path-length records), the other plots, failures, appendix.
+    (quality against training cost). Then, when runs are ladder rungs, the budget ladder (reports/ladder.py: which
+    architecture wins at equal compute, rung by rung). Then fairness, tuning, the quality tables per task, the costs,
+    Table 2 (BLEU runs; the paper's rows when its task ran), Table 1 (path-length records), the other plots, failures,
+    appendix.
     """
     if records.runs.empty:
         return [overview(records, dirs)]
@@ -37,7 +39,8 @@ def all_sections(records: Records, dirs: list[Path], plot_dir: Path,
     cache: dict = {}  # each run's resampled test scores, drawn once for both tables
     pairs = significance.pairwise(runs, cache) if pairs is None else pairs
     archs = hierarchical.architectures(runs, cache) if archs is None else archs
-    shown = [overview(records, dirs, summ, devices, headline), fairness(runs), *tuning.sections(runs),
+    shown = [overview(records, dirs, summ, devices, headline), *ladder.sections(records, plot_dir, archs),
+             fairness(runs), *tuning.sections(runs),
              *results(runs, pairs, devices, summ, archs), *probe_suites.sections(runs, plot_dir), costs(summ, devices),
              table2(runs, devices, summ),
              table1(records, analysis),

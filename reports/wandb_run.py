@@ -3,7 +3,8 @@
 The run sits in the sweep's group, beside the job runs, and logs one row holding
   summary/<task>      per task a table, one row per architecture (best first): n, seeds, the quality mean
                       and std (and any other column ``tables.summary`` computes), the costs, device, budget
-  plots/<name>        every plot the report drew, as an image
+  plots/<name>        every plot the report drew, as an image (the budget ladder's figure among them)
+  ladder/<task>       per task the budget ladder's rung table (reports/ladder.py), when runs are ladder rungs
   failed_jobs         the failed and unfinished jobs with their errors (a table, empty when there are none)
   warnings            the fair-comparison and task warnings; differing_settings: settings that differ
 and the artifact ``report-<group>`` (type ``report``): report.html, report.md, the plots and the tidy tables
@@ -27,7 +28,7 @@ import pandas as pd
 from seqbench.harness.secrets import scrub
 from seqbench.harness.tracking import WandbTracker
 
-from . import Report, tables
+from . import Report, ladder, tables
 from .load import for_display, shorten
 
 JOB_TYPE = "report"
@@ -109,6 +110,7 @@ def contents(report: Report) -> dict:
            for task, rows in summ.groupby("task", sort=True)}
     row.update({f"plots/{p.name}": wandb.Image(str(p.png), caption=f"{p.title}: {p.caption}" if p.caption else p.title)
                 for p in report.plots()})
+    row.update({key: table(frame) for key, frame in ladder.rung_tables(report.sections).items()})
     row.update(failed_jobs=table(tables.failures(runs)), warnings=table(warnings(runs)),
                differing_settings=table(tables.differing_settings(runs)))
     return row

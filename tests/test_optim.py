@@ -61,6 +61,16 @@ def test_sgd_with_nesterov_momentum_takes_the_hand_computed_step():
     assert one_step(TrainConfig(max_steps=1, optimizer="sgd", lr=0.25), "sgd") == pytest.approx(0.5, abs=1e-7)
 
 
+def test_adamw_decays_the_weights_apart_from_the_gradient_and_adam_through_it():
+    """w = 1, gradient 2, lr 0.01, weight decay 0.5. Adam's first step moves w by lr whatever the gradient; AdamW
+    shrinks w by lr x decay first (1 - 0.005) and then takes Adam's step (- 0.01): 0.985. Adam's L2 adds the decay
+    to the gradient (2 + 0.5), which its normalisation cancels: still 1 - 0.01 = 0.99."""
+    settings = {"max_steps": 1, "lr": 0.01, "weight_decay": 0.5, "betas": (0.9, 0.999), "eps": 1e-8}
+    assert one_step(TrainConfig(optimizer="adamw", **settings), "adamw") == pytest.approx(0.985, abs=1e-6)
+    assert one_step(TrainConfig(optimizer="adam", **settings), "adam") == pytest.approx(0.99, abs=1e-6)
+    assert optim.phase(TrainConfig(max_steps=1, optimizer="adamw"), 5) == ("adamw", 0)
+
+
 def test_adam_then_sgd_uses_each_learning_rate_in_its_phase():
     """Adam's first step moves a weight by lr whatever the gradient (1 - 0.01); SGD's by sgd_lr * g (1 - 0.5 * 2)."""
     cfg = TrainConfig(max_steps=1, optimizer="adam_then_sgd", lr=0.01, sgd_lr=0.5, switch_step=3, betas=(0.9, 0.999),
@@ -149,7 +159,7 @@ def test_a_run_resumed_from_last_pt_equals_the_uninterrupted_run(make_cfg, tmp_p
 # -- settings ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override,message", [
-    ("trainer.optimizer=rmsprop", "trainer.optimizer='rmsprop'; valid: adam, sgd, adam_then_sgd"),
+    ("trainer.optimizer=rmsprop", "trainer.optimizer='rmsprop'; valid: adam, adamw, sgd, adam_then_sgd"),
     ("trainer.momentum=1.0", "trainer.momentum=1.0 must be a finite number in [0, 1)"),
     ("trainer.nesterov=yes", "trainer.nesterov='yes' must be true or false"),
     ("trainer.sgd_lr=0", "trainer.sgd_lr=0 must be a finite number > 0"),

@@ -35,6 +35,11 @@ says which it skipped:
   token (and over the last 64 steps alone), each beside the Transformer's at that length
   (``harness.bench.state``); a length an architecture cannot reach gets a row saying why.
 
+- ``real`` (not in ``all``: it reads a task's data): the trainer's own step on the first batches of a real task
+  (``--task``, default multi30k) against the ``train`` suite's synthetic step, with padding fractions, batch shapes
+  and an optional profile (``--profile``) of the forward and backward (``harness.bench.real``); the Transformer
+  alone unless ``--archs`` names others.
+
 ``--preset``: ``small`` (the CPU comparison presets, ``conf/model/<arch>.yaml``), ``tiny`` (the
 same structure at test size: the ``*_tiny.yaml`` presets differ in structure), ``paper`` (each
 architecture at its published size, ``PAPER``; 256 sentences x (50 + 50) tokens, 37k
@@ -72,6 +77,7 @@ from ..precision import autocast_for, cpu_has_bf16_matmul, resolve_precision
 from ..profile import count_flops
 from ..optim import adam
 from ..train import TrainConfig
+from . import real
 from .baselines import BASELINE_NAMES, WordLanguageModel, build_baseline
 from .decoding import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
 from .state import Settings, flop_rate, state_notes, state_rows, state_table
@@ -79,7 +85,7 @@ from .timing import (Contender, paired_ratio, peak_call_bytes, resident_bytes, s
                      time_interleaved)
 
 ARCHS = ("transformer", "lstm", "gru", "convs2s", "bytenet")  # those with a plain-PyTorch twin (baselines.py)
-SUITES = ("train", "lm", "precision", "decode", "state")
+SUITES = ("train", "lm", "precision", "decode", "state")  # --suite all; "real" reads a task's data (real.py)
 TINY = {"d_model": 32, "n_layers": 2, "d_ff": 64, "n_heads": 4, "channels": 32}  # over the small presets
 # defaults per --preset: translation batch (sentences, src_len, tgt_len, vocab), LM (batch, bptt, vocab,
 # emsize = nhid), decoding (sentences, sentences per batch, mean and sd of source lengths), state (sentences,
@@ -420,6 +426,7 @@ TITLES = {
     "lm": "Language-model training step, seqbench LSTM LM vs PyTorch examples word_language_model",
     "decode": "Beam search, cached incremental decoding vs recomputing the prefix (ratio = speedup of caching)",
     "state": "Decode memory and speed against the Transformer's KV cache, by output length",
+    "real": "The trainer's step on real batches against the bench's synthetic step (ratio < 1: real costs more)",
 }
 
 
@@ -450,6 +457,9 @@ def report(rows: list[dict], meta: dict) -> str:
         if skipped and meta["args"]["suite"] in ("train", "all"):
             out += ["", f"train: not run for {', '.join(skipped)} (no plain-PyTorch twin in harness.bench.baselines, "
                         f"which has twins of {', '.join(BASELINE_NAMES)})"]
+    real_rows = [r for r in rows if r["suite"] == "real"]
+    if real_rows:
+        out += ["", f"### {TITLES['real']}", "", real_rows[0]["shape"], "", real.real_table(real_rows)]
     return "\n".join(out)
 
 
@@ -476,7 +486,8 @@ def output_lengths(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--suite", default="train", choices=[*SUITES, "all"])
+    ap.add_argument("--suite", default="train", choices=[*SUITES, "real", "all"],
+                    help="all: every suite but real, which reads a task's data (harness.bench.real)")
     ap.add_argument("--preset", default="small",
                     help="tiny, small, paper (every architecture at its published size) or a preset file name "
                          "(e.g. transformer_base: that architecture only)")
@@ -493,7 +504,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "models alone)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds per pair")
-    ap.add_argument("--steps", type=int, default=None, help="calls per round (default: 3 train, 10 lm)")
+    ap.add_argument("--steps", type=int, default=None, help="calls per round (default: 3 train, 10 lm, 1 real)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed calls of each contender first")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="write the rows and settings here")
@@ -507,11 +518,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="state suite: comma-separated output lengths in tokens (default 64,128,256,512,1024; tiny: "
                         "8,16); --batch sets its sentences (default 16; tiny: 4), --src-len their tokens")
     g.add_argument("--beam", type=int, default=4)
+    r = ap.add_argument_group("real suite (harness.bench.real)")
+    r.add_argument("--task", default="multi30k", help="the task config conf/task/<name>.yaml (seq2seq form)")
+    r.add_argument("--task-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a task setting (repeatable), e.g. --task-set n_train=64")
+    r.add_argument("--real-batches", type=int, default=4, help="the first N batches of the shuffled epoch 0")
+    r.add_argument("--max-tokens", type=int, default=4096, help="the batch budget (trainer.max_tokens)")
+    r.add_argument("--split", type=int, default=4, help="sub-batches per real batch in the unpadded contender")
+    r.add_argument("--profile", action="store_true",
+                   help="profile trainer steps (torch.profiler, record_shapes): forward and backward operators")
+    r.add_argument("--profile-steps", type=int, default=2, help="trainer steps profiled")
     g.add_argument("--len-a", type=float, default=1.0, help="decoding length limit a|s|+b")
     g.add_argument("--len-b", type=int, default=0)
     args = ap.parse_args(argv)
     for flag in ("--beam", "--steps", "--threads", "--repeats", "--batch", "--src-len", "--tgt-len", "--vocab",
-                 "--lm-batch", "--bptt", "--lm-vocab", "--lm-size", "--decode-sentences", "--decode-batch"):
+                 "--lm-batch", "--bptt", "--lm-vocab", "--lm-size", "--decode-sentences", "--decode-batch",
+                 "--real-batches", "--max-tokens", "--split", "--profile-steps"):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None and value < 1:  # None: the default; 0 would divide by zero or be taken for the default
             ap.error(f"{flag} {value}: must be a positive integer (leave it out for the default)")
@@ -529,8 +551,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             if getattr(args, name) is None:
                 setattr(args, name, default)
     published = args.preset == "paper"  # only architectures with a published-size preset (PAPER)
-    if args.models is None:
-        args.models = list(PAPER if published else models.MODELS)
+    if args.models is None:  # the real suite: the Transformer alone unless --archs names others
+        args.models = ["transformer"] if args.suite == "real" else list(PAPER if published else models.MODELS)
     else:
         args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = sorted(set(args.models) - set(models.MODELS))
@@ -556,9 +578,9 @@ def main(argv=None) -> list[dict]:
     suites = SUITES if args.suite == "all" else (args.suite,)
     rows = []
     for suite in suites:
-        steps = args.steps or (10 if suite == "lm" else 3)
+        steps = args.steps or {"lm": 10, "real": 1}.get(suite, 3)
         run = {"train": train_suite, "lm": lm_suite, "precision": precision_suite, "decode": decode_suite,
-               "state": state_suite}[suite]
+               "state": state_suite, "real": real.real_suite}[suite]
         rows += run(argparse.Namespace(**{**vars(args), "steps": steps}), device, precision)
     meta = {"device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
             "precision": precision, "compile": args.compile, "plain_loss": args.plain_loss, "torch": torch.__version__,
@@ -572,6 +594,8 @@ def main(argv=None) -> list[dict]:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        for path in real.save_profiles(rows, args.json):
+            print(f"[bench] profile written to {path}")
     return rows
 
 

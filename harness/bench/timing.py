@@ -1,8 +1,9 @@
 """Timing and memory for the benchmarks: interleaved rounds, robust statistics, peak memory per call.
 
-Two contenders are timed in the same process, alternating: after ``warmup`` calls of each,
-every round times ``calls`` consecutive calls of one and then of the other (the order flips
-every round, so neither always runs on a warmer or cooler machine). The device is
+Two (or more) contenders are timed in the same process, alternating: after ``warmup`` calls of
+each, every round times ``calls`` consecutive calls of one and then of the other (the order flips
+every round, so neither always runs on a warmer or cooler machine; with more than two, each round
+runs them in turn, in reverse order every other round). The device is
 synchronized around each timed window. Each round gives one seconds-per-call value per
 contender; the median over rounds is the result, the quartiles and the extremes its spread,
 and the per-round ratio (rounds are paired) the spread of the ratio.
@@ -43,10 +44,17 @@ class Contender:
 def time_interleaved(a: Contender, b: Contender, *, device: torch.device, rounds: int, calls: int,
                      warmup: int) -> None:
     """Fill ``a.seconds`` and ``b.seconds`` with ``rounds`` paired per-call times."""
+    time_rounds([a, b], device=device, rounds=rounds, calls=calls, warmup=warmup)
+
+
+def time_rounds(contenders: list[Contender], *, device: torch.device, rounds: int, calls: int, warmup: int) -> None:
+    """Fill each contender's ``seconds`` with ``rounds`` per-call times, the contenders taking turns within a
+    round in an order reversed every other round (for two: the order flips), so that none always runs first."""
     for _ in range(warmup):
-        a.call(), b.call()
+        for c in contenders:
+            c.call()
     for r in range(rounds):
-        for c in (a, b) if r % 2 == 0 else (b, a):
+        for c in contenders if r % 2 == 0 else contenders[::-1]:
             sync(device)
             start = time.perf_counter()
             for _ in range(calls):
