@@ -14,7 +14,8 @@ efficiency of a product hardly grows past a few hundred rows) and ``MAX_PRODUCT_
 Measuring costs up to ``BUDGET_S[device type]`` seconds, so each result is cached per machine in
 ``<cache dir>/peak_flops.json`` (``cache_dir``), keyed by device name and type, dtype, threads,
 torch version, fp32 matmul precision (TF32 on or off) and shapes; a later run with the same key
-reads it. A cache file that cannot be read is ignored with a warning and rewritten; one that
+reads it. A CPU peak measured while other processes keep the cores it needs busy is used by its run but not
+cached (the next run measures again). A cache file that cannot be read is ignored with a warning and rewritten; one that
 cannot be written leaves the measurement uncached. Two jobs measuring at once may each write the
 file; the last write wins and the other's entry is measured again next time.
 
@@ -38,7 +39,7 @@ from torch import nn
 from .device import sync
 from .environment import cpu_name
 from .io import write_json
-from .precision import resolve_precision
+from .precision import busy_cpus, resolve_precision
 
 log = logging.getLogger("seqbench")
 
@@ -57,6 +58,7 @@ SAMPLE_S = {"cpu": 0.02, "cuda": 0.005}  # one timed sample: enough repeated pro
 SAMPLES = 3  # timed samples per shape; the best counts
 BUDGET_S = {"cpu": 1.5, "cuda": 5.0}  # the whole measurement stops taking new samples after this
 MAX_CALLS = 1000  # products per sample, at most (tiny shapes)
+BUSY_SAMPLE_S = 0.2  # CPU: how long the machine's other work is watched before measuring
 
 
 @dataclass(frozen=True)
@@ -209,11 +211,17 @@ def measure(device: torch.device, precision: str, shapes: list[tuple[int, int, i
     hit = entries.get(_entry_id(key))
     if hit is not None:
         return Peak(float(hit["peak_flops_per_s"]), hit["method"], True, key)
+    others = busy_cpus(BUSY_SAMPLE_S) if device.type == "cpu" else None  # CPUs other processes keep busy
     best, rates = benchmark(device, dtype, shapes)
     top = _shape_text(shapes[rates.index(best)])
     method = (f"best of up to {SAMPLES} timed samples of {dtype} matmuls at shapes "
               f"{', '.join(_shape_text(s) for s in shapes)} on {key['device_name']} ({device.type}), "
               f"threads {key['threads']}; best at {top}")
+    if others is not None and others + key["threads"] > (os.cpu_count() or 1) + 0.5:
+        log.warning("the peak FLOP/s was measured while other processes kept %.1f of %d CPUs busy: it is used for "
+                    "this run and not cached", others, os.cpu_count() or 1)
+        return Peak(best, method + f"; measured while other processes kept {others:.1f} CPUs busy (not cached)",
+                    False, key)
     entries[_entry_id(key)] = {"key": key, "peak_flops_per_s": best, "method": method,
                                "per_shape_flops_per_s": rates, "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:

@@ -20,15 +20,17 @@ TINY_SHAPES = [(8, 16, 32), (8, 32, 16)]
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """The cache folder of this test, through the environment variable the harness reads."""
+    """The cache folder of this test, through the environment variable the harness reads; a quiet machine."""
     monkeypatch.setenv(peak.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setattr(peak, "busy_cpus", lambda sample_s: 0.0)
     return tmp_path / "cache" / peak.CACHE_NAME
 
 
 @pytest.fixture
 def benchmarks(monkeypatch):
-    """Count the benchmarks run; each reports 2e9 FLOP/s at every shape."""
+    """Count the benchmarks run; each reports 2e9 FLOP/s at every shape, on a quiet machine."""
     calls = []
+    monkeypatch.setattr(peak, "busy_cpus", lambda sample_s: 0.0)
 
     def fake(device, dtype, shapes, samples=peak.SAMPLES):
         calls.append((dtype, [tuple(s) for s in shapes]))
@@ -120,6 +122,21 @@ def test_a_real_measurement_is_cached_and_read_back_without_a_benchmark(cache, m
     monkeypatch.setattr(peak, "benchmark", no_benchmark)
     second = peak.measure(CPU, "fp32", TINY_SHAPES)
     assert second.cached and second.peak_flops_per_s == first.peak_flops_per_s and second.method == first.method
+
+
+def test_a_cpu_peak_measured_beside_other_work_serves_its_run_and_is_not_cached(cache, benchmarks, monkeypatch,
+                                                                                  caplog):
+    import os
+
+    monkeypatch.setattr(peak, "busy_cpus", lambda sample_s: float(os.cpu_count() or 1))  # every CPU busy
+    with caplog.at_level(logging.WARNING, logger="seqbench"):
+        first = peak.measure(CPU, "fp32", TINY_SHAPES)
+    assert first.peak_flops_per_s == 2e9 and "not cached" in first.method and "busy" in caplog.text
+    assert not cache.exists() or peak._entry_id(first.key) not in json.loads(cache.read_text())["entries"]
+    monkeypatch.setattr(peak, "busy_cpus", lambda sample_s: 0.0)  # quiet again: measured and cached
+    second = peak.measure(CPU, "fp32", TINY_SHAPES)
+    assert len(benchmarks) == 2 and not second.cached and "not cached" not in second.method
+    assert peak.measure(CPU, "fp32", TINY_SHAPES).cached
 
 
 def test_another_key_is_measured_again(cache, benchmarks):

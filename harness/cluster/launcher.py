@@ -120,10 +120,11 @@ def describe_plan(config: DictConfig) -> str:
            f"{'one job at a time' if at_once == 1 else f'{at_once} jobs at a time'}")
     text = f"sweep {config.get('sweep_name')}: {len(jobs)} job{'s' * (len(jobs) != 1)}, "
     if unknown == len(jobs):
-        return text + "time not estimated (epoch budgets: their time depends on the data and the model)"
+        return text + ("time not estimated (epoch or FLOP budgets: their time depends on the data, the model and the "
+                       "machine)")
     text += f"{duration(seconds)} in all ({how}"
     if unknown:
-        text += f"; not counted: {unknown} jobs with an epoch budget alone"
+        text += f"; not counted: {unknown} jobs with an epoch or FLOP budget alone"
     return text + f") -> {config.hydra.sweep.dir}"
 
 
