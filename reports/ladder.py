@@ -78,11 +78,11 @@ def _line_names(rungs: pd.DataFrame) -> pd.Series:
 
 
 def points(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per task, line and rung: the task's first test metric over seeds (``mean``, ``low``/``high``: the
-    95% t-interval of the mean, NaN for one seed; ``n``, ``seeds``) and the mean costs (``tokens``,
-    ``train_seconds``, ``train_flops``), with the model ``label`` (its colour), the rung's ``system`` and
-    ``metric`` (the metric's name). Rungs without a test score are left out."""
-    columns = ["task", "line", "label", "system", "rung", "rung_flops", "metric", "mean", "low", "high", "n", "seeds",
+    """One row per task, line and rung (``rung_flops``): the task's first test metric over seeds (``mean``,
+    ``low``/``high``: the 95% t-interval of the mean, NaN for one seed; ``n``, ``seeds``) and the mean costs
+    (``tokens``, ``train_seconds``, ``train_flops``), with the model ``label`` (its colour), the rung's ``system``
+    and ``metric`` (the metric's name). Rungs without a test score are left out."""
+    columns = ["task", "line", "label", "system", "rung_flops", "metric", "mean", "low", "high", "n", "seeds",
                "tokens", "train_seconds", "train_flops"]
     rungs, rows = rung_runs(runs), []
     for task, group in rungs.groupby("task", sort=True):
@@ -98,9 +98,8 @@ def points(runs: pd.DataFrame) -> pd.DataFrame:
             mean = {c: pd.to_numeric(scored[c], errors="coerce").mean() for c in ("tokens", "train_seconds",
                                                                                    "train_flops")}
             rows.append({"task": task, "line": line, "label": str(scored["label"].iloc[0]),
-                         "system": scored["system"].iloc[0], "rung": scored["ladder_rung"].iloc[0],
-                         "rung_flops": flops, "metric": metric.name, "mean": interval.mean, "low": interval.low,
-                         "high": interval.high, "n": interval.n,
+                         "system": scored["system"].iloc[0], "rung_flops": flops, "metric": metric.name,
+                         "mean": interval.mean, "low": interval.low, "high": interval.high, "n": interval.n,
                          "seeds": ", ".join(str(tables._plain(s)) for s in sorted(scored["seed"].dropna())), **mean})
     return pd.DataFrame(rows, columns=columns)
 
@@ -126,12 +125,12 @@ def figure(pts: pd.DataFrame, pal: dict | None = None) -> Figure:
                 ax.plot(rows[x], rows["mean"], color=colour, linestyle=LINESTYLES[k % len(LINESTYLES)], marker="o",
                         label=plots._text(line))
                 ax.fill_between(rows[x], rows["low"], rows["high"], color=colour, alpha=0.2, linewidth=0)
-        for ax, x in ((by_flops, "training FLOPs (the rung's budget)"),
-                      (by_time, "training seconds (mean over seeds)")):
+        for ax, x, axis in ((by_flops, "training FLOPs", "training FLOPs (the rung's budget)"),
+                            (by_time, "training seconds", "training seconds (mean over seeds)")):
             plots._readable(ax.xaxis, log=True)
             if f"test_{metric.name}" in plots.LOG_SCALE:
                 plots._readable(ax.yaxis, log=True)
-            plots._label(ax, f"{task}: against {x.split(' (')[0]}", x, f"test {metric.label}")
+            plots._label(ax, f"{task}: against {x}", axis, f"test {metric.label}")
         by_time.legend(title="architecture", fontsize="small")
         plots._legend_beside(by_time)
     return fig
@@ -149,7 +148,7 @@ def plot(pts: pd.DataFrame, plot_dir: Path, pal: dict | None = None) -> plots.Pl
 
 # ---------------------------------------------------------------- the rung table, crossings and conclusions
 
-def test_names(runs: pd.DataFrame, task: str) -> dict[str, str]:
+def tested_names(runs: pd.DataFrame, task: str) -> dict[str, str]:
     """System key -> the name ``hierarchical.architectures`` gives that system in ``task`` (``significance.systems``:
     its ``system_name``, numbered where two read alike)."""
     group = tables.with_groups(tables.ok(runs))
@@ -171,7 +170,7 @@ class Verdicts:
 
     def __init__(self, runs: pd.DataFrame, archs: pd.DataFrame | None, task: str, metric: Metric):
         self.name = tested_metric(runs, task, metric)
-        self.systems = test_names(runs, task)
+        self.systems = tested_names(runs, task)
         rows = archs[(archs["task"] == task) & (archs["metric"] == self.name)] if archs is not None and len(archs) \
             else pd.DataFrame(columns=["a", "b"])
         rows = rows.assign(**{side: rows[side].map(lambda v: shorten(str(v), TEXT_LIMIT)) for side in ("a", "b")})
@@ -181,6 +180,11 @@ class Verdicts:
     def row(self, upper, lower):
         """The test of two points' systems (None where it is absent)."""
         return self.pairs.get(frozenset((self.systems.get(upper.system), self.systems.get(lower.system))))
+
+    @staticmethod
+    def tested(row) -> bool:
+        """Whether a test's row holds a p-value (runs without usable test outputs have none)."""
+        return row is not None and not pd.isna(row.p)
 
     def better(self, upper, lower) -> str | None:
         """The line the test calls better, when its verdict is a conclusion; else None."""
@@ -199,9 +203,8 @@ class Verdicts:
         if self.name is None:
             return f"– (no paired test of {self.label})"
         r = self.row(upper, lower)
-        if r is None or pd.isna(r.p):
-            return "– (not tested: " + (r.note if r is not None and isinstance(r.note, str) else
-                                        "no test outputs beside these runs' records") + ")"
+        if not self.tested(r):
+            return "– (not tested: the task's architectures table says why)"
         delta = r.delta if r.a == self.systems.get(upper.system) else -r.delta
         numbers = (f"Δ {significance.number(r.metric, delta, sign=True)}"
                    f"{' NLL' if r.metric == significance.NLL else ''}, Holm p {significance.pvalue(r.p_holm)}")
@@ -254,7 +257,7 @@ def crossing_note(pts: pd.DataFrame, task: str) -> str:
     """The crossings as a sentence, or that there are none (and why there could be none)."""
     d = pts[pts["task"] == task]
     if d["line"].nunique() < 2 or d["rung_flops"].nunique() < 2:
-        return ("Crossings: none possible (one architecture or one rung).")
+        return "Crossings: none possible (one architecture or one rung)."
     found = crossings(pts, task)
     if not found:
         return "Crossings of the means: none; every pair of architectures keeps its order at every rung both reached."
@@ -269,8 +272,9 @@ def conclusions(pts: pd.DataFrame, task: str, verdicts: Verdicts) -> str:
     held: dict[tuple[str, str], list[float]] = {}
     empty = []
     for flops, rung in d.groupby("rung_flops", sort=True):
+        pairs = [(u, v) for u, v in combinations(list(rung.itertuples()), 2) if min(u.n, v.n) >= 2]
         found = []
-        for upper, lower in combinations(list(rung.itertuples()), 2):
+        for upper, lower in pairs:
             won = verdicts.better(upper, lower)
             if won is not None:
                 found.append((won, lower.line if won == upper.line else upper.line))
@@ -280,8 +284,10 @@ def conclusions(pts: pd.DataFrame, task: str, verdicts: Verdicts) -> str:
             continue
         if len(rung) < 2:
             empty.append(f"{flops_text(flops)}: one architecture, nothing to compare")
-        elif (rung["n"] >= 2).sum() < 2:
+        elif not pairs:
             empty.append(f"{flops_text(flops)}: {ONE_SEED}")
+        elif not any(verdicts.tested(verdicts.row(u, v)) for u, v in pairs):
+            empty.append(f"{flops_text(flops)}: not tested (the task's architectures table says why)")
         else:
             empty.append(f"{flops_text(flops)}: no difference is a conclusion")
     every = d["rung_flops"].nunique()
