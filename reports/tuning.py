@@ -125,6 +125,8 @@ class Outcome:
     seeds: list[int]
     budget: dict
     extension: dict | None
+    failed: int = 0  # runs of the grid that failed or diverged
+    unfinished: int = 0  # runs of the grid that have not finished (running, interrupted)
 
 
 def outcomes(points: pd.DataFrame, extensions: dict | None = None) -> list[Outcome]:
@@ -139,7 +141,8 @@ def outcomes(points: pd.DataFrame, extensions: dict | None = None) -> list[Outco
         out.append(Outcome(str(task), str(arch), str(rows["metric"].iloc[0]), row, lrs,
                            edge(lrs, None if row is None else row["lr"]), seeds,
                            json.loads((rows["budget"].iloc[0] if row is None else row["budget"]) or "{}"),
-                           ((extensions or {}).get(str(task)) or {}).get(str(arch))))
+                           ((extensions or {}).get(str(task)) or {}).get(str(arch)),
+                           int(rows["failed"].sum()), int(rows["unfinished"].sum())))
     return out
 
 
@@ -169,7 +172,12 @@ def tuned(results: list[Outcome]) -> dict:
 
 
 def no_choice(o: Outcome) -> str:
-    """Why ``o`` has no choice: no grid point had every seed finish with a score."""
+    """Why ``o`` has no choice: no grid point had every seed finish with a score (unfinished runs: the sweep is
+    not over, and finishing it is the fix; else runs failed or diverged)."""
+    if o.unfinished and not o.failed:
+        return (f"no grid point of {o.architecture} on {o.task} has finished on every seed yet ({o.unfinished} "
+                f"run{'s' * (o.unfinished != 1)} unfinished): finish the sweep (the same command with "
+                "hydra.sweep.dir=<this sweep's folder> resumes it) and the choice is made")
     return (f"every grid point of {o.architecture} on {o.task} failed, diverged or did not finish on some seed "
             f"(lr tried: {', '.join(lr_text(lr) for lr in o.lrs)}): nothing to choose; lower the learning rates "
             "(trainer.lr=...) or set trainer.clip_norm, and tune again")

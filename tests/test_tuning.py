@@ -232,6 +232,15 @@ def test_an_architecture_whose_every_point_failed_has_no_choice(tmp_path, make_c
                             given=set())
 
 
+def test_a_grid_not_yet_finished_says_to_finish_the_sweep_not_to_lower_the_rates(tmp_path):
+    recs = [tune_record("gru", 1, lr, None, status="interrupted", error="Interrupted: SIGTERM") for lr in (1e-3, 2e-3)]
+    sweep = write_records(tmp_path / "sweep", recs)
+    assert tuning.main([str(sweep)]) == 0
+    entry = yaml.safe_load((sweep / "tuned.yaml").read_text())["multi30k"]["gru-tiny"]
+    assert entry["overrides"] is None and "2 runs unfinished" in entry["no_choice"]
+    assert "hydra.sweep.dir" in entry["no_choice"] and "lower the learning rates" not in entry["no_choice"]
+
+
 def tune_record(model: str, seed: int, lr: float, valid: float | None, *, status: str = "ok", error=None,
                 warmup: int = 150, task: str = "multi30k", budget: dict | None = None) -> dict:
     """A tuning run's record: translation, validation BLEU ``valid``."""
