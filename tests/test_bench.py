@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from seqbench import models
-from seqbench.harness.bench import suites as bench
+from seqbench.harness.bench import real, suites as bench
 from seqbench.harness.bench.baselines import WordLanguageModel, build_baseline
 from seqbench.harness.bench.decoding import NoEOS, RecomputePrefix, decode_batches, newstest_like_lengths, source_batches
 from seqbench.harness.bench.timing import Contender, paired_ratio, peak_call_bytes, resident_bytes, summary
@@ -373,3 +373,119 @@ def test_cli_keeps_the_single_preset_form():
     assert [arch for arch, _ in bench.presets(args.preset, args.models)] == ["transformer"]
     with pytest.raises(SystemExit, match="no such preset"):
         bench.presets("transformer_huge", list(bench.ARCHS))
+
+
+# -- the real suite: the trainer's step on a task's own batches -----------------------------------------------
+COPY = ["--task", "copy", "--task-set", "n_train=48", "--task-set", "n_valid=4", "--task-set", "n_test=4"]
+
+
+def copy_batch():
+    """A translation batch of three copy examples with sources of 2, 5 and 3 tokens (targets the same)."""
+    import numpy as np
+
+    from seqbench.tasks.batching import translation_batch
+    seqs = [np.arange(4, 4 + n) for n in (2, 5, 3)]
+    return translation_batch(seqs, seqs, [0, 1, 2])
+
+
+def test_padding_counts_pad_tokens_of_sources_and_targets():
+    batch = copy_batch()  # sources 3 x 5 (pads 3 + 0 + 2); targets 3 x 6 with EOS (pads 3 + 0 + 2)
+    pad = real.padding([batch])
+    assert pad == pytest.approx({"src": 5 / 15, "tgt": 5 / 18, "all": 10 / 33})
+    assert real.shapes([batch]) == [(3, 5, 6)]
+
+
+def test_unpadded_keeps_every_example_and_trims_each_part():
+    batch = copy_batch()
+    parts = real.unpadded(batch, 2)
+    assert sorted(i for p in parts for i in p.index) == [0, 1, 2]
+    assert [p.index for p in parts] == [[0, 2], [1]]  # sorted by source length, cut into near-equal parts
+    assert [tuple(p.inputs["src"].shape) for p in parts] == [(2, 3), (1, 5)]
+    assert sum(p.n_tokens for p in parts) == batch.n_tokens
+    for p in parts:
+        rows = torch.tensor([batch.index.index(i) for i in p.index])
+        S, T = p.inputs["src"].size(1), p.target.size(1)
+        assert torch.equal(p.inputs["src"], batch.inputs["src"][rows, :S])
+        assert torch.equal(p.target, batch.target[rows, :T]) and torch.equal(p.inputs["tgt_in"],
+                                                                              batch.inputs["tgt_in"][rows, :T])
+    assert real.padding(parts)["all"] < real.padding([batch])["all"]
+
+
+def test_time_rounds_takes_turns_in_reversed_order_every_other_round():
+    order = []
+    contenders = [Contender(name, lambda name=name: order.append(name), tokens=1) for name in "abc"]
+    from seqbench.harness.bench.timing import time_rounds
+    time_rounds(contenders, device=CPU, rounds=3, calls=2, warmup=1)
+    assert "".join(order) == "abc" + "aabbcc" + "ccbbaa" + "aabbcc"
+    assert all(len(c.seconds) == 3 for c in contenders)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_the_unpadded_contender_makes_the_trainers_update(tmp_path):
+    """Without dropout, the re-cut batch's summed sub-batch gradients give the update the whole batch gives."""
+    task = real.load_task("copy", ["n_train=48", "n_valid=4", "n_test=4"])
+    batch = real.real_batches(task, 64, 1, seed=1)[0]
+    cfg = {**tiny("transformer"), "dropout": 0.0}
+    whole, cut = (real.build_trainer(cfg, task, "fp32", 64, CPU, 0, tmp_path / k) for k in ("whole", "cut"))
+    for t in (whole, cut):  # plain SGD: the update is the gradient itself
+        t.opt = torch.optim.SGD(t.model.parameters(), lr=1.0)
+    assert real.padding([batch])["all"] > real.padding(real.unpadded(batch, 3))["all"]
+    real.trainer_call(whole, [batch])()
+    real.accumulated_call(cut, [(real.unpadded(batch, 3), batch.n_tokens)])()
+    for (name, a), b in zip(whole.model.named_parameters(), cut.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_real_suite_refuses_an_unknown_or_language_model_task():
+    with pytest.raises(SystemExit, match="--task nosuch: no task config .*valid: .*multi30k"):
+        real.load_task("nosuch", [])
+    with pytest.raises(SystemExit, match="--task assoc_recall: the real suite times encoder-decoder"):
+        real.load_task("assoc_recall", ["n_train=8", "n_valid=2", "n_test=2"])
+    with pytest.raises(SystemExit, match="--task-set 'n_train': expected key=value"):
+        real.load_task("copy", ["n_train"])
+    copy = real.load_task("copy", ["n_train=48", "n_valid=4", "n_test=4"])
+    with pytest.raises(SystemExit, match="--real-batches 999: the task has"):
+        real.real_batches(copy, 64, 999, seed=1)
+    with pytest.raises(SystemExit, match="--max-tokens 4: an example of .* tokens exceeds .*raise --max-tokens"):
+        real.real_batches(copy, 4, 1, seed=1)
+
+
+def test_real_suite_times_the_trainer_against_the_bench_step_and_profiles_it(tmp_path, capsys):
+    out = tmp_path / "real.json"
+    rows = bench.main(["--suite", "real", "--preset", "tiny", *COPY, "--max-tokens", "64", "--real-batches", "2",
+                       "--split", "2", "--device", "cpu", "--precision", "fp32", "--repeats", "1", "--warmup", "0",
+                       "--profile", "--profile-steps", "1", "--json", str(out)])
+    printed = capsys.readouterr().out
+    (row,) = rows
+    task = real.load_task("copy", ["n_train=48", "n_valid=4", "n_test=4"])
+    batches = task.batches("train", 64, epoch=0, shuffle=True, seed=1)[:2]  # what Trainer.epoch_batches takes
+    st = row["stats"]
+    assert row["suite"] == "real" and row["arch"] == "transformer" and set(st) == set(real.CONTENDERS)
+    assert st["trainer"]["tokens"] == st["unpadded"]["tokens"] == sum(b.n_tokens for b in batches)
+    assert st["bench_real_shapes"]["tokens"] == sum(b.target.numel() for b in batches)
+    assert st["bench_train_shape"]["tokens"] == 2 * 4 * 10  # the tiny train suite's 4 x (10 + 10), per batch
+    assert st["trainer"]["padding"] == pytest.approx(real.padding(batches))
+    assert [tuple(s) for s in st["trainer"]["shapes"]] == real.shapes(batches)
+    assert row["ratio"] == pytest.approx(st["trainer"]["tokens_per_s"] / st["bench_train_shape"]["tokens_per_s"])
+    assert row["cost_ratio"] == pytest.approx(1 / row["ratio"])
+    assert all(s["mfu"] > 0 and s["flops"] > 0 for s in st.values())
+    assert f"real / bench cost per target token = {row['cost_ratio']:.2f}x" in printed
+    assert "| contender | shapes (B x S + B x T per update) | target tokens | padding src / tgt / all |" in printed
+    pad = st["trainer"]["padding"]
+    assert f"{100 * pad['src']:.1f}% / {100 * pad['tgt']:.1f}% / {100 * pad['all']:.1f}%" in printed
+    # the profile: phases, the backward/forward ratio, the top operators of the forward and the backward
+    for text in ("| model forward |", "| loss forward |", "| backward |", "| optimizer |", "backward / forward",
+                 "top operators by self CPU time: model forward", "top operators by self CPU time: backward"):
+        assert text in row["profile"] and text in printed
+    backward = row["profile"].split("top operators by self CPU time: backward")[1]
+    assert "aten::" in backward and "AddmmBackward0" in row["profile"]
+    saved = tmp_path / "real.profile.transformer.fp32.txt"
+    assert saved.read_text() == row["profile"] + "\n"
+    assert json.loads(out.read_text())["rows"][0]["cost_ratio"] == pytest.approx(row["cost_ratio"])
+
+
+def test_real_suite_defaults_to_the_transformer_and_checks_its_sizes():
+    assert bench.parse_args(["--suite", "real"]).models == ["transformer"]
+    assert bench.parse_args(["--suite", "real", "--archs", "lstm"]).models == ["lstm"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--suite", "real", "--real-batches", "0"])

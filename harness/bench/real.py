@@ -48,6 +48,7 @@ import yaml
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from seqbench import models, tasks
+from seqbench.models.common import PAD
 from seqbench.tasks.batching import Batch
 
 from .. import train as train_module
@@ -66,6 +67,7 @@ NAMES = {"trainer": "trainer (Trainer.train_step), real batches",
 PHASES = ("model forward", "loss forward", "backward", "optimizer", "other")
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
 TOP_OPS = 12  # operators listed per phase in the profile
+JOB_SEED = 1  # conf/config.yaml's seed: the batch order a default job trains on
 
 
 # -- the task and its batches -----------------------------------------------------------------------
@@ -91,7 +93,10 @@ def load_task(name: str, overrides: list[str]):
 
 def real_batches(task, max_tokens: int, n: int, seed: int) -> list[Batch]:
     """The first ``n`` training batches of the shuffled first epoch, as ``Trainer.epoch_batches`` builds them."""
-    batches = task.batches("train", max_tokens, epoch=0, shuffle=True, seed=seed)
+    try:
+        batches = task.batches("train", max_tokens, epoch=0, shuffle=True, seed=seed)
+    except ValueError as err:  # an example longer than the budget: the message names the trainer's setting
+        raise SystemExit(f"--max-tokens {max_tokens}: {err} (here: raise --max-tokens)") from None
     if len(batches) < n:
         raise SystemExit(f"--real-batches {n}: the task has {len(batches)} training batches at --max-tokens "
                          f"{max_tokens}; ask for at most {len(batches)}")
@@ -100,7 +105,7 @@ def real_batches(task, max_tokens: int, n: int, seed: int) -> list[Batch]:
 
 def padding(batches: list[Batch]) -> dict[str, float]:
     """Padding tokens over all tokens: of the sources, of the targets, and of both together."""
-    src_pad = sum(int((b.inputs["src"] == bench.PAD).sum()) for b in batches)
+    src_pad = sum(int((b.inputs["src"] == PAD).sum()) for b in batches)
     src_all = sum(b.inputs["src"].numel() for b in batches)
     tgt_pad = sum(int((b.target == b.ignore_index).sum()) for b in batches)
     tgt_all = sum(b.target.numel() for b in batches)
@@ -205,65 +210,71 @@ def shape_text(dims: list[tuple[int, int, int]]) -> str:
 
 def real_suite(args, device: torch.device, precision: str) -> list[dict]:
     task = load_task(args.task, args.task_set)
-    batches = real_batches(task, args.max_tokens, args.real_batches, args.seed + 1)
+    batches = real_batches(task, args.max_tokens, args.real_batches, JOB_SEED)
     vocab = task.vocab()["tgt"]
     g = torch.Generator().manual_seed(args.seed)
-    synthetic = [random_like(b, vocab, g) for b in batches]
-    suite_batch = bench.translation_batch(argparse_like(args, vocab), torch.device("cpu"))
-    cut = [(unpadded(b, args.split), b.n_tokens) for b in batches]
-    on_device = [b.to(device) for b in batches]
-    cut_on_device = [([p.to(device) for p in parts], n) for parts, n in cut]
-    dims = {"trainer": shapes(batches), "unpadded": [d for parts, _ in cut for d in shapes(parts)],
-            "bench_real_shapes": shapes(batches),
-            "bench_train_shape": [(args.batch, args.src_len, args.tgt_len)] * len(batches)}
-    pads = {"trainer": padding(batches), "unpadded": padding([p for parts, _ in cut for p in parts]),
-            "bench_real_shapes": {"src": 0.0, "tgt": 0.0, "all": 0.0},
-            "bench_train_shape": {"src": 0.0, "tgt": 0.0, "all": 0.0}}
-    tokens = {"trainer": sum(b.n_tokens for b in batches), "unpadded": sum(b.n_tokens for b in batches),
-              "bench_real_shapes": sum(b.target.numel() for b in batches),
-              "bench_train_shape": args.batch * args.tgt_len * len(batches)}
+    inputs = {"synthetic": [random_like(b, vocab, g) for b in batches],
+              "suite_batch": bench.translation_batch(suite_sizes(args, vocab), torch.device("cpu")),
+              "cut": [(unpadded(b, args.split), b.n_tokens) for b in batches]}
+    no_padding = {"src": 0.0, "tgt": 0.0, "all": 0.0}
+    described = {  # per contender: (B, S, T) of each product call, padding fractions, target tokens
+        "trainer": (shapes(batches), padding(batches), sum(b.n_tokens for b in batches)),
+        "unpadded": ([d for parts, _ in inputs["cut"] for d in shapes(parts)],
+                     padding([p for parts, _ in inputs["cut"] for p in parts]), sum(b.n_tokens for b in batches)),
+        "bench_real_shapes": (shapes(batches), no_padding, sum(b.target.numel() for b in batches)),
+        "bench_train_shape": ([(args.batch, args.src_len, args.tgt_len)] * len(batches), no_padding,
+                              args.batch * args.tgt_len * len(batches))}
+    shape = (f"task {args.task}, {len(batches)} batches of epoch 0 at max_tokens {args.max_tokens} (B x S source + "
+             f"B x T target): {shape_text(shapes(batches))}; train-suite shape {args.batch}x{args.src_len} + "
+             f"{args.batch}x{args.tgt_len}; vocab {vocab}")
     rows = []
     for arch, cfg in bench.presets(args.preset, args.models):
         with tempfile.TemporaryDirectory() as folder:
-            trainers = {k: build_trainer(cfg, task, precision, args.max_tokens, device, args.seed, Path(folder) / k)
-                        for k in ("trainer", "unpadded")}
-            calls = {"trainer": trainer_call(trainers["trainer"], on_device),
-                     "unpadded": accumulated_call(trainers["unpadded"], cut_on_device)}
-            counted = {}
-            calls["bench_real_shapes"], counted["bench_real_shapes"] = bench_call(
-                cfg, task, synthetic, device, precision, args.seed, args.compile)
-            calls["bench_train_shape"], counted["bench_train_shape"] = bench_call(
-                cfg, task, [suite_batch] * len(batches), device, precision, args.seed, args.compile)
-            contenders = {k: Contender(NAMES[k], calls[k], tokens[k]) for k in CONTENDERS}
-            time_rounds(list(contenders.values()), device=device, rounds=args.repeats, calls=args.steps,
-                        warmup=args.warmup)
-            model = trainers["trainer"].model
-            n_params = models.count_parameters(model)
-            positions = round(statistics.mean(b * t for b, _, t in dims["trainer"]))
-            peak = bench.peak_for(model, positions, device, precision)
-            stats = {}
-            for key, c in contenders.items():
-                s = {**summary(c), "name": c.name, "shapes": dims[key], "padding": pads[key], "params": n_params}
-                bench.add_mfu(s, count_flops(counted.get(key, calls[key])), peak)  # trainers: a whole update
-                stats[key] = s
-            row = {"suite": "real", "arch": arch, "preset": cfg.get("preset"), "model": bench.label(arch, cfg, n_params),
-                   "baseline": NAMES["bench_train_shape"], "precision": precision, "task": args.task,
-                   "max_tokens": args.max_tokens, "split": args.split, "stats": stats,
-                   "shape": f"task {args.task}, {len(batches)} batches of epoch 0 at max_tokens {args.max_tokens} "
-                            f"(B x S source + B x T target): {shape_text(dims['trainer'])}; train-suite shape "
-                            f"{args.batch}x{args.src_len} + {args.batch}x{args.tgt_len}; vocab {vocab}"}
-            row.update(paired_ratio(contenders["trainer"], contenders["bench_train_shape"]))
-            row["cost_ratio"] = 1 / row["ratio"]  # real / bench, per target token
-            if args.profile:
-                row["profile"] = profile_text(build_trainer(cfg, task, precision, args.max_tokens, device, args.seed,
-                                                            Path(folder) / "profile"),
-                                              on_device, args.profile_steps, f"{row['model']} {precision}")
+            row = real_row(arch, cfg, task, batches, inputs, described, args, device, precision, Path(folder))
+        row["shape"] = shape
         rows.append(row)
         bench.progress(row)
     return rows
 
 
-def argparse_like(args, vocab: int) -> argparse.Namespace:
+def real_row(arch: str, cfg: dict, task, batches: list[Batch], inputs: dict, described: dict, args,
+             device: torch.device, precision: str, folder: Path) -> dict:
+    """Count, time (and profile) the four contenders for one architecture; trainers write nothing in ``folder``."""
+    trainers = {k: build_trainer(cfg, task, precision, args.max_tokens, device, args.seed, folder / k)
+                for k in ("trainer", "unpadded")}
+    calls = {"trainer": trainer_call(trainers["trainer"], [b.to(device) for b in batches]),
+             "unpadded": accumulated_call(trainers["unpadded"], [([p.to(device) for p in parts], n)
+                                                                 for parts, n in inputs["cut"]])}
+    counted = {}
+    for key, some in (("bench_real_shapes", inputs["synthetic"]),
+                      ("bench_train_shape", [inputs["suite_batch"]] * len(batches))):
+        calls[key], counted[key] = bench_call(cfg, task, some, device, precision, args.seed, args.compile)
+    # counted first, untimed: the count also runs every contender once before the timed rounds
+    flops = {k: count_flops(counted.get(k, calls[k])) for k in CONTENDERS}  # trainers: whole updates
+    contenders = {k: Contender(NAMES[k], calls[k], described[k][2]) for k in CONTENDERS}
+    time_rounds(list(contenders.values()), device=device, rounds=args.repeats, calls=args.steps, warmup=args.warmup)
+    model = trainers["trainer"].model
+    n_params = models.count_parameters(model)
+    positions = round(statistics.mean(b * t for b, _, t in described["trainer"][0]))
+    peak = bench.peak_for(model, positions, device, precision)
+    stats = {}
+    for key, c in contenders.items():
+        dims, pad, _ = described[key]
+        stats[key] = {**summary(c), "name": c.name, "shapes": dims, "padding": pad, "params": n_params}
+        bench.add_mfu(stats[key], flops[key], peak)
+    row = {"suite": "real", "arch": arch, "preset": cfg.get("preset"), "model": bench.label(arch, cfg, n_params),
+           "baseline": NAMES["bench_train_shape"], "precision": precision, "task": args.task,
+           "max_tokens": args.max_tokens, "split": args.split, "stats": stats}
+    row.update(paired_ratio(contenders["trainer"], contenders["bench_train_shape"]))
+    row["cost_ratio"] = 1 / row["ratio"]  # real / bench, per target token
+    if args.profile:
+        fresh = build_trainer(cfg, task, precision, args.max_tokens, device, args.seed, folder / "profile")
+        row["profile"] = profile_text(fresh, [b.to(device) for b in batches], args.profile_steps,
+                                      f"{row['model']} {precision}")
+    return row
+
+
+def suite_sizes(args, vocab: int) -> argparse.Namespace:
     """The train suite's sizes at the task's vocabulary (its batch's ids must fit the real model's embedding)."""
     return argparse.Namespace(batch=args.batch, src_len=args.src_len, tgt_len=args.tgt_len, vocab=vocab,
                               seed=args.seed)
@@ -346,8 +357,8 @@ def profile_text(trainer: Trainer, batches: list[Batch], steps: int, title: str)
              f"{torch.get_num_threads()} threads; self CPU time per step",
              "", "| phase | ms per step | share of step |", "|---|---|---|"]
     lines += [f"| {k} | {v * ms:,.1f} | {100 * v / total:.1f}% |" for k, v in phases.items()]
-    lines += ["", f"backward / forward (model + loss) = {phases['backward'] / forward:.2f}x; backward / model forward = "
-                  f"{phases['backward'] / max(phases['model forward'], 1e-9):.2f}x", "",
+    lines += ["", f"backward / forward (model + loss) = {phases['backward'] / max(forward, 1e-9):.2f}x; "
+                  f"backward / model forward = {phases['backward'] / max(phases['model forward'], 1e-9):.2f}x", "",
               "backward by autograd node (self CPU time of the operators each node ran)", "",
               "| node | ms per step | share of backward |", "|---|---|---|"]
     for node, us in sorted(p["nodes"].items(), key=lambda kv: -kv[1])[:TOP_OPS]:
@@ -381,9 +392,9 @@ def real_table(rows: list[dict]) -> str:
                 f"{len(dims)} sub-batches, {shape_text(dims[:2])}; ...")
             pad = s["padding"]
             cost = trainer["tokens_per_s"] / s["tokens_per_s"]
-            lines.append(f"| {s['name']} | {shape} | {s['tokens']:,} | {100 * pad['src']:.1f}% / {100 * pad['tgt']:.1f}%"
-                         f" / {100 * pad['all']:.1f}% | {s['median_s']:.3f} ({s['iqr_pct']:.0f}%) | "
-                         f"{s['tokens_per_s']:,.0f} | {cost:.2f} | {bench.flop_rate(s)} |")
+            lines.append(f"| {s['name']} | {shape} | {s['tokens']:,} | {100 * pad['src']:.1f}% / "
+                         f"{100 * pad['tgt']:.1f}% / {100 * pad['all']:.1f}% | {s['median_s']:.3f} "
+                         f"({s['iqr_pct']:.0f}%) | {s['tokens_per_s']:,.0f} | {cost:.2f} | {bench.flop_rate(s)} |")
         if "profile" in r:
             lines += ["", r["profile"]]
         out.append("\n".join(lines))
