@@ -3,7 +3,7 @@
 Post-norm residual blocks as in the paper (``pre_norm=True`` selects pre-norm),
 sinusoidal positions, embeddings scaled by sqrt(d_model), shared source/target
 embeddings and pre-softmax projection, attention through
-``torch.nn.functional.scaled_dot_product_attention``.
+``torch.nn.functional.scaled_dot_product_attention`` (``models.common.attention`` picks its CPU kernel).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Dropout, LanguageModel, ScaledEmbedding, Seq2Seq, check_divisible, padding_mask
+from .common import Dropout, LanguageModel, ScaledEmbedding, Seq2Seq, attention, check_divisible, padding_mask
 
 
 class MultiHeadAttention(nn.Module):
@@ -40,7 +40,7 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, q, k, v, mask=None, causal=False) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        y = attention(q, k, v, mask, p, causal)
         B, H, T, dh = y.shape
         return self.out(y.transpose(1, 2).reshape(B, T, H * dh))  # (B,T,D)
 

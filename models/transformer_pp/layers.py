@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seqbench.models.common import Dropout, check_divisible
+from seqbench.models.common import Dropout, attention, check_divisible
 
 from .rope import RotaryEmbedding
 
@@ -75,7 +75,7 @@ class Heads(nn.Module):
         """q (B,H,Tq,dh), k and v (B,H,Tk,dh); mask broadcastable to (B,H,Tq,Tk), True where attending is
         allowed -> (B,Tq,D)."""
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+        y = attention(q, k, v, mask, p, causal)
         B, H, T, dh = y.shape
         return self.out(y.transpose(1, 2).reshape(B, T, H * dh))
 
