@@ -12,8 +12,10 @@ The GRU is that of Cho et al. (2014, arXiv:1406.1078).
 Every layer is its own one-layer ``nn.LSTM``/``nn.GRU`` (one cuDNN call per
 layer) so residual connections, per-layer dropout and the position-mixing blocks
 fall out naturally. A bidirectional layer has ``d_model // 2`` units per
-direction, so every layer outputs ``d_model`` features. The encoder runs on a
-packed sequence: padding never enters the recurrence. Parameters keep PyTorch's
+direction, so every layer outputs ``d_model`` features. Padding never enters the
+encoder's recurrence (``RecurrentLayer.run`` with ``lengths``): a CPU LSTM runs
+each group of equal-length sources as one fused call, anything else a packed
+sequence. Parameters keep PyTorch's
 default initialization (N(0,1) embeddings; Luong's uniform(-0.1,0.1) learns the
 tied output layer too slowly for the tiny copy test).
 """
@@ -24,7 +26,7 @@ import functools
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .common import Dropout, LanguageModel, Seq2Seq, padding_mask
 
@@ -65,25 +67,72 @@ class RecurrentLayer(nn.Module):
         self.rnn = cell(d_in, d_out // dirs, batch_first=True, bidirectional=bidirectional)
         self.drop, self.residual = Dropout(dropout), residual
 
-    def run(self, x, state: tuple[torch.Tensor, ...] | None = None):
-        """x (B,T,D_in) or packed; state: (h,) or (h, c), each (B,H) -> (y (B,T,H) or packed, final state)."""
-        packed = isinstance(x, PackedSequence)
-        inp = x.data if packed else x
+    def run(self, x: torch.Tensor, state: tuple[torch.Tensor, ...] | None = None,
+            lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x (B,T,D_in); state: (h,) or (h, c), each (B,H) -> (y (B,T,H), final state, each (B,H)).
+
+        ``lengths`` (B,), on the CPU, marks each row's valid prefix (padding at the end): the recurrence then
+        sees only the valid steps, in both directions, and the final state is that of each row's last valid
+        step (first, for the reverse direction), as ``nn.LSTM`` gives on a packed sequence; ``y`` is zero at
+        padding (before the residual). It needs ``state=None`` (the encoder starts from zeros).
+        """
+        if lengths is not None and state is not None:
+            raise ValueError("RecurrentLayer.run: lengths (the encoder's valid prefixes) take no initial state; "
+                             "pass state=None")
         hx = None if state is None else tuple(s[None].contiguous() for s in state)  # each (1,B,H)
         if hx is not None and not isinstance(self.rnn, nn.LSTM):
             hx = hx[0]
-        dropped = self.drop(inp)
+        dropped = self.drop(x)
         precision = contextlib.nullcontext()
         if _fp32_lstm_needed(self.rnn, dropped):  # see cpu_bf16_lstm_runs
             dropped, hx = dropped.float(), None if hx is None else tuple(h.float() for h in hx)
             precision = torch.autocast("cpu", enabled=False)
         with precision:
-            y, hn = self.rnn(x._replace(data=dropped) if packed else dropped, hx)
+            y, hn = self.rnn(dropped, hx) if lengths is None else self._run_valid(dropped, lengths)
         hn = hn if isinstance(hn, tuple) else (hn,)
         final = tuple(h.transpose(0, 1).reshape(h.size(1), -1) for h in hn)  # (dirs,B,H/dirs) -> (B,H)
         if self.residual:
-            y = y._replace(data=y.data + inp) if packed else y + inp
+            y = y + x
         return y, final
+
+    def _run_valid(self, x: torch.Tensor, lengths: torch.Tensor):
+        """The recurrence over each row's valid prefix -> (y (B,T,H), zero at padding; hn as ``self.rnn`` gives).
+
+        On a ``PackedSequence`` torch's CPU kernels step through time themselves, slicing the precomputed input
+        gates of all packed positions at every step; the backward of each slice zero-fills a gradient of the
+        whole gate tensor, so that backward costs (steps x tokens x gates) on top of the arithmetic. A CPU LSTM
+        on unpacked input runs as one fused oneDNN layer instead, so it runs each group of equal-length rows
+        that way (:meth:`_run_by_length`). The GRU has no fused CPU layer: per group it would step through
+        time once per distinct length, up to twice the packed cost on a batch of many lengths, so it stays
+        packed, as does any recurrence on an accelerator, where cuDNN consumes the packed sequence in one call.
+        """
+        if x.device.type == "cpu" and isinstance(self.rnn, nn.LSTM):
+            return self._run_by_length(x, lengths)
+        y, hn = self.rnn(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+        return pad_packed_sequence(y, batch_first=True, total_length=x.size(1))[0], hn
+
+    def _run_by_length(self, x: torch.Tensor, lengths: torch.Tensor):
+        """One fused call per distinct length, on that group's rows cut to their length.
+
+        The same arithmetic per row as the packed recurrence, and padding never enters it. Rows are sorted by
+        length once (one gather forward and one back), so each group is a contiguous slice; a batch of the
+        length-bucketed batcher holds a few distinct source lengths (Multi30k: median 3, at most 24).
+        """
+        T = x.size(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        group_lengths, counts = torch.unique_consecutive(lengths[order], return_counts=True)
+        if len(group_lengths) == 1 and int(group_lengths[0]) == T:  # no padding: one call, no reordering
+            return self.rnn(x)
+        order = order.to(x.device)
+        ys, hns = [], []
+        for rows, n in zip(x.index_select(0, order).split(counts.tolist()), group_lengths.tolist()):
+            y, hn = self.rnn(rows[:, :n])
+            ys.append(nn.functional.pad(y, (0, 0, 0, T - n)))
+            hns.append(hn)
+        restore = torch.empty_like(order)
+        restore[order] = torch.arange(order.numel(), device=order.device)
+        return (torch.cat(ys).index_select(0, restore),
+                tuple(torch.cat(parts, dim=1).index_select(1, restore) for parts in zip(*hns)))
 
     def forward(self, x):
         return self.run(x)[0]
@@ -162,14 +211,13 @@ class RNNSeq2Seq(Seq2Seq):
 
     def encode(self, src, src_lengths):
         """src (B,S), src_lengths (B,) -> decoder state (every tensor batch-first)."""
-        x = pack_padded_sequence(self.src_embed(src), src_lengths.cpu(), batch_first=True, enforce_sorted=False)
-        finals = []
+        lengths, pad = src_lengths.cpu(), padding_mask(src_lengths, src.size(1))
+        x, finals = self.src_embed(src), []
         for layer in self.encoder:
-            x, final = layer.run(x)
+            x, final = layer.run(x, lengths=lengths)
             finals.append(final)
-        memory, _ = pad_packed_sequence(x, batch_first=True, total_length=src.size(1))  # (B,S,D)
-        state = {"src_memory": memory, "src_keys": self.attn.keys(memory),
-                 "src_pad": padding_mask(src_lengths, src.size(1))}
+        memory = x.masked_fill(pad[..., None], 0.0)  # (B,S,D); residual layers carry the padding's embedding
+        state = {"src_memory": memory, "src_keys": self.attn.keys(memory), "src_pad": pad}
         for k, (name, bridge) in enumerate(zip(self.state_names, self.bridge)):
             enc = torch.stack([finals[j][k] for j in self.bridge_from], dim=1)  # (B,L_dec,D)
             state[name] = torch.tanh(bridge(enc))
