@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from seqbench.models.common import torch_attention_kernels
+
 from .loss import training_logits
 
 aten = torch.ops.aten
@@ -74,8 +76,9 @@ def flop_counter() -> FlopCounterMode:
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of everything ``fn()`` runs (forward and backward, if it calls backward)."""
-    with flop_counter() as counter:
+    """FLOPs of everything ``fn()`` runs (forward and backward, if it calls backward), attention counted by its
+    fused kernel's formula whatever kernel the precision would take (``torch_attention_kernels``)."""
+    with flop_counter() as counter, torch_attention_kernels():
         fn()
     return counter.get_total_flops()
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,19 @@ from seqbench.tasks.vocab import BOS, EOS, PAD, UNK  # noqa: F401 (re-exported: 
 SOURCE_PREFIX = "src_"  # names of the per-sentence decoder-state entries
 # CPU, bf16/fp16, with gradients: SDPA's math kernel up to this many keys, its fused kernel beyond (:func:`attention`)
 MATH_ATTENTION_MAX_KEYS = 256
+_CHOOSE_KERNEL = [True]  # False inside :func:`torch_attention_kernels`
+
+
+@contextmanager
+def torch_attention_kernels():
+    """Inside, :func:`attention` leaves the kernel to torch. The FLOP counter (harness/profile.py) counts SDPA by
+    its fused kernel's formula and the math kernel by its matrix products; counting under this keeps a model's
+    counted FLOPs the same whatever kernel its precision takes."""
+    _CHOOSE_KERNEL[0] = False
+    try:
+        yield
+    finally:
+        _CHOOSE_KERNEL[0] = True
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
@@ -56,8 +70,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     on. Measured in one process (forward + backward, bf16, one thread, torch 2.13, AMD EPYC with avx512_bf16):
     227 x 4 heads x 16 x 64 with a padding mask, fused 72.9 ms against math 17.5 ms; causal at 128 keys 1.24x,
     256 keys 1.00x, 512 keys 0.63x, 1024 keys 0.33x. fp32, inference and GPUs keep torch's choice."""
-    if (q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled()
-            and k.size(-2) <= MATH_ATTENTION_MAX_KEYS):
+    if (_CHOOSE_KERNEL[0] and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+            and torch.is_grad_enabled() and k.size(-2) <= MATH_ATTENTION_MAX_KEYS):
         with sdpa_kernel(SDPBackend.MATH):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)

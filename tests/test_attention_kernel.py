@@ -42,3 +42,14 @@ def test_long_keys_fp32_and_inference_keep_torchs_choice(chosen):
     with torch.no_grad():
         common.attention(*tensors(5))
     assert chosen == []
+
+
+def test_counted_flops_do_not_depend_on_the_kernel_the_precision_takes():
+    from seqbench.harness.profile import count_flops
+
+    q, k, v = tensors(5)
+
+    def step(dtype):
+        return lambda: common.attention(q.to(dtype), k.to(dtype), v.to(dtype)).float().sum().backward()
+
+    assert count_flops(step(torch.bfloat16)) == count_flops(step(torch.float32)) > 0
