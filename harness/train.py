@@ -147,15 +147,16 @@ SCHEDULES = ("inverse_sqrt", "constant", "cosine", "plateau", "wsd")
 
 
 def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 0, flops: float = 0.0,
-              rung: float | None = None) -> float:
+              rung: float | None = None, warm_end: tuple[float, float] | None = None) -> float:
     """Multiplier of the learning rate at optimizer step ``step`` (0-based), after ``seconds`` of training and
     ``shrinks`` validations that did not improve on the best one.
 
     ``inverse_sqrt`` is the schedule of Vaswani et al. (eq. 3) written with its
     peak: linear warm-up to ``lr`` over ``warmup_steps``, then ``lr * sqrt(warmup / step)``.
     ``cosine`` decays from the end of the warm-up to ``min_lr_ratio * lr`` at ``max_steps``; without
-    ``max_steps`` it follows the training-time budget instead, reaching the floor at ``max_seconds``,
-    so that every architecture anneals over the same wall-clock budget whatever its step rate.
+    ``max_steps`` it follows the FLOP budget (``max_flops``) or the training-time budget (``max_seconds``)
+    instead, from where the warm-up ended (``warm_end``: the seconds and FLOPs spent by then) to the budget's end,
+    so that every architecture anneals over the same compute or wall-clock whatever its step rate.
     ``plateau`` (Gehring et al.; fairseq's reduce-on-plateau with patience 0) keeps ``lr`` after the warm-up and
     multiplies it by ``lr_shrink`` after every validation whose loss is not below the best so far.
     ``wsd`` (warm-up, stable, decay; Hägele et al. 2024) keeps ``lr`` after the warm-up and decays it linearly to
@@ -181,10 +182,13 @@ def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 
         return warm * (1 - (1 - cfg.min_lr_ratio) * decay)
     if cfg.max_steps:
         progress = (s - w) / max(1, cfg.max_steps - w)
-    elif cfg.max_flops:  # a compute budget: the decay follows the FLOPs spent, whatever the step rate
-        progress = flops / cfg.max_flops
-    else:
-        progress = seconds / cfg.max_seconds
+    elif s <= w or warm_end is None:  # in the warm-up, or at its last step (not yet recorded): no decay yet
+        progress = 0.0
+    else:  # a compute or time budget: the decay follows what is spent after the warm-up, whatever the step rate
+        start_seconds, start_flops = warm_end
+        at, start, end = ((flops, start_flops, cfg.max_flops) if cfg.max_flops
+                          else (seconds, start_seconds, cfg.max_seconds))
+        progress = (at - start) / max(end - start, 1e-12)
     progress = min(1.0, max(0.0, progress))
     return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -210,6 +214,7 @@ class Progress:
     best_recreated: dict | None = None
     carried_state: tuple | None = None  # trainer.carry_state: the (detached) state the last batch ended in
     ended_by: str | None = None  # the budget that ended training: max_steps, max_epochs, max_flops, max_seconds, stop_lr
+    warm_end: dict | None = None  # {seconds, flops} spent when the warm-up ended: a cosine over them decays from there
     ladder: list[dict] = field(default_factory=list)  # trainer.ladder: the rungs evaluated so far (Trainer.on_rung)
     # trainer.ladder, inside a rung's cooldown branch: {rung (index), flops (the rung's), from_step, from_flops,
     # evaluating (the cooldown is over and the cooled weights are being evaluated)}
@@ -260,7 +265,8 @@ class Trainer:
         self.opt = optim.build(self.model.parameters(), self.cfg, self.device, kind)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(self.cfg, start + s, self.p.train_seconds, self.p.lr_shrinks, self.flops(),
-                                          self.p.branch["flops"] if self.p.branch else None))
+                                          self.p.branch["flops"] if self.p.branch else None,
+                                          self.p.warm_end and (self.p.warm_end["seconds"], self.p.warm_end["flops"])))
 
     def shrink_lr(self) -> None:
         """A validation did not improve on the best (schedule=plateau): shrink the learning rate from the next step."""
@@ -628,6 +634,8 @@ class Trainer:
                     if self.dist.enabled:  # one clock and one stop decision for all ranks
                         stop, p.train_seconds = distributed.agree([float(self.should_stop()), p.train_seconds])
                         self._stop_agreed = stop > 0
+                    if p.warm_end is None and p.step >= cfg.warmup_steps:  # after the ranks agree on the clock
+                        p.warm_end = {"seconds": p.train_seconds, "flops": self.flops()}
                     window[2] += elapsed
                     self.advance(bar, window)
                     if p.step % cfg.log_every == 0:

@@ -113,14 +113,19 @@ def test_inverse_sqrt_schedule_matches_the_paper():
 
 
 def test_cosine_schedule_follows_the_time_budget_without_max_steps():
-    """Without max_steps the cosine anneals over max_seconds: 1 at the start, 1/2 halfway, the floor at the end."""
+    """Without max_steps the cosine anneals over max_seconds from the end of the warm-up: 1 there, 1/2 halfway to the
+    budget's end, the floor at the end."""
     cfg = TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=10, max_seconds=600, min_lr_ratio=0.1)
-    assert lr_factor(cfg, 4, seconds=1.0) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 600))))
-    assert lr_factor(cfg, 50, seconds=0.0) == pytest.approx(1.0)
-    assert lr_factor(cfg, 50, seconds=300.0) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_factor(cfg, 50, seconds=150.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert lr_factor(cfg, 50, seconds=600.0) == pytest.approx(0.1)
-    assert lr_factor(cfg, 50, seconds=900.0) == pytest.approx(0.1)  # past the budget (the last step's overshoot)
+    assert lr_factor(cfg, 4, seconds=1.0, warm_end=(0.0, 0.0)) == pytest.approx(0.5)  # warm-up: no decay yet
+    assert lr_factor(cfg, 50, seconds=0.0, warm_end=(0.0, 0.0)) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50, seconds=300.0, warm_end=(0.0, 0.0)) == pytest.approx(0.1 + 0.9 * 0.5)
+    quarter = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))
+    assert lr_factor(cfg, 50, seconds=150.0, warm_end=(0.0, 0.0)) == pytest.approx(quarter)
+    assert lr_factor(cfg, 50, seconds=600.0, warm_end=(0.0, 0.0)) == pytest.approx(0.1)
+    assert lr_factor(cfg, 50, seconds=900.0, warm_end=(0.0, 0.0)) == pytest.approx(0.1)  # past the budget
+    # measured from the end of the warm-up: at 100 s of 600 the warm-up ended, so 350 s is half of the decay
+    assert lr_factor(cfg, 50, seconds=350.0, warm_end=(100.0, 0.0)) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(cfg, 9, seconds=200.0, warm_end=None) == pytest.approx(1.0)  # the last warm-up step: no decay
     by_steps = TrainConfig(lr=1e-3, schedule="cosine", warmup_steps=10, max_steps=110, max_seconds=600)
     assert lr_factor(by_steps, 59, seconds=590.0) == pytest.approx(0.5)  # max_steps, when set, is the length
 
@@ -135,7 +140,8 @@ def test_the_trainer_anneals_by_its_own_training_time(make_cfg, tmp_path):
                    "trainer.warmup_steps=1")
     train_cfg, task, model, identity = job._build(cfg, torch.device("cpu"))
     trainer = Trainer(model, task, train_cfg, tmp_path, torch.device("cpu"), seed=1, identity=identity)
-    trainer.p.train_seconds = 50.0
+    trainer.p.warm_end = {"seconds": 20.0, "flops": 0.0}  # the warm-up ended at 20 s: the decay runs 20 -> 100 s
+    trainer.p.train_seconds = 60.0
     trainer.sched.step()
     assert trainer.opt.param_groups[0]["lr"] == pytest.approx(train_cfg.lr * 0.5)
     trainer.p.train_seconds = 100.0

@@ -37,14 +37,18 @@ def test_plateau_without_shrinks_keeps_the_full_rate():
 
 
 def test_cosine_over_seconds_starts_at_the_peak_and_reaches_the_floor_at_max_seconds():
-    """No max_steps: progress = seconds / max_seconds (4 s); 0 s (the default) is the peak, 1 s gives
-    (1 + cos(pi/4)) / 2, 2 s gives 1/2, 4 s and beyond the floor 0."""
+    """No max_steps: progress = (seconds - s0) / (max_seconds - s0) from the end of the warm-up at s0 (here 0 s of
+    4 s); 0 s is the peak, 1 s gives (1 + cos(pi/4)) / 2, 2 s gives 1/2, 4 s and beyond the floor 0. Before the
+    warm-up's end is recorded (the step that ends it), no decay."""
     cfg = TrainConfig(max_seconds=4.0, warmup_steps=1, schedule="cosine")
-    assert lr_factor(cfg, 7) == 1.0
-    assert lr_factor(cfg, 7, seconds=1.0) == pytest.approx((1 + math.sqrt(0.5)) / 2)
-    assert lr_factor(cfg, 7, seconds=2.0) == pytest.approx(0.5)
-    assert lr_factor(cfg, 7, seconds=4.0) == pytest.approx(0.0, abs=1e-12)
-    assert lr_factor(cfg, 7, seconds=9.0) == pytest.approx(0.0, abs=1e-12)
+    start = (0.0, 0.0)
+    assert lr_factor(cfg, 7, warm_end=start) == 1.0
+    assert lr_factor(cfg, 7, seconds=1.0, warm_end=start) == pytest.approx((1 + math.sqrt(0.5)) / 2)
+    assert lr_factor(cfg, 7, seconds=2.0, warm_end=start) == pytest.approx(0.5)
+    assert lr_factor(cfg, 7, seconds=4.0, warm_end=start) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(cfg, 7, seconds=9.0, warm_end=start) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(cfg, 7, seconds=3.0, warm_end=(2.0, 0.0)) == pytest.approx(0.5)  # half of 2 -> 4 s
+    assert lr_factor(cfg, 1, seconds=3.0, warm_end=None) == 1.0
 
 
 def test_cosine_one_step_past_the_warm_up_is_already_at_the_floor():
@@ -55,8 +59,10 @@ def test_cosine_one_step_past_the_warm_up_is_already_at_the_floor():
 
 
 def test_the_trainers_cosine_follows_the_training_time_it_has_spent(tmp_path):
-    """Seconds-based cosine over 4 s: after 2 s of training the next step runs at half the rate."""
+    """Seconds-based cosine over 4 s, the warm-up over at 0 s: after 2 s of training the next step runs at half the
+    rate."""
     t = trainer(tmp_path, max_steps=None, max_seconds=4.0, schedule="cosine", warmup_steps=1, lr=1e-3)
+    t.p.warm_end = {"seconds": 0.0, "flops": 0.0}
     t.p.train_seconds = 2.0
     t.sched.step()
     assert t.opt.param_groups[0]["lr"] == pytest.approx(0.5e-3)
