@@ -163,8 +163,7 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
         if train_cfg.ladder:  # the top rung is this run: its entry is the record's own result
             top = trainer.rung_entry()
             rec["ladder"] = [*progress.ladder, {**top, "metrics": metrics, "folder": "."}]
-            rec["ladder_rung"] = {"rung": top["rung"], "of": len(train_cfg.ladder), "flops": top["flops"],
-                                  "run": name, "cooldown_from_step": top["cooldown_from_step"]}
+            rec["ladder_rung"] = _ladder_rung(top, len(train_cfg.ladder), name)
         check_converged(metrics)  # a diverged model fails the job; its metrics, curves and costs stay in the record
         tracker.summary({"record": secrets.scrub(rec)})
     except (Interrupted, KeyboardInterrupt) as err:
@@ -273,8 +272,7 @@ def _rung(rec: dict, k: int, trainer: Trainer, task, cfg: DictConfig, device, me
     rung = {**rec, "job": {**rec["job"], "name": f"{rec['job']['name']}@{k}", "output_dir": str(folder)},
             "config": {**rec["config"], "trainer": {**rec["config"]["trainer"], "max_flops": flops}},
             "status": "ok", "metrics": metrics, "eval_checkpoint": {"kind": "ladder_rung", "steps": [p.step]},
-            "ladder_rung": {"rung": k, "of": len(trainer.cfg.ladder), "flops": flops, "run": rec["job"]["name"],
-                            "cooldown_from_step": p.branch["from_step"]},
+            "ladder_rung": _ladder_rung(trainer.rung_entry(), len(trainer.cfg.ladder), rec["job"]["name"]),
             "curves": {"train": list(p.log), "valid": list(p.evals)}, "skipped_steps": list(p.skipped_steps),
             "costs": {**_costs(p, metrics, trainer.flops_per_token, memory.result(), device, peak, processes),
                       "ended_by": "ladder_rung"}}
@@ -282,6 +280,12 @@ def _rung(rec: dict, k: int, trainer: Trainer, task, cfg: DictConfig, device, me
     schema.write(folder / schema.RECORD_NAME, rung)
     log.info("ladder: rung %d of %s evaluated: %s", k, rec["job"]["name"], folder)
     return {"metrics": metrics, "folder": RUNG_DIR.format(k)}
+
+
+def _ladder_rung(entry: dict, rungs: int, run: str) -> dict:
+    """A rung's record names its place in the ladder run ``run`` (``entry``: ``Trainer.rung_entry``)."""
+    return {"rung": entry["rung"], "of": rungs, "flops": entry["flops"], "run": run,
+            "cooldown_from_step": entry["cooldown_from_step"]}
 
 
 def _costs(progress, metrics, flops_per_token, memory: dict, device, peak: peak_flops.Peak | None = None,

@@ -113,9 +113,6 @@ def training_logits(model: torch.nn.Module, batch, forward=None) -> tuple[torch.
     scored = batch.target != batch.ignore_index
     if ((forward is None or forward is model) and isinstance(model, LanguageModel) and set(batch.inputs) == {"tokens"}
             and batch.n_tokens < SCORED_SHARE * batch.target.numel()):
-        x = model.embed(batch.inputs["tokens"])
-        for block in model.mixing_blocks():
-            x = block(x)
-        return model.head(x[scored]), batch.target[scored]
+        return model.head(model.features(batch.inputs["tokens"])[scored]), batch.target[scored]
     return (forward or model)(**batch.inputs), batch.target
 

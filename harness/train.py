@@ -173,8 +173,10 @@ def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 
     if cfg.schedule == "plateau":
         return warm * cfg.lr_shrink ** shrinks
     if cfg.schedule == "wsd":
+        if cfg.ladder and not rung:  # the stable phase between a ladder's cooldown branches
+            return warm
         if cfg.ladder:
-            at, length = (flops, rung) if rung else (0.0, 1.0)
+            at, length = flops, rung
         else:
             at, length = ((s, cfg.max_steps) if cfg.max_steps else (flops, cfg.max_flops) if cfg.max_flops
                           else (seconds, cfg.max_seconds))
@@ -611,7 +613,7 @@ class Trainer:
                     if self._stop_agreed if self.dist.enabled else self.should_stop():
                         raise Interrupted(f"stop requested at step {p.step}")
                     if cfg.ladder and self._ladder_step():  # back on the stable branch: its epoch and position
-                        cfg, p, restored = self.cfg, self.p, True
+                        p, restored = self.p, True
                         break
                     batch = batches[p.batch_in_epoch]
                     n_tokens = batch.n_tokens  # the global batch's (data-parallel: all ranks together)

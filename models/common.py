@@ -119,12 +119,16 @@ class LanguageModel(nn.Module):
 
     decode_step = encode
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B,T) -> logits (B,T,V)."""
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,T) -> the mixing blocks' output (B,T,D), what ``head`` turns into logits position by position."""
         x = self.embed(tokens)
         for block in self.mixing_blocks():
             x = block(x)
-        return self.head(x)
+        return x
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,T) -> logits (B,T,V)."""
+        return self.head(self.features(tokens))
 
 
 def reorder_state(state: dict[str, torch.Tensor], index: torch.Tensor, *,
