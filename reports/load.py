@@ -36,6 +36,7 @@ import json
 import logging
 import zlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Iterable
 
@@ -349,10 +350,21 @@ def flatten(rec: dict, path: Path) -> dict:
         **{f"valid_{k}": valid.get(m) for k, m in METRICS},
         **{k: test.get(k) or valid.get(k) for k in SIGNATURES},
         **{k: costs.get(k) for k in COST_KEYS},
+        "job_seconds": _job_seconds(job),  # the job's wall-clock, set-up and evaluation included
         **{f"load_average_{k}": (costs.get("load_average") or {}).get(k) for k in ("start", "end")},
         "packages": json.dumps(env.get("packages") or {}, sort_keys=True),
         "plugins": json.dumps([p for p in env.get("plugins") or [] if isinstance(p, dict)], sort_keys=True),
     }
+
+
+def _job_seconds(job: dict) -> float | None:
+    """Seconds from the job's start to its end (``job.started`` / ``job.finished``); None while it runs or when
+    either is missing or unreadable. A resumed job's span is its last attempt's (train_seconds holds every attempt's
+    training)."""
+    try:
+        return (datetime.fromisoformat(job["finished"]) - datetime.fromisoformat(job["started"])).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _has_metrics(rec: dict) -> bool:

@@ -43,15 +43,18 @@ EXTENSION_NAME = "tune_extension.yaml"  # reports/tune_extend.py: the points add
 LABELS = {"lr": "lr", "warmup_steps": "warm-up", "clip_norm": "clip"}
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "model"
 DIVERGED = ("Diverged", "NonFiniteLoss")  # a record's error that names a diverged run (harness/evaluate.py, train.py)
+COST = ("train_flops", "train_seconds", "job_seconds")  # summed over a grid point's runs: what tuning cost
 GRID = ["task", "architecture", "model", "preset", *TUNED_KEYS, "metric", "valid", "seeds", "failed", "diverged",
-        "unfinished", "seed_list", "budget"]
+        "unfinished", "seed_list", "budget", "runs", *COST]
 SIDES = {"upper": ("above", "upward"), "lower": ("below", "downward")}  # edge -> where the optimum may lie, direction
 
 
 def grid(runs: pd.DataFrame) -> pd.DataFrame:
     """Per task, architecture and grid point (in grid order): the mean validation score over seeds (None unless
     every seed finished with a score), the seeds scored, the runs that failed (of them, diverged) or did not
-    finish, every seed run, and the trainer budget the runs trained at (JSON)."""
+    finish, every seed run, the trainer budget the runs trained at (JSON), and what the point cost: its runs
+    (finished or not) and their counted training FLOPs, training seconds and job seconds (set-up and evaluation
+    included), summed over the runs that state them."""
     if runs.empty:
         return pd.DataFrame(columns=GRID)
     train = runs[runs["kind"] == "train"]
@@ -73,7 +76,8 @@ def grid(runs: pd.DataFrame) -> pd.DataFrame:
                          "valid": values[scored].mean() if complete else None, "seeds": int(scored.sum()),
                          "failed": int(failed.sum()), "diverged": int(diverged.sum()),
                          "unfinished": int((~ended).sum()), "seed_list": _seeds(at["seed"]),
-                         "budget": json.dumps(budget(at.iloc[0]), sort_keys=True)})
+                         "budget": json.dumps(budget(at.iloc[0]), sort_keys=True), "runs": len(at),
+                         **{k: float(pd.to_numeric(at[k], errors="coerce").sum()) if k in at else 0.0 for k in COST}})
     return pd.DataFrame(rows, columns=GRID)
 
 
@@ -127,6 +131,7 @@ class Outcome:
     extension: dict | None
     failed: int = 0  # runs of the grid that failed or diverged
     unfinished: int = 0  # runs of the grid that have not finished (running, interrupted)
+    cost: dict | None = None  # the grid's runs and their summed COST (extension included)
 
 
 def outcomes(points: pd.DataFrame, extensions: dict | None = None) -> list[Outcome]:
@@ -142,8 +147,23 @@ def outcomes(points: pd.DataFrame, extensions: dict | None = None) -> list[Outco
                            edge(lrs, None if row is None else row["lr"]), seeds,
                            json.loads((rows["budget"].iloc[0] if row is None else row["budget"]) or "{}"),
                            ((extensions or {}).get(str(task)) or {}).get(str(arch)),
-                           int(rows["failed"].sum()), int(rows["unfinished"].sum())))
+                           int(rows["failed"].sum()), int(rows["unfinished"].sum()), grid_cost(rows)))
     return out
+
+
+def grid_cost(rows: pd.DataFrame) -> dict:
+    """What grid points ``rows`` cost together: runs, counted training FLOPs, training and job seconds."""
+    runs = int(rows["runs"].sum()) if "runs" in rows else 0
+    return {"runs": runs, **{k: _plain(round(float(rows[k].sum()), 1)) if k in rows else 0 for k in COST}}
+
+
+def cost_text(cost: dict | None) -> str:
+    """``20 runs, 9.0e+14 training FLOPs, 2.6 h training (2.9 h with set-up and evaluation)``."""
+    if not cost or not cost.get("runs"):
+        return "no runs"
+    text = f"{cost['runs']} run{'s' * (cost['runs'] != 1)}, {cost.get('train_flops') or 0:.2g} training FLOPs, " \
+           f"{(cost.get('train_seconds') or 0) / 3600:.2g} h training"
+    return text + (f" ({cost['job_seconds'] / 3600:.2g} h with set-up and evaluation)" if cost.get("job_seconds") else "")
 
 
 def overrides(row) -> list[str]:
@@ -157,11 +177,11 @@ def tuned(results: list[Outcome]) -> dict:
     """tuned.yaml's content: task -> architecture -> the overrides (null: nothing chosen, with ``no_choice`` saying
     why), validation score, seeds scored, the tuning runs' seeds (harness/tuned.py refuses to apply the choice to
     a run of one of them), the edge the choice sits on, the learning rates tried, the grid's extension and the
-    trainer budget of the tuning runs."""
+    trainer budget of the tuning runs, and what the grid cost (runs, training FLOPs, training and job seconds)."""
     out: dict = {}
     for o in results:
         entry: dict = {"tuning_seeds": o.seeds, "lrs_tried": o.lrs, "edge": o.edge, "extension": o.extension,
-                       "budget": o.budget}
+                       "budget": o.budget, "cost": o.cost}
         if o.chosen is None:
             entry.update(overrides=None, no_choice=no_choice(o))
         else:
@@ -236,7 +256,7 @@ def lines(results: list[Outcome]) -> list[str]:
         row = o.chosen
         seeds = ", ".join(map(str, o.seeds))
         text = (f"{o.task} {o.architecture} (valid {o.metric} {row['valid']:.4g}, {row['seeds']} seeds): "
-                + " ".join(overrides(row)) + f"  [tuning seeds {seeds}; {bracket(o)}]")
+                + " ".join(overrides(row)) + f"  [tuning seeds {seeds}; {bracket(o)}; grid: {cost_text(o.cost)}]")
         out.append(text)
     return out
 
@@ -271,6 +291,11 @@ def sections(runs: pd.DataFrame) -> list[Section]:
                        f"{', '.join(map(str, seeds))}: a run that applies these settings must use other seeds "
                        "(tuned= refuses these), and a run at another budget takes the setting tuned at this one.",
                        "note"))
+    for task in sorted({o.task for o in results}):
+        spent = [o.cost for o in results if o.task == task and o.cost]
+        total = {k: sum(c.get(k) or 0 for c in spent) for k in ("runs", *COST)}
+        blocks.append(Note(f"Tuning {task} cost {cost_text(total)} in all, every architecture's grid and its "
+                           "extension (per architecture: the choice table's last column).", "note"))
     return [Section("Tuning: one grid for every architecture", blocks + used)]
 
 
@@ -339,7 +364,8 @@ def choice_display(results: list[Outcome]) -> pd.DataFrame:
         rows.append({"task": o.task, "architecture": o.architecture,
                      **{LABELS[k]: "–" if r is None else _value(r[k]) for k in TUNED_KEYS},
                      "validation score": "no choice" if r is None else f"{METRICS[o.metric].label} {_cell(r)}",
-                     "in the grid": bracket(o), "overrides": "–" if r is None else " ".join(overrides(r))})
+                     "in the grid": bracket(o), "overrides": "–" if r is None else " ".join(overrides(r)),
+                     "grid cost": cost_text(o.cost)})
     return pd.DataFrame(rows)
 
 

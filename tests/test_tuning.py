@@ -131,10 +131,33 @@ def test_the_choice_is_the_best_mean_validation_score_per_architecture(tmp_path)
     assert tuning.tuned(list(results.values()))["multi30k"]["lstm-tiny"] == {
         "overrides": ["model=lstm_tiny", "trainer.lr=0.001", "trainer.warmup_steps=150", "trainer.clip_norm=5"],
         "valid_bleu": 10.0, "seeds": 1, "tuning_seeds": [1], "lrs_tried": [1e-3, 2e-3], "edge": "lower",
-        "extension": None, "budget": {"max_seconds": 60, "max_tokens": 4096}}
+        "extension": None, "budget": {"max_seconds": 60, "max_tokens": 4096},
+        "cost": {"runs": 2, "train_flops": 2e12, "train_seconds": 120, "job_seconds": 0}}
     assert tuning.bracket(results["wikitext2", "transformer-tiny"]) == (
         "on the grid's upper edge: the optimum may lie above 2e-3")
     assert tuning.bracket(results["multi30k", "transformer-tiny"]) == "interior"
+
+
+def test_the_grid_states_what_it_cost_per_architecture_and_in_all(tmp_path):
+    recs = grid_records()
+    for rec, (start, end) in zip(recs[:2], (("12:00:00", "12:10:00"), ("12:10:00", "12:25:30"))):
+        rec["job"].update(started=f"2026-12-06T{start}+00:00", finished=f"2026-12-06T{end}+00:00")
+    recs[2]["costs"].update(train_seconds=1800.0, train_flops=3e12)
+    runs = load([write_records(tmp_path / "records", recs)]).runs
+    assert sorted(runs["job_seconds"].dropna()) == [600.0, 930.0]  # finished - started; none without both
+    results = {(o.task, o.architecture): o for o in tuning.outcomes(tuning.grid(runs))}
+    # the Transformer's translation grid: five runs, the failed one included; its FLOPs and seconds where stated
+    assert results["multi30k", "transformer-tiny"].cost == {
+        "runs": 5, "train_flops": 1e12 + 1e12 + 3e12 + 1e12, "train_seconds": 60 + 60 + 1800 + 60,
+        "job_seconds": 600 + 930}
+    assert tuning.tuned(list(results.values()))["multi30k"]["transformer-tiny"]["cost"]["runs"] == 5
+    choice = tuning.choice_display(list(results.values())).set_index(["task", "architecture"])
+    assert "5 runs" in choice.loc[("multi30k", "transformer-tiny"), "grid cost"]
+    notes = [b.text for s in tuning.sections(runs) for b in s.blocks if hasattr(b, "text")]
+    total = [n for n in notes if n.startswith("Tuning multi30k cost")]
+    # 5 + 2 LSTM runs; 6e12 + 2e12 FLOPs; (1,980 + 120) s = 0.58 h of training; 1,530 s = 0.42 h of jobs
+    assert len(total) == 1 and "7 runs" in total[0] and "8e+12 training FLOPs" in total[0]
+    assert "0.58 h training" in total[0] and "0.42 h with set-up and evaluation" in total[0]
 
 
 @pytest.mark.parametrize("lrs,chosen,expected", [
@@ -331,7 +354,7 @@ def test_the_extension_stops_at_max_points_and_says_so(tmp_path, capsys):
                                               "stopped": "tune.extend.max_points=2 reached"}
     assert tuning.main([str(sweep)]) == 0
     assert ("[tuning seeds 101; on the grid's upper edge: the optimum may lie above 1.6e-2; grid extended upward by 2 "
-            "points to 1.6e-2 (extension stopped: tune.extend.max_points=2 reached)]") in capsys.readouterr().out
+            "points to 1.6e-2 (extension stopped: tune.extend.max_points=2 reached); grid: 6 runs") in capsys.readouterr().out
     entry = yaml.safe_load((sweep / "tuned.yaml").read_text())["multi30k"]["gru-tiny"]
     assert entry["edge"] == "upper" and entry["extension"]["added"] == [8e-3, 1.6e-2]
 
@@ -418,9 +441,9 @@ def test_tuning_cli_writes_tuned_yaml_and_names_a_missing_folder(tmp_path, capsy
     assert tuning.main([str(tmp_path / "sweep")]) == 0
     printed = capsys.readouterr().out
     assert ("multi30k transformer-tiny (valid bleu 23, 2 seeds): model=transformer_tiny trainer.lr=0.002 "
-            "trainer.warmup_steps=150 trainer.clip_norm=0  [tuning seeds 1, 2; interior]") in printed
+            "trainer.warmup_steps=150 trainer.clip_norm=0  [tuning seeds 1, 2; interior; grid: 5 runs") in printed
     assert "wikitext2 transformer-tiny (valid ppl 100, 1 seeds)" in printed
-    assert "[tuning seeds 1; on the grid's upper edge: the optimum may lie above 2e-3]" in printed
+    assert "[tuning seeds 1; on the grid's upper edge: the optimum may lie above 2e-3; grid: 2 runs" in printed
     assert yaml.safe_load((tmp_path / "sweep" / "tuned.yaml").read_text())["wikitext2"]["transformer-tiny"][
         "valid_ppl"] == 100.0
     (tmp_path / "empty").mkdir()
