@@ -12,7 +12,9 @@ The decisions (:func:`step`, :func:`next_lr`, :func:`limits`) are pure functions
 launching runs ``<this program> --multirun <overrides>`` as a child process, with the sweep's own Hydra
 overrides, so it uses the sweep's launcher: one job after another on this machine with the basic launcher; under
 ``hydra/launcher=slurm`` each step submits its jobs to SLURM and waits for them, while this process (the one that
-submitted the sweep) waits with it. The child sweep builds no report (the callback builds one once the grid is
+submitted the sweep) waits with it. The child sweeps of one step (one per task and architecture on an edge) run
+side by side as far as the launcher's parallelism goes (:func:`at_once`: two one-job children at once under
+``hydra/launcher=joblib`` with two jobs at a time; every child at once on SLURM). The child sweep builds no report (the callback builds one once the grid is
 final). The extension is recorded in ``<sweep>/tune_extension.yaml``, which reports/tuning.py carries into
 tuned.yaml and the report.
 """
@@ -24,6 +26,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,6 +233,19 @@ def launch(command: Sequence[str], sweep: Path) -> int:
             atomic_write_text(saved, original)
 
 
+def at_once(config: DictConfig, jobs: Sequence[int]) -> int:
+    """How many child sweeps of one extension step run side by side: the sweep's launcher runs that many jobs at once
+    (joblib's ``n_jobs``, SLURM's array parallelism; one at a time with the basic launcher), and a child sweep of
+    ``n`` jobs takes ``n`` of them; at least one. ``jobs``: each child sweep's number of jobs."""
+    if not jobs:
+        return 1
+    from seqbench.harness.cluster.launcher import parallel_jobs  # noqa: PLC0415 (torch-free, Hydra-only)
+
+    if OmegaConf.select(config, "hydra.launcher") is None:
+        return 1
+    return max(1, min(len(jobs), parallel_jobs(config, sum(jobs)) // max(jobs)))
+
+
 def this_program() -> list[str]:
     """The command that started this sweep (``python run.py``, the ``seqbench`` script), to start its child sweeps
     with; ``python -m seqbench.harness.run`` for that module itself (run as a file, its folder would shadow the
@@ -257,6 +273,8 @@ def extend_sweep(config: DictConfig, sweep: str | Path, run: Callable[[Sequence[
         return {}
     grid = grid_lrs(config)
     program = list(program or this_program())
+    saved = sweep / "multirun.yaml"  # the grid's own command line
+    grid_multirun = saved.read_text(encoding="utf-8") if saved.is_file() else None
     blocked: dict[tuple[str, str], str] = {}  # why a task's and architecture's extension cannot go on
     tried: set[tuple[str, str, float]] = set()
     while True:
@@ -274,21 +292,35 @@ def extend_sweep(config: DictConfig, sweep: str | Path, run: Callable[[Sequence[
             todo.append((o, s))
         if not todo:
             break
+        plans = []  # (task and architecture, the new rate, its child sweeps, how many jobs they run)
         for o, s in todo:
             key = (o.task, o.architecture)
             tried.add((*key, s.lr))
             print(f"[seqbench] {o.task} {o.architecture}: {s.reason}: extending the grid {s.direction} to lr "
                   f"{tuning.lr_text(s.lr)}", flush=True)
             try:
-                edge_lr = float(o.chosen["lr"])
-                for command in commands(config, sweep, job_overrides(runs, o.task, o.architecture, edge_lr), s.lr,
-                                        program):
-                    status = run(command, sweep)
-                    if status:
-                        blocked[key] = f"the sweep at {tuning.lr_text(s.lr)} exited with status {status}"
-                        break
+                jobs = job_overrides(runs, o.task, o.architecture, float(o.chosen["lr"]))
+                plans.append((key, s.lr, commands(config, sweep, jobs, s.lr, program), len(jobs)))
             except ExtensionError as err:
                 blocked[key] = str(err)
+
+        def extend(plan) -> tuple[tuple[str, str], str | None]:
+            key, lr, lines, _ = plan
+            for command in lines:
+                status = run(command, sweep)
+                if status:
+                    return key, f"the sweep at {tuning.lr_text(lr)} exited with status {status}"
+            return key, None
+
+        width = at_once(config, [n for *_, n in plans])
+        try:
+            with ThreadPoolExecutor(max_workers=width) as pool:  # each architecture's child sweeps, side by side
+                for key, why in pool.map(extend, plans):
+                    if why:
+                        blocked[key] = why
+        finally:
+            if grid_multirun is not None:  # children that overlap each restored what the other had written
+                atomic_write_text(sweep / "multirun.yaml", grid_multirun)
     ledger = {}
     for o in results:
         key = (o.task, o.architecture)

@@ -336,6 +336,46 @@ def test_the_grid_is_extended_past_the_edge_until_the_choice_is_interior(tmp_pat
     assert tuning.bracket(results[1]) == "interior; grid extended upward by 1 point to 8e-3"
 
 
+@pytest.mark.parametrize("launcher,side_by_side", [
+    ({"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}, 2),
+    (None, 1)])  # the basic launcher: one job at a time, so one child sweep at a time
+def test_children_of_one_step_run_side_by_side_as_far_as_the_launcher_does(tmp_path, launcher, side_by_side):
+    """Two architectures on the upper edge, each child sweep one job: under joblib with two jobs at a time both
+    children run at once (each waits for the other to start), with the basic launcher one after the other."""
+    import threading
+    import time
+
+    sweep = tmp_path / "sweep"
+    recs = [tune_record(model, 101, lr, 10.0 * k, warmup=50) for model in ("transformer", "lstm")
+            for k, lr in enumerate(GRID_LRS)]
+    write_sweep(sweep, recs)
+    (sweep / "multirun.yaml").write_text("the grid's own\n")
+    config = sweep_config(sweep, max_points=1)
+    if launcher is not None:
+        config.hydra.launcher = launcher
+    running, most, lock = [0], [0], threading.Lock()
+
+    def run(command, folder):
+        model = dict(o.split("=", 1) for o in command if "=" in o)["model"].removesuffix("_tiny")
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        deadline = time.monotonic() + 5
+        while side_by_side == 2 and most[0] < 2 and time.monotonic() < deadline:  # wait for the other child
+            time.sleep(0.01)
+        (folder / "multirun.yaml").write_text(f"child {model}\n")
+        write_sweep(folder, [tune_record(model, 101, 8e-3, 1.0, warmup=50)], folders=f"extend_{model}_")
+        with lock:
+            running[0] -= 1
+        return 0
+
+    ledger = tune_extend.extend_sweep(config, sweep, run=run, program=["seqbench"])
+    assert most[0] == side_by_side
+    assert {arch: e["added"] for arch, e in ledger["multi30k"].items()} == {"transformer-tiny": [8e-3],
+                                                                          "lstm-tiny": [8e-3]}
+    assert (sweep / "multirun.yaml").read_text() == "the grid's own\n"  # whatever the children left there
+
+
 def test_the_extension_stops_at_max_points_and_says_so(tmp_path, capsys):
     """Each added rate is the best so far: 8e-3, then 1.6e-2, then max_points=2 stops it, still on the edge."""
     sweep = tmp_path / "sweep"
