@@ -1,6 +1,8 @@
 """One job: build the task and model, train, evaluate, and write the result record."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import random
 import traceback
@@ -106,9 +108,17 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
     lock = FolderLock(out_dir)  # before anything is written: a second run in this folder stops here, touching nothing
     path = out_dir / schema.RECORD_NAME
     name = job_name(cfg)
+    digest = config_digest(cfg)
+    done = None if d.enabled else finished_here(path, digest, cfg)
+    if done is not None:  # a sweep run again (in parts) picks up its finished jobs instead of evaluating them again
+        lock.release()
+        log.info("%s finished already in %s with this config: its record stands (delete %s, or set "
+                 "trainer.resume=false, to run it again)", name, out_dir, path.name)
+        _print_summary(done)
+        return done
     rec = schema.started(OmegaConf.to_container(cfg), cfg.seed,
                          schema.job_entry(name, sweep or cfg.get("sweep_name"), out_dir, started=schema.now(),
-                                          slurm_job_id=slurm_job_id()))
+                                          slurm_job_id=slurm_job_id(), config_digest=digest))
     kept = schema.keep_previous(path)  # a finished record already here survives this run whatever happens
     if kept is not None:
         rec["job"]["previous_record"] = str(kept)
@@ -191,6 +201,36 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
             stop.hand_over()  # under SLURM: requeue, or exit leaving no result, so the requeued job finishes it
     _print_summary(rec)
     return rec
+
+
+def config_digest(cfg: DictConfig) -> str | None:
+    """A digest of the job's resolved config and, with ``tuned=``, of that file's content: a finished record with
+    the same digest in the job's folder is this job's result (:func:`finished_here`). None when the config does
+    not resolve or the tuned file cannot be read (the job then fails, naming the problem)."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        text = json.dumps(resolved, sort_keys=True, default=str).encode()
+        if resolved.get("tuned"):
+            text += Path(resolved["tuned"]).read_bytes()
+    except Exception:  # noqa: BLE001 (any failure here is reported by the job itself)
+        return None
+    return hashlib.sha256(text).hexdigest()[:24]
+
+
+def finished_here(path: Path, digest: str | None, cfg: DictConfig) -> dict | None:
+    """The finished record (status ``ok``) of this very job at ``path``: written by a job of the same config digest;
+    None otherwise (no record, another config, a failed, interrupted or running job, a record from before digests
+    were kept) and with ``trainer.resume=false`` (a fresh start). A rerun with any setting changed (a beam, a
+    tuned file's content) trains or evaluates again, keeping the finished record under ``previous/``."""
+    if digest is None or not OmegaConf.select(cfg, "trainer.resume", default=True) or not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("status") != "ok" or not isinstance(rec.get("job"), dict):
+        return None
+    return rec if rec["job"].get("config_digest") == digest else None
 
 
 def _follow(cfg: DictConfig, d: distributed.Dist) -> dict:

@@ -8,7 +8,8 @@ Schema (version 1), top-level keys:
   schema_version, metrics_version (what the metric names mean: harness/metrics.py, VERSION),
   status (one of STATUSES), error, traceback (failed jobs),
   job {name, sweep, output_dir, started, finished, slurm_job_id, previous_record (the folder's earlier finished
-       run, kept in previous/<finished>/record.json: keep_previous)},
+       run, kept in previous/<finished>/record.json: keep_previous), config_digest (a rerun of the same config in
+       the folder of its finished run returns that record: harness/job.py finished_here)},
   config (the resolved Hydra config, secrets redacted), seed,
   environment {git_commit, git_dirty, python, packages, device, device_name, device_count, threads,
                threads_chosen, hostname, deterministic, precision, processes}  (harness/environment.py),
@@ -70,6 +71,7 @@ class Job(_Part):
     finished: Text = None
     slurm_job_id: Text = None
     previous_record: Text = None
+    config_digest: Text = None
 
 
 class TrainerConfig(_Part):
@@ -280,10 +282,11 @@ def keep_previous(path: Path) -> Path | None:
 
 
 def job_entry(name: str, sweep: str | None, out_dir: Path | str, *, started: str | None = None,
-              slurm_job_id: str | None = None) -> dict:
-    """The record's ``job`` entry (``finished`` is set when the job ends)."""
+              slurm_job_id: str | None = None, config_digest: str | None = None) -> dict:
+    """The record's ``job`` entry (``finished`` is set when the job ends; ``config_digest``: harness/job.py's
+    ``config_digest``, by which a rerun of a finished job is recognised)."""
     return {"name": name, "sweep": sweep, "output_dir": str(out_dir), "started": started, "finished": None,
-            "slurm_job_id": slurm_job_id}
+            "slurm_job_id": slurm_job_id, "config_digest": config_digest}
 
 
 def started(config: dict, seed, job: dict) -> dict:

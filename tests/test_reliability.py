@@ -346,6 +346,26 @@ def test_checkpoint_of_another_model_or_vocabulary_is_refused(make_cfg, trained,
     assert {p.name: digest(p) for p in trained.glob("*.pt")} == before
 
 
+def test_the_same_command_again_picks_up_a_finished_job_and_a_changed_one_runs_again(make_cfg, trained):
+    """A sweep run again (in parts) returns its finished jobs' records as they stand: nothing trained, evaluated or
+    rewritten; a changed setting, trainer.resume=false or a record without a digest runs the job again."""
+    finished, files = on_disk(trained), {p.name: digest(p) for p in trained.iterdir() if p.is_file()}
+    assert finished["job"]["config_digest"] == job.config_digest(make_cfg(*TINY))
+    again = job.run(make_cfg(*TINY), trained)
+    assert again == finished and {p.name: digest(p) for p in trained.iterdir() if p.is_file()} == files
+    assert not (trained / "previous").exists()
+    beam = job.run(make_cfg(*TINY, "eval.decoding.beam=2"), trained)  # evaluated again from last.pt
+    assert beam["status"] == "ok" and beam["resumed_from_step"] == 2 and beam["job"]["previous_record"]
+    assert beam["job"]["config_digest"] != finished["job"]["config_digest"]
+    fresh = job.run(make_cfg(*TINY, "eval.decoding.beam=2", "trainer.resume=false"), trained)
+    assert fresh["status"] == "ok" and fresh["resumed_from_step"] is None  # trained from the start
+    legacy = on_disk(trained)
+    del legacy["job"]["config_digest"]  # a record written before digests were kept
+    (trained / "record.json").write_text(json.dumps(legacy))
+    rerun = job.run(make_cfg(*TINY, "eval.decoding.beam=2"), trained)
+    assert rerun["job"]["started"] != legacy["job"]["started"] and rerun["resumed_from_step"] == 2
+
+
 def test_a_refused_rerun_keeps_the_finished_record_beside_its_own(make_cfg, trained):
     finished = on_disk(trained)
     assert finished["status"] == "ok" and "previous_record" not in finished["job"]

@@ -268,12 +268,13 @@ def test_deleting_a_corrupt_best_pt_as_advised_recreates_it_from_the_final_model
     lost = min(curve, key=lambda r: r["valid_nll"])
     best = out / "best.pt"
     best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
-    broken = job.run(make_cfg(*FOUR), out, raise_errors=False)
+    again = [*FOUR, "eval.decoding.beam=2"]  # a setting changed: the finished job is evaluated again (same config: kept)
+    broken = job.run(make_cfg(*again), out, raise_errors=False)
     assert broken["status"] == "failed"
     assert f"cannot load checkpoint {best}: it is truncated or corrupt" in broken["error"]
     assert "Delete it and rerun the same command: the run resumes from last.pt" in broken["error"]
     best.unlink()  # the advice
-    rec = job.run(make_cfg(*FOUR), out)
+    rec = job.run(make_cfg(*again), out)
     assert rec["status"] == "ok" and rec["resumed_from_step"] == 4
     assert rec["best_recreated"] == {"lost": {"step": lost["step"], "valid_nll": lost["valid_nll"]}, "from_step": 4,
                                      "evals_before": 2, "step": 4, "valid_nll": curve[-1]["valid_nll"]}
