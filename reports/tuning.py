@@ -141,7 +141,10 @@ def outcomes(points: pd.DataFrame, extensions: dict | None = None) -> list[Outco
     out = []
     for (task, arch), rows in points.groupby(["task", "architecture"], sort=True):
         row = chosen.get((task, arch))
-        lrs = sorted({float(v) for v in rows["lr"] if pd.notna(v)})
+        # the rates that bracket a choice: a point scored, or one with a failed or diverged run; a point whose runs
+        # have not finished (a sweep stopped part-way, an interrupted extension) says nothing yet
+        ended = rows[pd.to_numeric(rows["valid"], errors="coerce").notna() | (rows["failed"] > 0)]
+        lrs = sorted({float(v) for v in ended["lr"] if pd.notna(v)})
         seeds = sorted({s for seen in rows["seed_list"] for s in seen})
         out.append(Outcome(str(task), str(arch), str(rows["metric"].iloc[0]), row, lrs,
                            edge(lrs, None if row is None else row["lr"]), seeds,

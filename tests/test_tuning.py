@@ -336,6 +336,20 @@ def test_the_grid_is_extended_past_the_edge_until_the_choice_is_interior(tmp_pat
     assert tuning.bracket(results[1]) == "interior; grid extended upward by 1 point to 8e-3"
 
 
+def test_an_unfinished_point_past_the_edge_brackets_nothing_and_is_run_again(tmp_path):
+    """An extension point that was interrupted (a stopped sweep) neither brackets the choice nor counts as tried:
+    the choice stays on the edge and the extension runs that point again (into its folder: it resumes)."""
+    recs = [tune_record("gru", 101, lr, 10.0 * k) for k, lr in enumerate(GRID_LRS)]
+    recs.append(tune_record("gru", 101, 8e-3, None, status="interrupted"))
+    runs = load([write_records(tmp_path, recs)]).runs
+    [o] = tuning.outcomes(tuning.grid(runs))
+    assert o.unfinished == 1 and o.lrs == GRID_LRS and o.edge == "upper"
+    assert tune_extend.step(o.lrs, 4e-3, GRID_LRS, tune_extend.Limits(max_points=2)).lr == 8e-3
+    failed = [*recs[:-1], tune_record("gru", 101, 8e-3, None, status="failed", error="NonFiniteLoss: nan")]
+    [o] = tuning.outcomes(tuning.grid(load([write_records(tmp_path / "failed", failed)]).runs))
+    assert o.lrs == [*GRID_LRS, 8e-3] and o.edge is None  # a diverged rate above the choice brackets it
+
+
 @pytest.mark.parametrize("launcher,side_by_side", [
     ({"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs": 2}, 2),
     (None, 1)])  # the basic launcher: one job at a time, so one child sweep at a time
