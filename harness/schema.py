@@ -285,8 +285,9 @@ def job_entry(name: str, sweep: str | None, out_dir: Path | str, *, started: str
               slurm_job_id: str | None = None, config_digest: str | None = None) -> dict:
     """The record's ``job`` entry (``finished`` is set when the job ends; ``config_digest``: harness/job.py's
     ``config_digest``, by which a rerun of a finished job is recognised)."""
-    return {"name": name, "sweep": sweep, "output_dir": str(out_dir), "started": started, "finished": None,
-            "slurm_job_id": slurm_job_id, "config_digest": config_digest}
+    entry = {"name": name, "sweep": sweep, "output_dir": str(out_dir), "started": started, "finished": None,
+             "slurm_job_id": slurm_job_id}
+    return entry if config_digest is None else {**entry, "config_digest": config_digest}
 
 
 def started(config: dict, seed, job: dict) -> dict:
