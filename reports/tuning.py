@@ -156,8 +156,7 @@ def outcomes(points: pd.DataFrame, extensions: dict | None = None) -> list[Outco
 
 def grid_cost(rows: pd.DataFrame) -> dict:
     """What grid points ``rows`` cost together: runs, counted training FLOPs, training and job seconds."""
-    runs = int(rows["runs"].sum()) if "runs" in rows else 0
-    return {"runs": runs, **{k: _plain(round(float(rows[k].sum()), 1)) if k in rows else 0 for k in COST}}
+    return {"runs": int(rows["runs"].sum()), **{k: _plain(round(float(rows[k].sum()), 1)) for k in COST}}
 
 
 def cost_text(cost: dict | None) -> str:
@@ -295,9 +294,7 @@ def sections(runs: pd.DataFrame) -> list[Section]:
                        "(tuned= refuses these), and a run at another budget takes the setting tuned at this one.",
                        "note"))
     for task in sorted({o.task for o in results}):
-        spent = [o.cost for o in results if o.task == task and o.cost]
-        total = {k: sum(c.get(k) or 0 for c in spent) for k in ("runs", *COST)}
-        blocks.append(Note(f"Tuning {task} cost {cost_text(total)} in all, every architecture's grid and its "
+        blocks.append(Note(f"Tuning {task} cost {cost_text(grid_cost(points[points['task'] == task]))} in all, every architecture's grid and its "
                            "extension (per architecture: the choice table's last column).", "note"))
     return [Section("Tuning: one grid for every architecture", blocks + used)]
 
