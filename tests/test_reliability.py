@@ -363,7 +363,8 @@ def test_the_same_command_again_picks_up_a_finished_job_and_a_changed_one_runs_a
     del legacy["job"]["config_digest"]  # a record written before digests were kept
     (trained / "record.json").write_text(json.dumps(legacy))
     rerun = job.run(make_cfg(*TINY, "eval.decoding.beam=2"), trained)
-    assert rerun["job"]["started"] != legacy["job"]["started"] and rerun["resumed_from_step"] == 2
+    assert rerun["resumed_from_step"] == 2 and rerun["job"]["previous_record"]  # evaluated again, old record kept
+    assert rerun["job"]["config_digest"] == beam["job"]["config_digest"]
 
 
 def test_a_refused_rerun_keeps_the_finished_record_beside_its_own(make_cfg, trained):
