@@ -225,14 +225,27 @@ def differing_settings(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["task", "setting", "values (runs)"])
 
 
+def compared_budget(row) -> str:
+    """A run's budget as a warning compares it: the rungs of a budget ladder (a ``ladder_flops`` run) differ by
+    design in ``max_flops``, the rung, and are compared within a rung; the rest of their budget must agree."""
+    if _missing(row.get("ladder_flops")):
+        return row["budget"]
+    rest = [f"{k}={_plain(row.get(k))}" for k in BUDGET_KEYS if k != "max_flops" and not _missing(row.get(k))]
+    return "ladder rung, " + (", ".join(rest) or "none")
+
+
 def fairness_warnings(runs: pd.DataFrame) -> dict[str, list[str]]:
-    """Per task, the warnings for runs on different devices or budgets that share one table."""
+    """Per task, the warnings for runs on different devices or budgets that share one table. The rungs of one
+    budget ladder are no different budgets: each rung is its own row and the ladder's tables compare within it."""
     out = {}
     for task, group in with_groups(ok(runs)).groupby("task", sort=True):
         msgs = []
+        compared = group.assign(budget_compared=group.apply(compared_budget, axis=1))
         for col, what in (("device_name", "devices"), ("budget", "training budgets"),
                           ("lm_protocol", "perplexity protocols (eval.lm_protocol)")):
             values = sorted(group[col].unique())
+            if col == "budget" and compared["budget_compared"].nunique() == 1:
+                continue
             if len(values) > 1:
                 msgs.append(f"WARNING: task {task}: runs on different {what} are compared side by side "
                             f"({' | '.join(values)}); their costs and quality are not directly comparable.")

@@ -310,20 +310,27 @@ def tuned_use(runs: pd.DataFrame) -> list[Note]:
         if not config.get("tuned"):
             continue
         ladder = (config.get("trainer") or {}).get("ladder")
-        own = budget_text(budget(run)) + (f", ladder {', '.join(f'{r:g}' for r in ladder)}" if ladder else "")
-        by_file.setdefault(str(config["tuned"]), set()).add(own)
+        spent = budget(run)
+        if ladder:  # a rung's max_flops is the rung: the ladder's runs train at the ladder, every rung alike
+            spent.pop("max_flops", None)
+            own = ", ".join(filter(None, [budget_text(spent) if spent else "",
+                                          f"ladder {', '.join(f'{r:g}' for r in ladder)}"]))
+        else:
+            own = budget_text(spent)
+        by_file.setdefault(str(config["tuned"]), set()).add((own, bool(ladder)))
     notes = []
-    for name, own in sorted(by_file.items()):
+    for name, trained in sorted(by_file.items()):
         at = _tuned_budgets(name)
         if not at:
             continue
-        tuned_at = " / ".join(sorted(at))
+        tuned_at, own = " / ".join(sorted(at)), {text for text, _ in trained}
         if own <= at:
             notes.append(Note(f"tuned={name}: tuned at {tuned_at}, the budget its runs train at: each budget tuned.",
                               "note"))
-        else:
+        else:  # by design on a ladder (tuned at one rung); a warning where runs without one train at another budget
             notes.append(Note(f"tuned={name}: tuned at {tuned_at}; one setting serves every rung of a ladder (its "
-                              f"runs train at {' / '.join(sorted(own))}).", "warning"))
+                              f"runs train at {' / '.join(sorted(own))}).",
+                              "note" if all(is_ladder for _, is_ladder in trained) else "warning"))
     return notes
 
 

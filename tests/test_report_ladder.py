@@ -190,6 +190,18 @@ def test_the_ladder_leads_the_results_and_says_which_tuning_applied(built):
     assert ladder.rung_tables(built.report.sections).keys() == {"ladder/iwslt", "ladder/multi30k", "ladder/wikitext2"}
 
 
+def test_the_rungs_of_a_ladder_are_no_different_budgets_but_a_run_beside_them_is(built, tmp_path):
+    assert "runs on different training budgets" not in built.md  # each rung is its own row, compared within it
+    ladder_records(tmp_path / "records")
+    plain = record("transformer", "multi30k", 1, scores=(20.0, 50.0), budget={"max_seconds": None, "max_steps": 100})
+    (tmp_path / "records" / "plain").mkdir()
+    schema.write(tmp_path / "records" / "plain" / "record.json", plain)
+    reports.build([tmp_path / "records"], tmp_path / "report")
+    warned = re.findall(r"WARNING: task (\w+): runs on different training budgets",
+                        (tmp_path / "report" / "report.md").read_text())
+    assert set(warned) == {"multi30k"}
+
+
 def test_without_ladder_rungs_there_is_no_ladder_section(tmp_path):
     for seed, bleu in ((1, 20.0), (2, 22.0)):
         folder = tmp_path / "records" / f"s{seed}"

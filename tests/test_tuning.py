@@ -488,6 +488,16 @@ def test_runs_applying_tuned_settings_at_another_budget_say_one_setting_serves_e
     assert section.blocks[0].text == (f"tuned={tuned_file}: tuned at max_steps=200, max_tokens=4096; one setting "
                                       "serves every rung of a ladder (its runs train at max_flops=1000000000000000, "
                                       "max_tokens=4096).")
+    assert section.blocks[0].kind == "warning"  # a run without a ladder, trained at another budget than tuned
+    rungs = []
+    for rung in (1e15, 3e15):  # a ladder's rung records: max_flops is the rung, config.trainer.ladder the ladder
+        rungs.append(compared(1, {"max_seconds": None, "max_flops": rung}))
+        rungs[-1]["config"]["trainer"]["ladder"] = [1e15, 3e15]
+    write_records(tmp_path / "rungs", rungs)
+    [note] = tuning.tuned_use(load([tmp_path / "rungs"]).runs)
+    assert note.kind == "note" and note.text == (
+        f"tuned={tuned_file}: tuned at max_steps=200, max_tokens=4096; one setting serves every rung of a ladder "
+        "(its runs train at max_tokens=4096, ladder 1e+15, 3e+15).")
 
 
 def test_tuning_cli_writes_tuned_yaml_and_names_a_missing_folder(tmp_path, capsys):
