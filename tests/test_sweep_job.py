@@ -78,8 +78,11 @@ def test_a_stop_sent_while_the_job_is_being_forked_reaches_the_job(monkeypatch):
         import time  # noqa: PLC0415
 
         from seqbench.harness.cluster.signals import StopFlag  # noqa: PLC0415
-        time.sleep(0.3)
-        return {"stopped": StopFlag()()}
+        time.sleep(0.3)  # the stop is usually here before the job's flag exists; on a loaded machine it may come later
+        flag, deadline = StopFlag(), time.monotonic() + 20
+        while not flag() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return {"stopped": flag()}
 
     previous = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(os, "fork", fork_then_stop)
