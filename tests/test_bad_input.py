@@ -26,7 +26,7 @@ from seqbench.harness.cluster import launcher
 from seqbench.harness.evaluate import evaluate_translation
 from seqbench.tasks.data import read_lines
 from tests.conftest import ROOT
-from tests.test_reliability import parallel, run_py, saved_step, temp_files, write_parallel
+from tests.test_reliability import ctrl_c_as_in_a_terminal, parallel, run_py, saved_step, temp_files, write_parallel
 
 COPY = ["task=copy", "task.n_train=60", "task.n_valid=4", "task.n_test=4", "trainer=smoke", "trainer.max_steps=2",
         "trainer.threads=1"]
@@ -45,7 +45,7 @@ def run_sweep(args: list[str], sweep_dir: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, "run.py", "-m", *args, "device=cpu", "data.download=false",
                                  f"hydra.sweep.dir={sweep_dir}"], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, text=True)
+                                stderr=subprocess.STDOUT, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
 
 
 def sweep_records(sweep_dir: Path) -> dict[str, dict]:

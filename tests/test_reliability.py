@@ -477,11 +477,18 @@ KILL_RUN = ["model=transformer_tiny", "task=copy", "task.n_train=300", "task.n_v
             "trainer.valid_bleu=false", "trainer.threads=1", "eval.decoding.beam=2"]
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT at its default, as a command started from a terminal has it (a suite
+    started in the background by a non-interactive shell inherits SIGINT ignored, and Python then keeps ignoring
+    it, so a Ctrl-C test would test the shell instead)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_py(args, out: Path, **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "run.py", *args, "device=cpu", "data.download=false",
                              f"hydra.run.dir={out}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+                            stderr=subprocess.STDOUT, text=True, **{"preexec_fn": ctrl_c_as_in_a_terminal, **popen})
 
 
 def saved_step(path: Path) -> int:
