@@ -45,9 +45,9 @@ def analyses(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs["kind"] == "analysis"] if len(runs) else runs
 
 
-def budget(row) -> str:
-    """The training budget of one run, e.g. ``max_seconds=2700, max_tokens=4096``."""
-    parts = [f"{k}={_plain(row.get(k))}" for k in BUDGET_KEYS if not _missing(row.get(k))]
+def budget(row, without: tuple[str, ...] = ()) -> str:
+    """The training budget of one run, e.g. ``max_seconds=2700, max_tokens=4096`` (the keys ``without`` left out)."""
+    parts = [f"{k}={_plain(row.get(k))}" for k in BUDGET_KEYS if k not in without and not _missing(row.get(k))]
     return ", ".join(parts) or "none"
 
 
@@ -228,10 +228,7 @@ def differing_settings(runs: pd.DataFrame) -> pd.DataFrame:
 def compared_budget(row) -> str:
     """A run's budget as a warning compares it: the rungs of a budget ladder (a ``ladder_flops`` run) differ by
     design in ``max_flops``, the rung, and are compared within a rung; the rest of their budget must agree."""
-    if _missing(row.get("ladder_flops")):
-        return row["budget"]
-    rest = [f"{k}={_plain(row.get(k))}" for k in BUDGET_KEYS if k != "max_flops" and not _missing(row.get(k))]
-    return "ladder rung, " + (", ".join(rest) or "none")
+    return row["budget"] if _missing(row.get("ladder_flops")) else "ladder rung, " + budget(row, ("max_flops",))
 
 
 def fairness_warnings(runs: pd.DataFrame) -> dict[str, list[str]]:
@@ -239,12 +236,11 @@ def fairness_warnings(runs: pd.DataFrame) -> dict[str, list[str]]:
     budget ladder are no different budgets: each rung is its own row and the ladder's tables compare within it."""
     out = {}
     for task, group in with_groups(ok(runs)).groupby("task", sort=True):
-        msgs = []
-        compared = group.assign(budget_compared=group.apply(compared_budget, axis=1))
+        msgs, one_budget = [], group.apply(compared_budget, axis=1).nunique() == 1
         for col, what in (("device_name", "devices"), ("budget", "training budgets"),
                           ("lm_protocol", "perplexity protocols (eval.lm_protocol)")):
             values = sorted(group[col].unique())
-            if col == "budget" and compared["budget_compared"].nunique() == 1:
+            if col == "budget" and one_budget:
                 continue
             if len(values) > 1:
                 msgs.append(f"WARNING: task {task}: runs on different {what} are compared side by side "

@@ -294,7 +294,8 @@ def sections(runs: pd.DataFrame) -> list[Section]:
                        "(tuned= refuses these), and a run at another budget takes the setting tuned at this one.",
                        "note"))
     for task in sorted({o.task for o in results}):
-        blocks.append(Note(f"Tuning {task} cost {cost_text(grid_cost(points[points['task'] == task]))} in all, every architecture's grid and its "
+        total = grid_cost(points[points["task"] == task])
+        blocks.append(Note(f"Tuning {task} cost {cost_text(total)} in all, every architecture's grid and its "
                            "extension (per architecture: the choice table's last column).", "note"))
     return [Section("Tuning: one grid for every architecture", blocks + used)]
 
