@@ -13,7 +13,7 @@ from seqbench.harness import settings
 from seqbench.models.common import BOS, PAD
 from seqbench.models.gla import ARCHITECTURE, GLALM, GLASeq2Seq, kernels
 from seqbench.models.gla.layer import GatedLinearAttention, default_d_ff, reverse_within
-from seqbench.models.gla.recurrence import chunkwise_gla, recurrent_gla, sub_chunk_size
+from seqbench.models.gla.recurrence import chunk_layout, chunkwise_gla, recurrent_gla, sub_chunk_size
 from seqbench.tasks.base import Shape
 
 V = 23
@@ -63,6 +63,14 @@ def test_chunkwise_form_equals_the_recurrence(B, T, H, d_k, d_v, chunk):
 
 def test_sub_chunks_divide_the_chunk():
     assert [sub_chunk_size(c) for c in (64, 16, 24, 10, 17, 1, 48)] == [16, 16, 12, 10, 1, 1, 16]
+
+
+def test_a_sequence_shorter_than_a_chunk_is_padded_to_whole_sub_chunks_only():
+    """A 20-token sentence under chunk_size 64 is one chunk of 32 positions (two sub-chunks of 16), not 64; a
+    sequence as long as a chunk or longer keeps the configured chunk."""
+    assert [chunk_layout(T, 64) for T in (1, 16, 17, 20, 33, 64, 65, 500)] == \
+        [(16, 16), (16, 16), (32, 16), (32, 16), (48, 16), (64, 16), (64, 16), (64, 16)]
+    assert chunk_layout(5, 24) == (12, 12) and chunk_layout(30, 24) == (24, 12) and chunk_layout(7, 1) == (1, 1)
 
 
 @pytest.mark.parametrize("gate", ["near 0", "underflowing", "near 1", "exactly 1", "mixed", "0 then moderate"])

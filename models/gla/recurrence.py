@@ -53,11 +53,20 @@ def sub_chunk_size(chunk_size: int) -> int:
     return max(c for c in range(1, min(chunk_size, SUB_CHUNK) + 1) if chunk_size % c == 0)
 
 
+def chunk_layout(T: int, chunk_size: int) -> tuple[int, int]:
+    """The chunk and sub-chunk lengths the chunkwise form uses for a sequence of T positions: ``chunk_size`` and
+    :func:`sub_chunk_size`, except that a sequence shorter than a chunk is cut into one chunk of as many whole
+    sub-chunks as it needs (T = 20 with chunk_size 64: one chunk of 32, not 64 positions of which 44 are padding).
+    The result is the same whatever the chunk; only the padded work differs."""
+    c = sub_chunk_size(chunk_size)
+    return min(chunk_size, c * -(-T // c)), c
+
+
 def chunkwise_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: torch.Tensor, chunk_size: int,
                   initial_state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunkwise-parallel form; equal to :func:`recurrent_gla` (same arguments, plus ``chunk_size``).
 
-    Chunks of C positions, each cut into N sub-chunks of c positions (c = :func:`sub_chunk_size`). The sequence is
+    Chunks of C positions, each cut into N sub-chunks of c positions (:func:`chunk_layout`). The sequence is
     padded to a whole number of chunks with k = v = 0 and log_alpha = 0 (gate 1): padded steps leave the state as it
     is, so the final state is the state after position T - 1.
 
@@ -76,8 +85,7 @@ def chunkwise_gla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_alpha: 
         raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}")
     B, T, H, d_k = q.shape
     d_v = v.size(-1)
-    C = chunk_size
-    c = sub_chunk_size(C)
+    C, c = chunk_layout(T, chunk_size)
     N, n = C // c, -(-T // C)  # sub-chunks per chunk, chunks
 
     def split(x: torch.Tensor) -> torch.Tensor:  # (B,T,H,d) -> (B,H,n,N,c,d), zero-padded to n*C positions
