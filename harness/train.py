@@ -583,6 +583,14 @@ class Trainer:
                 "tokens": p.tokens, "train_seconds": round(p.train_seconds, 3),
                 "cooldown_from_step": branch.get("from_step"), "cooldown_from_flops": branch.get("from_flops")}
 
+    def _evaluation_owed(self) -> bool:
+        """Resumed at an evaluation step whose evaluation was cut by a stop (last.pt saved without it): the run
+        evaluates that step before training on, so its curve and best.pt match an uninterrupted run's. A step
+        that ended the budget is evaluated after the loop instead (:meth:`fit`'s final evaluation)."""
+        p = self.p
+        return (self.resumed_from is not None and p.step > 0 and p.step % self.cfg.eval_every == 0
+                and (not p.evals or p.evals[-1]["step"] != p.step) and self.budget_left(len(self.epoch_batches(p.epoch))))
+
     # -- the loop ----------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> list:
         """The training batches of ``epoch`` in its shuffled order, built once per epoch (the job also samples
@@ -607,6 +615,8 @@ class Trainer:
         window = [torch.zeros((), device=self.device), 0, 0.0]  # loss sum, tokens, seconds
         p.load_average.setdefault("start", utilization.load_average())
         try:
+            if self._evaluation_owed():  # stopped during this step's evaluation: it comes first, as it would have
+                self.evaluate_and_save()
             while True:
                 batches, restored = self.epoch_batches(p.epoch), False
                 while p.batch_in_epoch < len(batches) and self.budget_left(len(batches)):

@@ -338,3 +338,30 @@ def test_records_name_the_commit_the_process_started_from(monkeypatch):
         assert next(heads) == "b" * 40  # git was asked once
     finally:
         environment.git_info.cache_clear()
+
+
+def test_a_stop_during_an_evaluation_is_evaluated_again_on_resume(make_cfg, tmp_path, monkeypatch):
+    """A stop (SIGTERM, a SLURM requeue) that lands in step 2's validation saves last.pt at step 2 without that
+    evaluation; the resumed run evaluates step 2 before training on, so its curve and best.pt are the uninterrupted
+    run's."""
+    reference = job.run(make_cfg(*FOUR), tmp_path / "reference")
+    out, real_check = tmp_path / "run", Trainer.check_stop
+    stopped = []
+
+    def stop_once_at_step_2(self):
+        if self.p.step == 2 and not stopped:
+            stopped.append(self.p.step)
+            raise train.Interrupted("stop requested at step 2, during validation")
+        return real_check(self)
+
+    monkeypatch.setattr(Trainer, "check_stop", stop_once_at_step_2)
+    first = job.run(make_cfg(*FOUR), out, raise_errors=False)
+    assert first["status"] == "interrupted" and stopped == [2]
+    last = torch.load(out / "last.pt", weights_only=True)["progress"]
+    assert last["step"] == 2 and last["evals"] == []  # the cut evaluation is not in the checkpoint
+    rec = job.run(make_cfg(*FOUR), out)
+    assert rec["status"] == "ok" and rec["resumed_from_step"] == 2
+    assert [r["step"] for r in rec["curves"]["valid"]] == [2, 4]
+    drop = ("train_seconds",)
+    assert ([{k: v for k, v in r.items() if k not in drop} for r in rec["curves"]["valid"]]
+            == [{k: v for k, v in r.items() if k not in drop} for r in reference["curves"]["valid"]])
