@@ -78,9 +78,10 @@ def test_the_carried_state_continues_the_scan(split):
     close(h_end, h_all)
 
 
-def test_selective_scan_gradients_equal_the_recurrences():
-    """The training form (chunked, recomputed in the backward pass) has the recurrence's gradients, in float64
-    to 1e-10, for every input including the initial state."""
+@pytest.mark.parametrize("form", ["chunked", "sequential", "auto"])
+def test_selective_scan_gradients_equal_the_recurrences(form):
+    """The training forms (chunked or sequential, recomputed in the backward pass) have the recurrence's
+    gradients, in float64 to 1e-10, for every input including the initial state."""
     inputs = [t.requires_grad_() for t in scan_inputs(2, 11, 3, 4, dtype=torch.float64)]
     cotangent = torch.randn(2, 11, 3, dtype=torch.float64)
 
@@ -88,8 +89,29 @@ def test_selective_scan_gradients_equal_the_recurrences():
         y, h = fn(*inputs)
         return torch.autograd.grad((y * cotangent).sum() + h.sum(), inputs)
 
-    for got, want in zip(grads(lambda *a: selective_scan(*a, chunk_size=4)), grads(reference_scan), strict=True):
+    for got, want in zip(grads(lambda *a: selective_scan(*a, chunk_size=4, form=form)),
+                         grads(reference_scan), strict=True):
         close(got, want, rel=1e-10)
+
+
+def test_selective_scan_picks_the_sequential_form_on_a_cpu_and_refuses_an_unknown_one(monkeypatch):
+    from seqbench.models.mamba import scan  # noqa: PLC0415
+    inputs = scan_inputs(2, 5, 3, 4)
+    called = []
+    monkeypatch.setattr(scan, "chunked_scan", lambda *a, **k: called.append("chunked") or reference_scan(*a[:7]))
+    monkeypatch.setattr(scan, "reference_scan", lambda *a: called.append("sequential") or reference_scan(*a))
+    scan.selective_scan(*inputs)
+    scan.selective_scan(*inputs, form="chunked")
+    assert called == ["sequential", "chunked"]
+    with pytest.raises(ValueError, match="form must be auto, chunked or sequential"):
+        selective_scan(*inputs, form="parallel")
+
+
+def test_the_scan_benchmark_times_both_forms_and_prints_their_ratio(capsys):
+    from seqbench.harness.bench import scan as bench_scan  # noqa: PLC0415
+    bench_scan.main(["--shapes", "2x5,1x3", "--inner", "4", "--state", "2", "--rounds", "1"])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "sequential/chunked speed" in line]
+    assert [line.split(":")[0] for line in lines] == ["2x5x4x2", "1x3x4x2"]
 
 
 # -- the mixer: decoding step by step, initialisation, precision -------------------------------------------------

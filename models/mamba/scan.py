@@ -14,9 +14,10 @@ Shapes throughout (batch first, time second, as the models keep their activation
 tested against. :func:`chunked_scan` is the fast form: the sequence is cut into chunks of ``chunk_size``
 positions, every chunk's states are computed from its own inputs in parallel (log-depth doubling over the
 chunk, decays from sums of ``delta A`` in log space), and a short sequential carry over the chunks adds the
-state each chunk starts from. :func:`selective_scan` is the chunked scan that recomputes its intermediate
-states in the backward pass instead of storing them (section 3.3.2 of the paper), which keeps a training step's
-memory at the size of the inputs: the states are (Bt, T, E, N), N times the activations.
+state each chunk starts from. :func:`selective_scan` is the training form: the chunked scan on an accelerator, the loop on a CPU
+(faster there, see its docstring), either recomputing its intermediate states in the backward pass instead of
+storing them (section 3.3.2 of the paper), which keeps a training step's memory at the size of the inputs: the
+states are (Bt, T, E, N), N times the activations.
 """
 from __future__ import annotations
 
@@ -97,10 +98,22 @@ def chunked_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch
 
 
 def selective_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   D: torch.Tensor, h0: torch.Tensor | None = None,
-                   chunk_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`chunked_scan`, its intermediate states recomputed in the backward pass when gradients are needed."""
+                   D: torch.Tensor, h0: torch.Tensor | None = None, chunk_size: int = 64,
+                   form: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The training scan, its intermediate states recomputed in the backward pass when gradients are needed.
+
+    ``form``: ``chunked`` (:func:`chunked_scan`, parallel over positions), ``sequential`` (:func:`reference_scan`,
+    one (Bt, E, N) update per position), or ``auto``: chunked on an accelerator, sequential on a CPU. A CPU has
+    no parallelism to gain from the doubling steps, which move log2(chunk) times the states through memory; the
+    loop's per-position updates stay in cache: fwd+bwd of (Bt, T, E, N) = (200, 20, 512, 16), one thread, 0.39 s
+    sequential vs 9.6 s chunked (``docs/models.md``).
+    """
+    if form not in ("auto", "chunked", "sequential"):
+        raise ValueError(f"form must be auto, chunked or sequential; got {form!r}")
+    if form == "auto":
+        form = "sequential" if x.device.type == "cpu" else "chunked"
+    scan = (lambda *a: reference_scan(*a)) if form == "sequential" else (lambda *a: chunked_scan(*a, chunk_size))
     tensors = (x, delta, A, B, C, D) + (() if h0 is None else (h0,))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return checkpoint(chunked_scan, x, delta, A, B, C, D, h0, chunk_size, use_reentrant=False)
-    return chunked_scan(x, delta, A, B, C, D, h0, chunk_size)
+        return checkpoint(scan, x, delta, A, B, C, D, h0, use_reentrant=False)
+    return scan(x, delta, A, B, C, D, h0)
