@@ -108,6 +108,24 @@ def test_chunkwise_gradients_equal_the_recurrences():
         torch.testing.assert_close(chunked, reference, atol=1e-10, rtol=1e-10)
 
 
+def test_on_a_cpu_a_sequence_shorter_than_a_chunk_runs_the_recurrence_with_the_same_values_and_gradients(monkeypatch):
+    from seqbench.models.gla import layer  # noqa: PLC0415
+    calls = []
+    for name in ("recurrent_gla", "chunkwise_gla"):
+        real = getattr(layer, name)
+        monkeypatch.setattr(layer, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    for T, form in ((7, "recurrent_gla"), (8, "chunkwise_gla"), (19, "chunkwise_gla")):
+        leaves = [t.double().requires_grad_() for t in inputs(2, T, 2, 4, 3, seed=T)]
+        calls.clear()
+        o, final = layer.gla(*leaves[:4], 8, leaves[4])
+        assert calls == [form], (T, calls)
+        want_o, want_final = recurrent_gla(*leaves[:4], leaves[4])
+        torch.testing.assert_close((o, final), (want_o, want_final), rtol=1e-10, atol=1e-10)
+        got = torch.autograd.grad(o.square().sum() + final.sum(), leaves)
+        want = torch.autograd.grad(want_o.square().sum() + want_final.sum(), leaves)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 64])
 def test_carried_state_continues_the_sequence(chunk):
     """Two halves, the second from the first's final state, give the whole sequence's outputs and state."""
