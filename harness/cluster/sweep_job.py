@@ -77,6 +77,7 @@ def in_child(run_job: Callable[..., dict], *args, **kwargs) -> dict:
     library_pages = environment._status_bytes("RssFile")
     read, write = os.pipe()
     signal.pthread_sigmask(signal.SIG_BLOCK, HELD)  # a stop now waits until the job can take it
+    known = len(_pending)  # the job starts with these (fork copies them)
     try:
         pid = os.fork()
     except OSError:
@@ -107,7 +108,13 @@ def in_child(run_job: Callable[..., dict], *args, **kwargs) -> dict:
             os._exit(code)
     os.close(write)
     _child.append(pid)
-    _pending.clear()  # the job has it
+    # The mask holds a stop back in this thread only: the kernel may hand a signal sent to the process to another
+    # thread (a BLAS or OpenMP worker), and Python then runs the handler here as soon as it can, possibly between
+    # the fork and the line above, when it could not yet name the job. Such a stop is passed on now.
+    late = _pending[known:]
+    _pending.clear()  # the job has the earlier ones
+    for signum in late:
+        os.kill(pid, signum)
     previous_int = signal.signal(signal.SIGINT, _forward)  # Ctrl-C: passed to the job; the sweep waits for it
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # a stop that came meanwhile goes to the job now
     try:
