@@ -64,6 +64,19 @@ def test_a_stop_signal_between_jobs_reaches_the_next_job_as_a_stop_not_a_kill():
         signal.signal(signal.SIGTERM, previous)
 
 
+def job_sees_a_stop(pause: float = 0.0) -> dict:
+    """A job that makes its stop flag after ``pause`` seconds (a stop may come before or after) and waits up to 20 s
+    for a stop to set it."""
+    import time  # noqa: PLC0415
+
+    from seqbench.harness.cluster.signals import StopFlag  # noqa: PLC0415
+    time.sleep(pause)
+    flag, deadline = StopFlag(), time.monotonic() + 20
+    while not flag() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return {"stopped": flag()}
+
+
 def test_a_stop_whose_handler_runs_before_the_sweep_knows_the_jobs_pid_reaches_the_job(monkeypatch):
     """A signal sent to the process may land in another thread (a BLAS or OpenMP worker) despite the mask, and its
     handler then runs in the main thread between the fork and the sweep's recording the job's pid: the stop is
@@ -76,19 +89,10 @@ def test_a_stop_whose_handler_runs_before_the_sweep_knows_the_jobs_pid_reaches_t
             sweep_job._forward(signal.SIGTERM, None)  # what the handler does when it runs at this point
         return pid
 
-    def stopped() -> dict:
-        import time  # noqa: PLC0415
-
-        from seqbench.harness.cluster.signals import StopFlag  # noqa: PLC0415
-        flag, deadline = StopFlag(), time.monotonic() + 20
-        while not flag() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return {"stopped": flag()}
-
     previous = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(os, "fork", fork_then_early_handler)
     try:
-        assert sweep_job.in_child(stopped) == {"stopped": True}
+        assert sweep_job.in_child(job_sees_a_stop) == {"stopped": True}
         assert sweep_job._pending == []  # handed on, not kept for the next job
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -104,19 +108,9 @@ def test_a_stop_sent_while_the_job_is_being_forked_reaches_the_job(monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return pid
 
-    def stopped() -> dict:
-        import time  # noqa: PLC0415
-
-        from seqbench.harness.cluster.signals import StopFlag  # noqa: PLC0415
-        time.sleep(0.3)  # the stop is usually here before the job's flag exists; on a loaded machine it may come later
-        flag, deadline = StopFlag(), time.monotonic() + 20
-        while not flag() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return {"stopped": flag()}
-
     previous = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(os, "fork", fork_then_stop)
     try:
-        assert sweep_job.in_child(stopped) == {"stopped": True}
+        assert sweep_job.in_child(job_sees_a_stop, 0.3) == {"stopped": True}  # the stop usually comes before the job's flag exists
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -21,6 +21,8 @@ states are (Bt, T, E, N), N times the activations.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -105,14 +107,14 @@ def selective_scan(x: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     ``form``: ``chunked`` (:func:`chunked_scan`, parallel over positions), ``sequential`` (:func:`reference_scan`,
     one (Bt, E, N) update per position), or ``auto``: chunked on an accelerator, sequential on a CPU. A CPU has
     no parallelism to gain from the doubling steps, which move log2(chunk) times the states through memory; the
-    loop's per-position updates stay in cache: fwd+bwd of (Bt, T, E, N) = (200, 20, 512, 16), one thread, 0.39 s
-    sequential vs 9.6 s chunked (``docs/models.md``).
+    loop's per-position updates stay in cache (``python -m seqbench.harness.bench.scan``; the measured ratio in
+    ``docs/models.md``).
     """
     if form not in ("auto", "chunked", "sequential"):
         raise ValueError(f"form must be auto, chunked or sequential; got {form!r}")
     if form == "auto":
         form = "sequential" if x.device.type == "cpu" else "chunked"
-    scan = (lambda *a: reference_scan(*a)) if form == "sequential" else (lambda *a: chunked_scan(*a, chunk_size))
+    scan = reference_scan if form == "sequential" else partial(chunked_scan, chunk_size=chunk_size)
     tensors = (x, delta, A, B, C, D) + (() if h0 is None else (h0,))
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return checkpoint(scan, x, delta, A, B, C, D, h0, use_reentrant=False)
