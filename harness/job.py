@@ -211,7 +211,7 @@ def config_digest(cfg: DictConfig) -> str | None:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         text = json.dumps(resolved, sort_keys=True, default=str).encode()
         if resolved.get("tuned"):
-            text += Path(resolved["tuned"]).read_bytes()
+            text += tuned.locate(resolved["tuned"]).read_bytes()  # as the job finds it: a shipped file from anywhere
     except Exception:  # noqa: BLE001 (any failure here is reported by the job itself)
         return None
     return hashlib.sha256(text).hexdigest()[:24]

@@ -367,6 +367,16 @@ def test_the_same_command_again_picks_up_a_finished_job_and_a_changed_one_runs_a
     assert rerun["job"]["config_digest"] == beam["job"]["config_digest"]
 
 
+def test_a_shipped_tuned_file_counts_in_the_digest_from_any_working_directory(make_cfg, tmp_path, monkeypatch):
+    """tuned=conf/tuned_settings/... is found from outside the project (harness/tuned.py); the digest that lets a
+    sweep run again pick up its finished jobs must read the same file, or no finished job is ever picked up."""
+    shipped = "tuned=conf/tuned_settings/multi30k_200_updates.yaml"
+    here = job.config_digest(make_cfg(*TINY, shipped))
+    monkeypatch.chdir(tmp_path)
+    elsewhere = job.config_digest(make_cfg(*TINY, shipped))
+    assert here is not None and elsewhere == here != job.config_digest(make_cfg(*TINY))
+
+
 def test_a_refused_rerun_keeps_the_finished_record_beside_its_own(make_cfg, trained):
     finished = on_disk(trained)
     assert finished["status"] == "ok" and "previous_record" not in finished["job"]
