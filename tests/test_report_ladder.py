@@ -186,7 +186,7 @@ def test_the_ladder_leads_the_results_and_says_which_tuning_applied(built):
     assert titles[:3] == ["Overview", ladder.TITLE, "Fair comparison"]
     intro = section(built.md, f"## {ladder.TITLE}")
     assert "tuned=" in intro and "one setting serves every rung (a ladder's rungs are one training run)" in intro
-    assert "tuned at max_flops=1000000000000.0; one setting serves every rung of a ladder" in intro
+    assert "tuned at max_flops=1e+12; one setting serves every rung of a ladder" in intro
     assert ladder.rung_tables(built.report.sections).keys() == {"ladder/iwslt", "ladder/multi30k", "ladder/wikitext2"}
 
 

@@ -486,7 +486,7 @@ def test_runs_applying_tuned_settings_at_another_budget_say_one_setting_serves_e
     write_records(tmp_path / "ladder", [compared(1, {"max_seconds": None, "max_flops": 1e15})])
     [section] = tuning.sections(load([tmp_path / "ladder"]).runs)
     assert section.blocks[0].text == (f"tuned={tuned_file}: tuned at max_steps=200, max_tokens=4096; one setting "
-                                      "serves every rung of a ladder (its runs train at max_flops=1000000000000000, "
+                                      "serves every rung of a ladder (its runs train at max_flops=1e+15, "
                                       "max_tokens=4096).")
     assert section.blocks[0].kind == "warning"  # a run without a ladder, trained at another budget than tuned
     rungs = []
@@ -498,6 +498,19 @@ def test_runs_applying_tuned_settings_at_another_budget_say_one_setting_serves_e
     assert note.kind == "note" and note.text == (
         f"tuned={tuned_file}: tuned at max_steps=200, max_tokens=4096; one setting serves every rung of a ladder "
         "(its runs train at max_tokens=4096, ladder 1e+15, 3e+15).")
+
+
+def test_a_budget_held_as_an_int_and_as_a_float_is_one_budget(tmp_path):
+    """A tuned.yaml written by hand (or by another YAML writer) holds 4.5e+13 where the runs' records hold
+    45000000000000: the same budget, so the runs are at the budget they were tuned at."""
+    tuned_file = tmp_path / "tuned.yaml"
+    tuned_file.write_text("multi30k:\n  lstm-tiny:\n    overrides: [model=lstm_tiny, trainer.lr=0.004]\n"
+                          "    budget: {max_flops: 4.5e+13, max_tokens: 4096}\n")
+    rec = record("lstm", "multi30k", 1, scores=(20.0, 50.0), budget={"max_seconds": None, "max_flops": 45000000000000})
+    rec["config"]["tuned"] = str(tuned_file)
+    write_records(tmp_path / "runs", [rec])
+    [note] = tuning.tuned_use(load([tmp_path / "runs"]).runs)
+    assert note.kind == "note" and "max_flops=4.5e+13" in note.text and "each budget tuned" in note.text
 
 
 def test_tuning_cli_writes_tuned_yaml_and_names_a_missing_folder(tmp_path, capsys):
