@@ -10,6 +10,7 @@ import errno
 import gzip
 import hashlib
 import json
+import shutil
 import math
 import multiprocessing
 import os
@@ -365,6 +366,19 @@ def test_the_same_command_again_picks_up_a_finished_job_and_a_changed_one_runs_a
     rerun = job.run(make_cfg(*TINY, "eval.decoding.beam=2"), trained)
     assert rerun["resumed_from_step"] == 2 and rerun["job"]["previous_record"]  # evaluated again, old record kept
     assert rerun["job"]["config_digest"] == beam["job"]["config_digest"]
+
+
+def test_a_finished_job_copied_without_checkpoints_is_picked_up_elsewhere(make_cfg, trained, tmp_path):
+    """A sweep goes on on another machine from copies of its finished jobs' folders without their checkpoints
+    (docs/records/ladder_3x): the record alone makes the job finished; nothing is trained or rewritten."""
+    copy = tmp_path / "elsewhere" / "run"
+    shutil.copytree(trained, copy, ignore=shutil.ignore_patterns("*.pt", "ckpt", ".lock"))
+    files = {p.name: digest(p) for p in copy.iterdir() if p.is_file()}
+    assert not list(copy.glob("*.pt"))
+    again = job.run(make_cfg(*TINY), copy)
+    assert again == on_disk(trained)
+    assert {p.name: digest(p) for p in copy.iterdir() if p.is_file() and p.name != ".lock"} == files
+    assert not list(copy.glob("*.pt")) and not (copy / "previous").exists()
 
 
 def test_a_shipped_tuned_file_counts_in_the_digest_from_any_working_directory(make_cfg, tmp_path, monkeypatch):
