@@ -10,12 +10,12 @@ import errno
 import gzip
 import hashlib
 import json
-import shutil
 import math
 import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
