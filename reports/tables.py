@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 
 import pandas as pd
@@ -47,8 +48,16 @@ def analyses(runs: pd.DataFrame) -> pd.DataFrame:
 
 def budget(row, without: tuple[str, ...] = ()) -> str:
     """The training budget of one run, e.g. ``max_seconds=2700, max_tokens=4096`` (the keys ``without`` left out)."""
-    parts = [f"{k}={_plain(row.get(k))}" for k in BUDGET_KEYS if k not in without and not _missing(row.get(k))]
+    parts = [f"{k}={_budget_value(row.get(k))}" for k in BUDGET_KEYS if k not in without and not _missing(row.get(k))]
     return ", ".join(parts) or "none"
+
+
+def _budget_value(v):
+    """A budget's number as a person reads it: ``1.5e+14`` FLOPs rather than 150000000000000; ``4096`` tokens and
+    ``2700`` seconds as they are."""
+    if isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(v) >= 1e6:
+        return f"{float(v):g}"
+    return _plain(v)
 
 
 def optimizer(row) -> str:

@@ -223,3 +223,12 @@ def test_the_wandb_report_run_logs_the_ladder_figure_and_rung_tables(built):
     assert logged.columns == list(shown.columns)
     assert [r[2] for r in logged.data] == ["gru-tiny", "transformer-tiny", "transformer-tiny", "gru-tiny",
                                            "transformer-tiny", "gru-tiny"]
+
+
+def test_a_budget_in_flops_reads_as_a_power_of_ten_and_a_token_budget_as_it_is():
+    from seqbench.reports import tables
+    row = {"max_flops": 1.5e14, "max_tokens": 4096.0, "max_seconds": 2700}
+    text = tables.budget(row)
+    assert "max_flops=1.5e+14" in text and "150000000000000" not in text
+    assert "max_tokens=4096" in text and "max_seconds=2700" in text
+    assert tables.budget({"max_flops": 150000000000000}) == tables.budget({"max_flops": 1.5e14})
