@@ -48,13 +48,13 @@ def analyses(runs: pd.DataFrame) -> pd.DataFrame:
 
 def budget(row, without: tuple[str, ...] = ()) -> str:
     """The training budget of one run, e.g. ``max_seconds=2700, max_tokens=4096`` (the keys ``without`` left out)."""
-    parts = [f"{k}={_budget_value(row.get(k))}" for k in BUDGET_KEYS if k not in without and not _missing(row.get(k))]
+    parts = [f"{k}={_readable(row.get(k))}" for k in BUDGET_KEYS if k not in without and not _missing(row.get(k))]
     return ", ".join(parts) or "none"
 
 
-def _budget_value(v):
-    """A budget's number as a person reads it: ``1.5e+14`` FLOPs rather than 150000000000000; ``4096`` tokens and
-    ``2700`` seconds as they are."""
+def _readable(v):
+    """A setting's number as a person reads it: ``1.5e+14`` FLOPs rather than 150000000000000; ``4096`` tokens,
+    ``2700`` seconds and ``0.002`` as they are."""
     if isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(v) >= 1e6:
         return f"{float(v):g}"
     return _plain(v)
@@ -226,7 +226,7 @@ def differing_settings(runs: pd.DataFrame) -> pd.DataFrame:
             for arch in sorted(group["arch"].unique()):
                 columns[f"{k} ({arch})"] = values[group["arch"] == arch]
         for label, column in columns.items():
-            values = column.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else str(_plain(v)))
+            values = column.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else str(_readable(v)))
             values = values.value_counts()
             if len(values) > 1:
                 rows.append({"task": task, "setting": label,

@@ -225,8 +225,11 @@ def test_the_wandb_report_run_logs_the_ladder_figure_and_rung_tables(built):
                                            "transformer-tiny", "gru-tiny"]
 
 
-def test_a_budget_in_flops_reads_as_a_power_of_ten_and_a_token_budget_as_it_is():
+def test_a_budget_in_flops_reads_as_a_power_of_ten_and_a_token_budget_as_it_is(built):
     from seqbench.reports import tables
+    differ = tables.differing_settings(built.runs)
+    flops = " ".join(differ[differ["setting"] == "trainer.max_flops"]["values (runs)"])
+    assert "1e+12 (" in flops and "1e+13 (" in flops and "1000000000000" not in flops
     row = {"max_flops": 1.5e14, "max_tokens": 4096.0, "max_seconds": 2700}
     text = tables.budget(row)
     assert "max_flops=1.5e+14" in text and "150000000000000" not in text
