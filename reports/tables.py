@@ -48,13 +48,14 @@ def analyses(runs: pd.DataFrame) -> pd.DataFrame:
 
 def budget(row, without: tuple[str, ...] = ()) -> str:
     """The training budget of one run, e.g. ``max_seconds=2700, max_tokens=4096`` (the keys ``without`` left out)."""
-    parts = [f"{k}={_readable(row.get(k))}" for k in BUDGET_KEYS if k not in without and not _missing(row.get(k))]
+    parts = [f"{k}={number_text(row.get(k))}" for k in BUDGET_KEYS if k not in without and not _missing(row.get(k))]
     return ", ".join(parts) or "none"
 
 
-def _readable(v):
+def number_text(v):
     """A setting's number as a person reads it: ``1.5e+14`` FLOPs rather than 150000000000000; ``4096`` tokens,
-    ``2700`` seconds and ``0.002`` as they are."""
+    ``2700`` seconds and ``0.002`` as they are. An int and a whole float of one value read the same (4096 and 4096.0,
+    150000000000000 and 1.5e14)."""
     if isinstance(v, numbers.Real) and not isinstance(v, bool) and abs(v) >= 1e6:
         return f"{float(v):g}"
     return _plain(v)
@@ -226,7 +227,7 @@ def differing_settings(runs: pd.DataFrame) -> pd.DataFrame:
             for arch in sorted(group["arch"].unique()):
                 columns[f"{k} ({arch})"] = values[group["arch"] == arch]
         for label, column in columns.items():
-            values = column.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else str(_readable(v)))
+            values = column.map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else str(number_text(v)))
             values = values.value_counts()
             if len(values) > 1:
                 rows.append({"task": task, "setting": label,

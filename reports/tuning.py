@@ -339,9 +339,7 @@ def budget_text(spent: dict) -> str:
     """A budget as the report writes it: ``max_flops=4.5e+13, max_tokens=4096`` ("no budget set" when empty). A
     number reads the same whether a record holds it as an int or a float (45000000000000 and 4.5e13 are one
     budget), so a tuned.yaml's budget and its runs' compare as numbers."""
-    def text(v):
-        return f"{float(v):g}" if isinstance(v, numbers.Real) and not isinstance(v, bool) else v
-    return ", ".join(f"{k}={text(v)}" for k, v in sorted(spent.items())) or "no budget set"
+    return ", ".join(f"{k}={tables.number_text(v)}" for k, v in sorted(spent.items())) or "no budget set"
 
 
 def lr_text(lr: float) -> str:
