@@ -26,9 +26,9 @@ STRUCTURE = ("model", "task", "vocab")  # what the weights' shapes and meaning d
 # computes. The data are compared by content (``data_checksums``), so their location may move; the device by
 # type (``device``: cpu | cuda), so a requeued job may land on another GPU of the same kind. ``tuned`` names the
 # file the trainer settings came from; the settings themselves are compared.
-RESUMABLE = ("tuned", "trainer.max_steps", "trainer.max_seconds", "trainer.max_epochs", "eval", "logger", "device",
-             "trainer.threads", "trainer.progress", "trainer.log_every", "trainer.resume", "data.root",
-             "data.cache_dir", "data.download", "sweep_name", "trainer.save_every", "trainer.save_every_seconds")
+RESUMABLE = ("tuned", "trainer.max_steps", "trainer.max_seconds", "trainer.max_epochs", "trainer.stop_at", "eval",
+             "logger", "device", "trainer.threads", "trainer.progress", "trainer.log_every", "trainer.resume",
+             "data.root", "data.cache_dir", "data.download", "sweep_name", "trainer.save_every", "trainer.save_every_seconds")
 SNAPSHOTS = "ckpt"  # <out>/ckpt/step_<k>.pt: the weights every trainer.save_every steps (eval.checkpoint=average)
 CHECKED_SPLITS = ("train", "valid")  # what training and checkpoint selection read; the test split is evaluation
 log = logging.getLogger("seqbench")
@@ -201,7 +201,7 @@ def mismatch(path: Path, saved: dict, identity: dict) -> str | None:
     return (f"checkpoint {path} was written by a run with other settings or data, and resuming it would mix the two "
             f"in one run. Differing (checkpoint -> now): {listed}. To resume, {' and '.join(ways)}; or start "
             "this run in a new output folder (hydra.run.dir=<new folder>). A resumed run may change only its budgets "
-            "(trainer.max_steps/max_seconds/max_epochs), eval.*, logger.* and operational settings "
+            "(trainer.max_steps/max_seconds/max_epochs/stop_at), eval.*, logger.* and operational settings "
             "(device index, trainer.threads/progress/log_every/resume, data.root/cache_dir/download, sweep_name).")
 
 

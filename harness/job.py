@@ -203,12 +203,20 @@ def run(cfg: DictConfig, out_dir: str | Path, *, sweep: str | None = None, raise
     return rec
 
 
+# Settings added after records first kept a config digest: unset (null) they do what the older code did, and they
+# are left out of the digest, so a sweep still recognises the jobs its older commits finished.
+DIGEST_NEUTRAL = (("trainer", "stop_at"),)
+
+
 def config_digest(cfg: DictConfig) -> str | None:
     """A digest of the job's resolved config and, with ``tuned=``, of that file's content: a finished record with
     the same digest in the job's folder is this job's result (:func:`finished_here`). None when the config does
     not resolve or the tuned file cannot be read (the job then fails, naming the problem)."""
     try:
         resolved = OmegaConf.to_container(cfg, resolve=True)
+        for group, key in DIGEST_NEUTRAL:  # settings added later, at their default: the older jobs' digest
+            if isinstance(resolved.get(group), dict) and key in resolved[group] and resolved[group][key] is None:
+                del resolved[group][key]
         text = json.dumps(resolved, sort_keys=True, default=str).encode()
         if resolved.get("tuned"):
             text += tuned.locate(resolved["tuned"]).read_bytes()  # as the job finds it: a shipped file from anywhere

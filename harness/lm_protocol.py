@@ -195,12 +195,20 @@ def token_nll(head, hidden: torch.Tensor, target: torch.Tensor, ignore_index: in
     """NLL (fp32 log-softmax, 0 where ``target`` is ``ignore_index``) of each position: ``head`` applied to
     ``hidden`` (B,T,D) a block of positions at a time -> (B,T)."""
     flat, goal = hidden.reshape(-1, hidden.size(-1)), target.reshape(-1)
-    out = torch.empty(goal.shape, dtype=torch.float32, device=hidden.device)
+    scored = goal != ignore_index
+    where = None if bool(scored.all()) else scored.nonzero().squeeze(1)
+    if where is not None:  # the head on the scored positions only (a probe scores a few: MQAR 4 of 64); 0 elsewhere
+        flat, goal = flat[where], goal[where]
+    nll = torch.empty(goal.shape, dtype=torch.float32, device=hidden.device)
     rows = max(1, block // head(flat[:1]).size(-1)) if len(flat) else 1  # positions per block: by the vocabulary
     for start in range(0, flat.size(0), rows):
         logits = head(flat[start : start + rows]).float()
-        out[start : start + rows] = F.cross_entropy(logits, goal[start : start + rows], ignore_index=ignore_index,
+        nll[start : start + rows] = F.cross_entropy(logits, goal[start : start + rows], ignore_index=ignore_index,
                                                     reduction="none")
+    if where is None:
+        return nll.view_as(target)
+    out = torch.zeros(target.numel(), dtype=torch.float32, device=hidden.device)
+    out[where] = nll
     return out.view_as(target)
 
 

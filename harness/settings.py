@@ -143,6 +143,10 @@ SETTINGS: dict[str, Rule] = {
         _is_number(f) and f > 0 for f in v) and all(b > a for a, b in zip(v, v[1:]))),
         "null or increasing positive FLOP budgets, e.g. [3e13,1e14,3e14] (with trainer.schedule=wsd)"),
     "trainer.cooldown": number(lambda v: 0 < v < 1, "in (0, 1), e.g. 0.2"),
+    "trainer.stop_at": Rule(lambda v: v is None or (isinstance(v, dict) and len(v) > 0 and all(
+        isinstance(k, str) and k.startswith("valid_") and _is_number(x) for k, x in v.items())),
+        "null or validation metrics with their targets, e.g. {valid_accuracy:0.99} (training ends once validation "
+        "reaches them)"),
     "tune.extend.enabled": BOOLEAN,
     "tune.extend.max_points": integer(0),
     "tune.extend.lr_min": Rule(lambda v: v is None or (_is_number(v) and v > 0),

@@ -78,6 +78,9 @@ class TrainConfig:
     carry_state: bool = False  # recurrent LMs: truncated BPTT with the state carried across batches (lm_protocol)
     ladder: list[float] | None = None  # schedule=wsd: FLOP budgets (rungs), each evaluated after a cooldown branch
     cooldown: float = 0.2  # schedule=wsd: the share of a run (or of a rung) over which the lr decays to its floor
+    # {validation metric: target}: training ends at the first validation that reaches every target (>= for a
+    # score, <= for a loss: STOP_AT_LOWER); Zoology stops MQAR at 0.99 accuracy. None: train the whole budget
+    stop_at: dict | None = None
 
     def __new__(cls, *args, **kwargs):
         unknown = sorted(set(kwargs) - {f.name for f in fields(cls)})
@@ -112,6 +115,21 @@ class TrainConfig:
             raise ValueError(f"trainer.on_nonfinite={self.on_nonfinite!r}; valid: fail, skip")
         optim.check(self)
         self.betas = tuple(self.betas)
+        self._check_stop_at()
+
+    def _check_stop_at(self) -> None:
+        """trainer.stop_at: a mapping of validation metrics (valid_accuracy, valid_nll, ...) to finite targets."""
+        if self.stop_at is None:
+            return
+        if not isinstance(self.stop_at, dict) or not self.stop_at or not all(
+                isinstance(k, str) and k.startswith("valid_") and isinstance(v, (int, float))
+                and not isinstance(v, bool) and math.isfinite(v) for k, v in self.stop_at.items()):
+            raise ValueError(f"trainer.stop_at={self.stop_at!r} must map validation metrics to targets, e.g. "
+                             "trainer.stop_at={valid_accuracy:0.99} (training ends once validation reaches them), "
+                             "or be null")
+        if self.ladder is not None:
+            raise ValueError("trainer.stop_at ends a run before its budget, and trainer.ladder needs the run to reach "
+                             "every rung; set trainer.stop_at=null or trainer.ladder=null")
 
     def _check_ladder(self) -> None:
         """trainer.ladder: increasing FLOP budgets under schedule=wsd, the last one the run's budget (max_flops)."""
@@ -144,6 +162,22 @@ class TrainConfig:
 
 
 SCHEDULES = ("inverse_sqrt", "constant", "cosine", "plateau", "wsd")
+STOP_AT_LOWER = ("nll", "ppl", "loss", "ter")  # trainer.stop_at: a metric whose name ends so is reached from above
+
+
+def target_reached(stop_at: dict | None, row: dict | None) -> bool:
+    """Whether the validation ``row`` reaches every target of ``trainer.stop_at`` (False without either). A metric
+    the row lacks fails with the metrics it has: a target that can never be checked would train the whole budget
+    silently."""
+    if not stop_at or not row:
+        return False
+    absent = sorted(k for k in stop_at if k not in row)
+    if absent:
+        have = sorted(k for k, v in row.items() if k.startswith("valid_") and isinstance(v, (int, float)))
+        raise ValueError(f"trainer.stop_at names {', '.join(absent)}, which this task's validation does not report; "
+                         f"it reports {', '.join(have)}: set trainer.stop_at to one of them, or null")
+    return all(row[k] is not None and (row[k] <= v if k.endswith(STOP_AT_LOWER) else row[k] >= v)
+               for k, v in stop_at.items())
 
 
 def lr_factor(cfg: TrainConfig, step: int, seconds: float = 0.0, shrinks: int = 0, flops: float = 0.0,
@@ -215,7 +249,7 @@ class Progress:
     # set when a resumed run found best.pt deleted: the best evaluation it lost, and which one best.pt holds now
     best_recreated: dict | None = None
     carried_state: tuple | None = None  # trainer.carry_state: the (detached) state the last batch ended in
-    ended_by: str | None = None  # the budget that ended training: max_steps, max_epochs, max_flops, max_seconds, stop_lr
+    ended_by: str | None = None  # what ended training: max_steps, max_epochs, max_flops, max_seconds, stop_lr, stop_at
     warm_end: dict | None = None  # {seconds, flops} spent when the warm-up ended: a cosine over them decays from there
     ladder: list[dict] = field(default_factory=list)  # trainer.ladder: the rungs evaluated so far (Trainer.on_rung)
     # trainer.ladder, inside a rung's cooldown branch: {rung (index), flops (the rung's), from_step, from_flops,
@@ -378,7 +412,9 @@ class Trainer:
     def budget_left(self, n_batches: int) -> bool:
         """Whether training goes on; when not, ``ended_by`` names the budget that ended it."""
         c, p = self.cfg, self.p
-        ended = [key for key, spent in (("max_steps", c.max_steps is not None and p.step >= c.max_steps),
+        reached = bool(p.evals) and p.evals[-1]["step"] == p.step and target_reached(c.stop_at, p.evals[-1])
+        ended = [key for key, spent in (("stop_at", reached),
+                                        ("max_steps", c.max_steps is not None and p.step >= c.max_steps),
                                         ("max_epochs", c.max_epochs is not None
                                          and p.epoch + p.batch_in_epoch / max(1, n_batches) >= c.max_epochs),
                                         ("max_flops", c.max_flops is not None and self.flops() >= c.max_flops),

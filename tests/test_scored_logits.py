@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from seqbench import models
+from seqbench.harness import lm_protocol
+from seqbench.harness.analysis.probes import evaluate_probe
 from seqbench.harness.loss import smoothed_cross_entropy, training_logits
 from seqbench.harness.profile import count_flops, train_flops_per_token
 from seqbench.tasks import zoology
@@ -72,3 +74,25 @@ def test_counted_flops_follow_the_step_the_trainer_takes(task):
     full = count_flops(full_step)
     unscored = batch.target.numel() - batch.n_tokens
     assert full - sparse == 6 * model.proj.in_features * model.proj.out_features * unscored
+
+
+@pytest.mark.parametrize("arch", ["transformer", "lstm"])
+def test_evaluation_scores_the_answer_positions_alone_with_the_full_forwards_numbers(task, arch):
+    """Validation and test of a probe (loss, accuracy, accuracy by distance) run the output head on the answer
+    positions only, and give what the full forward gives."""
+    torch.manual_seed(0)
+    model = models.build({**models.load_preset(f"{arch}_tiny"), "dropout": 0.0}, task).eval()
+    batch = task.batches("valid", 512)[0]
+    with torch.no_grad():
+        every = model(**batch.inputs).float()
+        full = torch.nn.functional.cross_entropy(every.transpose(1, 2), batch.target, ignore_index=-100,
+                                                 reduction="none")
+        head_only = lm_protocol.token_nll(model.head, model.features(batch.inputs["tokens"]), batch.target, -100)
+    torch.testing.assert_close(head_only, full, rtol=1e-5, atol=1e-5)
+    assert torch.equal(head_only[batch.target == -100], torch.zeros(int((batch.target == -100).sum())))
+    got = evaluate_probe(model, task, "valid", torch.device("cpu"), 512)
+    answers = batch.target != -100
+    expected = (every.argmax(-1)[answers] == batch.target[answers]).double().mean().item()
+    assert len(task.batches("valid", 512)) == 1 and got["tokens"] == int(answers.sum())
+    assert got["accuracy"] == pytest.approx(expected)
+    assert got["nll"] == pytest.approx(full.sum().item() / int(answers.sum()), rel=1e-5)

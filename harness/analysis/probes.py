@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ..evaluate import perplexity
+from ..loss import training_logits
 
 
 def accuracy_by_distance(predicted: torch.Tensor, target: torch.Tensor, distance: torch.Tensor,
@@ -42,12 +43,15 @@ def evaluate_probe(model, task, split: str, device, max_tokens: int, check_stop=
             check_stop()
         dist = task.distances(split, batch.index)  # (B,T)
         batch = batch.to(device)
-        logits = model(**batch.inputs).float()  # (B,T,V)
-        nll += F.cross_entropy(logits.flatten(0, 1), batch.target.flatten(), ignore_index=batch.ignore_index,
-                               reduction="sum").item()
         answer = batch.target != batch.ignore_index
-        predicted.append(logits.argmax(-1)[answer].cpu())
-        targets.append(batch.target[answer].cpu())
+        # the output head on the answer positions only where few are scored (MQAR: 4 of 64), as in training
+        logits, target = training_logits(model, batch)
+        if logits.dim() == 3:  # the full forward: (B,T,V)
+            logits, target = logits[answer], target[answer]
+        logits = logits.float()  # (answers, V), in the row-major order of ``answer``
+        nll += F.cross_entropy(logits, target, reduction="sum").item()
+        predicted.append(logits.argmax(-1).cpu())
+        targets.append(target.cpu())
         distances.append(dist[answer.cpu()])
     predicted, targets, distances = torch.cat(predicted), torch.cat(targets), torch.cat(distances)
     count = len(targets)
