@@ -28,7 +28,8 @@ STRUCTURE = ("model", "task", "vocab")  # what the weights' shapes and meaning d
 # file the trainer settings came from; the settings themselves are compared.
 RESUMABLE = ("tuned", "trainer.max_steps", "trainer.max_seconds", "trainer.max_epochs", "trainer.stop_at", "eval",
              "logger", "device", "trainer.threads", "trainer.progress", "trainer.log_every", "trainer.resume",
-             "data.root", "data.cache_dir", "data.download", "sweep_name", "trainer.save_every", "trainer.save_every_seconds")
+             "data.root", "data.cache_dir", "data.download", "sweep_name", "trainer.save_every",
+             "trainer.save_every_seconds")
 SNAPSHOTS = "ckpt"  # <out>/ckpt/step_<k>.pt: the weights every trainer.save_every steps (eval.checkpoint=average)
 CHECKED_SPLITS = ("train", "valid")  # what training and checkpoint selection read; the test split is evaluation
 log = logging.getLogger("seqbench")

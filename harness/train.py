@@ -20,7 +20,7 @@ from tqdm import tqdm
 from seqbench import models
 from seqbench.tasks.base import EvalContext
 
-from . import checkpoint, distributed, lm_protocol, optim, utilization
+from . import checkpoint, distributed, lm_protocol, optim, settings, utilization
 from .device import sync
 from .distributed import SINGLE, Dist
 from .evaluate import mean_nll, perplexity
@@ -121,9 +121,7 @@ class TrainConfig:
         """trainer.stop_at: a mapping of validation metrics (valid_accuracy, valid_nll, ...) to finite targets."""
         if self.stop_at is None:
             return
-        if not isinstance(self.stop_at, dict) or not self.stop_at or not all(
-                isinstance(k, str) and k.startswith("valid_") and isinstance(v, (int, float))
-                and not isinstance(v, bool) and math.isfinite(v) for k, v in self.stop_at.items()):
+        if not settings.SETTINGS["trainer.stop_at"].accepts(self.stop_at):  # the start-up check's rule
             raise ValueError(f"trainer.stop_at={self.stop_at!r} must map validation metrics to targets, e.g. "
                              "trainer.stop_at={valid_accuracy:0.99} (training ends once validation reaches them), "
                              "or be null")
