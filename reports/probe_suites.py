@@ -99,7 +99,11 @@ def mqar_figure(best: pd.DataFrame) -> Figure:
         ax.set_xlabel("model width (d_model)")
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("MQAR test accuracy (best lr)")
-    axes[-1].legend(fontsize=7, loc="lower right")
+    lines = {}  # one legend entry per architecture, from whichever panels drew it
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            lines.setdefault(label, handle)
+    fig.legend([lines[k] for k in sorted(lines)], sorted(lines), fontsize=7, loc="outside right upper")  # not over a line
     return fig
 
 

@@ -269,6 +269,9 @@ def test_mqar_report_keeps_the_best_lr_per_architecture_and_cell(tmp_path):
     assert "sequence length 64, 4 pairs, vocabulary 512" in [a.get_title() for a in all_cells.axes]
     assert all(len(a.get_lines()) >= 2 for a in fig.axes)  # a line per architecture
     assert (tmp_path / "mqar_accuracy_vs_width.png").is_file()
+    one_panel = best[~((best["label"] == "lstm") & (best["seq_len"] == 128))]  # the LSTM drawn in one panel only
+    (legend,) = probe_suites.mqar_figure(one_panel).legends
+    assert [t.get_text() for t in legend.get_texts()] == ["lstm", "transformer"]  # each architecture once
 
 
 def test_mad_table_scores_architectures_over_the_six_tasks(tmp_path):
