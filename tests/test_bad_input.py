@@ -229,6 +229,8 @@ def test_a_signal_stops_a_local_sweep_with_its_report_and_a_failing_exit_status(
     report = (sweep_dir / "report" / "report.md").read_text()
     assert "3 jobs did not finish with status ok" in report and "not started" in report
     assert "the sweep was stopped before it finished (3 interrupted)" in output
+    summaries = [line for line in output.splitlines() if line.startswith("[seqbench]") and ": interrupted |" in line]
+    assert summaries and all(" steps" not in line for line in summaries), summaries  # the error, not "0 steps"
 
 
 def test_a_sweep_in_which_every_job_fails_has_records_a_report_and_exit_status_1(tmp_path):
