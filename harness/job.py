@@ -356,9 +356,9 @@ def _print_summary(rec: dict) -> None:
     score += f" ({m['protocol']})" if m.get("protocol") else ""  # how a perplexity was computed (lm_protocol)
     score += (f" [first {m['tokens_evaluated']:,} of {m['tokens_total']:,} tokens: {m['limit']}]"  # eval.max_test_tokens
               if m.get("limited") else "")
-    c = rec.get("costs")
-    result = (f"test {score} | {c.get('train_seconds', 0):.0f}s train, {c.get('steps', 0)} steps" if c else
-              rec.get("error", "no result"))  # a job stopped or failed before its result: no costs to show
+    c = rec.get("costs") or {}
+    result = (f"test {score} | {c.get('train_seconds', 0):.0f}s train, {c.get('steps', 0)} steps"
+              if c or rec["status"] == "ok" else rec.get("error", "no result"))  # stopped or failed before its result
     lines = [f"[seqbench] {rec['job']['name']}: {rec['status']} | {result} | {rec['job']['output_dir']}",
              *(f"[seqbench] warning: {w}" for w in task.get("warnings", []))]  # e.g. a vocabulary capped by the data
     for line in lines:

@@ -309,3 +309,53 @@ def test_every_suite_preset_names_only_settings_its_task_takes():
         takes = {n for n, p in inspect.signature(builder).parameters.items() if p.kind == p.KEYWORD_ONLY}
         assert set(preset) <= takes, (file.name, set(preset) - takes)
         assert preset["data_seed"] == 1234 and preset["n_test"] >= 1000, file.name
+
+
+# ---------------------------------------------------------------- the README's tables are the kept records'
+
+README_NAMES = {"Transformer": "transformer", "Transformer++": "transformer_pp", "GLA": "gla", "Mamba": "mamba",
+                "LSTM": "lstm", "GRU": "gru", "ConvS2S": "convs2s", "ByteNet": "bytenet"}
+
+
+def readme_table(first_cell: str) -> dict[str, dict[str, str]]:
+    """The README's Markdown table whose header starts with ``first_cell``: {row label: {column: cell}}."""
+    lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    start = next(i for i, line in enumerate(lines) if line.startswith("|") and cells[i][0] == first_cell
+                 and set(cells[i][1:]) == set(README_NAMES))
+    header = cells[start]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
+    return rows
+
+
+def test_the_readme_mad_and_mqar_tables_are_what_the_kept_records_give():
+    """Every number of the README's two probe tables, recomputed from docs/records by the suites' report code."""
+    from seqbench.reports.load import load
+    from seqbench.reports.probe_suites import MAD_TASKS as REPORT_TASKS, mad_table, mqar_best
+
+    mad = mad_table(load([str(ROOT / "docs" / "records" / "mad_cpu")]).runs)
+    rows = {"MAD score": "MAD score", **dict(zip(("in-context recall", "fuzzy recall", "noisy recall",
+                                                  "selective copying", "compression", "memorization"), REPORT_TASKS))}
+    table = readme_table("")
+    assert set(table) == set(rows) and set(table["MAD score"]) == set(README_NAMES)
+    for row, column in rows.items():
+        for name, cell in table[row].items():
+            assert cell == f"{mad.loc[README_NAMES[name], column]:.2f}", (row, name)
+
+    folders = [str(p) for p in sorted((ROOT / "docs" / "records" / "mqar_cpu").glob("*/")) if p.is_dir()]
+    best = mqar_best(load(folders).runs).set_index(["label", "d_model"])["accuracy"]
+    table = readme_table("test accuracy")
+    assert set(table) == {"width 32", "width 64", "width 128"}
+    for row, cells in table.items():
+        for name, cell in cells.items():
+            key = (README_NAMES[name], int(row.split()[1]))
+            if cell == "–":  # a job still to finish: its record, once kept, must replace the dash
+                assert key not in best.index, f"the README's {name} at {row} has a record now: its accuracy, not '–'"
+                continue
+            assert key in best.index, f"the README's {name} at {row} has no record in docs/records/mqar_cpu"
+            assert cell == f"{best.loc[key]:.3f}", (row, name)
