@@ -320,17 +320,11 @@ README_NAMES = {"Transformer": "transformer", "Transformer++": "transformer_pp",
 def readme_table(first_cell: str) -> dict[str, dict[str, str]]:
     """The README's Markdown table whose header starts with ``first_cell``: {row label: {column: cell}}."""
     lines = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
-    cells = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
-    start = next(i for i, line in enumerate(lines) if line.startswith("|") and cells[i][0] == first_cell
-                 and set(cells[i][1:]) == set(README_NAMES))
-    header = cells[start]
-    rows = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip().strip("*") for c in line.strip("|").split("|")]
-        rows[cells[0]] = dict(zip(header[1:], cells[1:]))
-    return rows
+    cells = [[c.strip().strip("*") for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+             for line in lines]
+    start = next(i for i, row in enumerate(cells) if row and row[0] == first_cell and set(row[1:]) == set(README_NAMES))
+    end = cells.index(None, start)  # the first line after the table
+    return {row[0]: dict(zip(cells[start][1:], row[1:])) for row in cells[start + 2:end]}
 
 
 def test_the_readme_mad_and_mqar_tables_are_what_the_kept_records_give():
